@@ -1,0 +1,1162 @@
+#!/usr/bin/env python3
+"""DICOM Indexer client: registers the studies of a dcm4chee 2.x PACS with a
+central indexer webservice, one JSON document per study.
+
+Layers, top to bottom of this file:
+  configuration  config.json / server.json -> Settings (checked once, at load)
+  PACS           Pacs: the dcm4chee database and the study_service queue (SQL)
+  mapping        study_document(): one study row -> the JSON document (pure)
+  delivery       Sender: HTTP POST with retries; deliver_pending(): the run loop
+  commands       run_*() and main(): the CLI only translates
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import pymysql
+import pymysql.cursors
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("dicom_indexer")
+
+HERE = Path(__file__).resolve().parent
+
+# Exit codes, documented in the README ("Códigos de salida").
+EXIT_OK = 0
+EXIT_CONFIG = 3  # a configuration file is missing or wrong
+EXIT_DATABASE = 4  # the database is unreachable, refused us, or is not installed
+EXIT_DELIVERY = 5  # the service is down or failing: studies left pending
+EXIT_REJECTED = 6  # the service refused some studies (4xx): marked failed
+EXIT_KEY_REFUSED = 7  # the service answered 401/403: the key is wrong
+EXIT_LOCKED = 8  # another run holds the lock on this database
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
+ENV_KEY = "DICOM_INDEXER_KEY"
+
+DB_CONNECT_TIMEOUT_SECONDS = 10
+# study_service bookkeeping rows (see extras/add_indexer.sql).
+CURSOR_ROW_PK = 0
+INITIAL_ROW_PK = -1
+# Statuses of study rows in study_service.
+PENDING, SENT, FAILED, DELETED = "pending", "sent", "failed", "deleted"
+# Retry-After can ask for hours; a cron tick should give up sooner.
+MAX_RETRY_AFTER_SECONDS = 30
+# Statuses worth retrying: the service is busy or failing, not refusing the study.
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+ERROR_TEXT_CHARS = 200  # how much of a refusal's body is kept in last_error
+ACK_FLUSH_ROWS = 200  # acknowledgements written per transaction...
+ACK_FLUSH_SECONDS = 1.0  # ...or at least this often: bounds resends after a crash
+
+# The document sent for each study: exactly these keys, in this order.
+DOCUMENT_KEYS = (
+    "patient_pk",
+    "patient_id",
+    "patient_name",
+    "study_pk",
+    "study_iuid",
+    "study_datetime",
+    "study_description",
+    "study_modality",
+    "study_num_series",
+    "study_num_instances",
+    "center",
+)
+
+
+class IndexerError(Exception):
+    """An expected failure, reported as one line with its exit code."""
+
+    exit_code = 1
+
+
+class ConfigError(IndexerError):
+    """A configuration file is missing, unreadable, or has a wrong field."""
+
+    exit_code = EXIT_CONFIG
+
+
+class DatabaseError(IndexerError):
+    """The database is unreachable, refused the login, or lacks the indexer."""
+
+    exit_code = EXIT_DATABASE
+
+
+class LockedError(IndexerError):
+    """Another run is working on the same database."""
+
+    exit_code = EXIT_LOCKED
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, from config.json and server.json."""
+
+    db_host: str
+    db_port: int
+    db_user: str
+    db_password: str = field(repr=False)
+    db_name: str
+    webservice_url: str
+    key: str = field(repr=False)
+    center: str
+    config_path: Path = Path("config.json")
+    server_path: Path = Path("server.json")
+    db_unix_socket: str | None = None
+    page_size: int = 1000
+    concurrency: int = 4
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 30.0
+    max_retries: int = 3
+    backoff_seconds: float = 1.0
+    max_consecutive_failures: int = 5
+    ca_bundle: str | None = None
+
+
+_MISSING = object()
+
+
+class _Fields:
+    """Reads typed fields out of one JSON object, naming the file in errors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: must hold a JSON object {{...}}")
+        self.data: dict[str, Any] = data
+
+    def _error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: field '{name}' {problem}")
+
+    def text(self, name: str, default: Any = _MISSING, allow_empty: bool = False) -> Any:
+        value = self.data.get(name, default)
+        if value is _MISSING:
+            raise self._error(name, "is missing")
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str):
+            raise self._error(name, "must be a string")
+        if not value.strip() and not allow_empty:
+            raise self._error(name, "is empty")
+        return value
+
+    def number(
+        self, name: str, default: Any, minimum: float, maximum: float, integer: bool = True
+    ) -> Any:
+        value = self.data.get(name, default)
+        if value is _MISSING:
+            raise self._error(name, "is missing")
+        # The original client kept numbers as strings ("3306"): accept both.
+        if isinstance(value, str) and value.strip():
+            try:
+                value = int(value) if integer else float(value)
+            except ValueError:
+                pass
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise self._error(name, f"must be a number from {minimum:g} to {maximum:g}")
+        if not minimum <= value <= maximum:
+            raise self._error(name, f"must be from {minimum:g} to {maximum:g}, not {value}")
+        return value
+
+
+def load_settings(config_path: Path, server_path: Path) -> Settings:
+    """Reads and checks both files; raises ConfigError naming file and field."""
+    db = _Fields(config_path)
+    server = _Fields(server_path)
+
+    password = os.environ.get(ENV_DB_PASSWORD)
+    if password is None:
+        password = db.text("password", default="", allow_empty=True)
+    key = os.environ.get(ENV_KEY) or server.text("key", default=_MISSING)
+    if not key.strip():
+        raise ConfigError(f"{server_path}: field 'key' is empty (or set {ENV_KEY})")
+
+    url = server.text("webservice_url")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{server_path}: field 'webservice_url' must start with http:// or https://"
+        )
+    ca_bundle = server.text("ca_bundle", default=None)
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        raise ConfigError(f"{server_path}: field 'ca_bundle': file not found: {ca_bundle}")
+
+    return Settings(
+        db_host=db.text("host", default="localhost"),
+        db_port=db.number("port", default=3306, minimum=1, maximum=65535),
+        db_user=db.text("user"),
+        db_password=password,
+        db_name=db.text("database", default="pacsdb"),
+        db_unix_socket=db.text("unix_socket", default=None),
+        page_size=db.number("page_size", default=1000, minimum=1, maximum=100000),
+        webservice_url=url,
+        key=key,
+        center=server.text("center"),
+        concurrency=server.number("concurrency", default=4, minimum=1, maximum=64),
+        connect_timeout_seconds=server.number(
+            "connect_timeout_seconds", default=5, minimum=0.1, maximum=300, integer=False
+        ),
+        read_timeout_seconds=server.number(
+            "read_timeout_seconds", default=30, minimum=0.1, maximum=3600, integer=False
+        ),
+        max_retries=server.number("max_retries", default=3, minimum=0, maximum=20),
+        backoff_seconds=server.number(
+            "backoff_seconds", default=1, minimum=0, maximum=60, integer=False
+        ),
+        max_consecutive_failures=server.number(
+            "max_consecutive_failures", default=5, minimum=1, maximum=100000
+        ),
+        ca_bundle=ca_bundle,
+        config_path=config_path,
+        server_path=server_path,
+    )
+
+
+# --------------------------------------------------------------------------
+# PACS: the dcm4chee database and the study_service queue
+# --------------------------------------------------------------------------
+
+# Must stay the same expression as in indexer_process (extras/add_indexer.sql):
+# a study enqueued by `initial` is then not enqueued again by the next tick.
+STUDY_VERSION_SQL = (
+    "UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series, s.num_instances,"
+    " IFNULL(s.mods_in_study, ''), IFNULL(s.patient_fk, ''), s.study_iuid,"
+    " IFNULL(s.study_datetime, ''), IFNULL(s.study_desc, ''))))"
+)
+
+# One page of the archive, by primary key: a plain read, so it takes no lock
+# that dcm4chee's writes would wait for.
+SELECT_STUDY_PAGE = (
+    "SELECT s.pk, s.updated_time, " + STUDY_VERSION_SQL + " AS version"
+    " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+)
+
+# `initial` marks every study pending, except those the service acknowledged
+# since this initial load began (@indexer_initial_started): an interrupted
+# load carries on instead of starting over.
+ENQUEUE_FOR_INITIAL = (
+    "INSERT INTO study_service"
+    " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at)"
+    " VALUES (%s, 'pending', 0, %s, %s, NOW())"
+    " ON DUPLICATE KEY UPDATE"
+    " status = IF(sent_at >= @indexer_initial_started, status, 'pending'),"
+    " attempts = IF(sent_at >= @indexer_initial_started, attempts, 0),"
+    " sent_version = IF(sent_at >= @indexer_initial_started, sent_version, NULL),"
+    " study_updated_time = VALUES(study_updated_time),"
+    " study_version = VALUES(study_version), enqueued_at = NOW()"
+)
+
+# Pending studies with what their documents need, a page at a time in pk
+# order (index study_service_status). LEFT JOINs: a study gone from dcm4chee
+# comes back with s.pk NULL; one whose patient row is missing, with p.* NULL.
+SELECT_PENDING_PAGE = (
+    "SELECT q.study_pk AS queued_pk, q.sent_version,"
+    " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
+    " s.mods_in_study, s.num_series, s.num_instances,"
+    " p.pk AS patient_pk, p.pat_id, p.pat_name"
+    " FROM study_service q"
+    " LEFT JOIN study s ON s.pk = q.study_pk"
+    " LEFT JOIN patient p ON p.pk = s.patient_fk"
+    " WHERE q.status = 'pending' AND q.study_pk > %s"
+    " ORDER BY q.study_pk LIMIT %s"
+)
+
+# Acknowledgements, many rows per statement (PyMySQL batches INSERT ... VALUES).
+RECORD_SENT = (
+    "INSERT INTO study_service (study_pk, status, attempts, sent_version, sent_at)"
+    " VALUES (%s, 'sent', 1, %s, NOW(6))"
+    " ON DUPLICATE KEY UPDATE status = 'sent', attempts = attempts + 1,"
+    " last_error = NULL, sent_version = VALUES(sent_version), sent_at = NOW(6)"
+)
+RECORD_UNCHANGED = "UPDATE study_service SET status = 'sent', last_error = NULL WHERE study_pk = %s"
+RECORD_FAILURE = (
+    "UPDATE study_service SET status = %s, attempts = attempts + 1, last_error = %s"
+    " WHERE study_pk = %s"
+)
+
+COUNT_BY_STATUS = (
+    "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
+)
+COUNT_PENDING = "SELECT COUNT(*) AS n FROM study_service WHERE status = 'pending'"
+
+
+@dataclass
+class Outcome:
+    """What the service answered for one study."""
+
+    study_pk: int
+    version: bytes
+    delivered: bool = False
+    status_code: int | None = None
+    error: str | None = None  # one line, never patient data
+
+    @property
+    def refused_key(self) -> bool:
+        return self.status_code in (401, 403)
+
+    @property
+    def wrong_url(self) -> bool:
+        # Every study would get the same answer: a setting, not a study, is wrong.
+        return self.status_code in (404, 405)
+
+    @property
+    def rejected(self) -> bool:
+        code = self.status_code
+        return (
+            code is not None
+            and 400 <= code < 500
+            and code not in RETRY_STATUSES
+            and not self.refused_key
+            and not self.wrong_url
+        )
+
+
+class Pacs:
+    """The dcm4chee database: reads studies and keeps study_service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.where = f"database '{settings.db_name}' on {settings.db_host}:{settings.db_port}"
+        try:
+            self.conn = pymysql.connect(
+                host=settings.db_host,
+                port=settings.db_port,
+                user=settings.db_user,
+                password=settings.db_password,
+                database=settings.db_name,
+                unix_socket=settings.db_unix_socket,
+                # Decodes latin1 and utf8 columns alike into correct Unicode.
+                charset="utf8mb4",
+                autocommit=True,
+                connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
+                cursorclass=pymysql.cursors.DictCursor,
+            )
+        except pymysql.MySQLError as exc:
+            raise DatabaseError(f"cannot connect to {self.where}: {_mysql_message(exc)}") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except pymysql.MySQLError:
+            pass
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def check_installed(self) -> None:
+        """Fails with the fix when add_indexer.sql was not (re)run here."""
+        fix = f"run: mysql {self.settings.db_name} < extras/add_indexer.sql"
+        columns = self.query(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study_service'"
+        )
+        names = {row["COLUMN_NAME"] for row in columns}
+        if not names:
+            raise DatabaseError(f"table study_service is missing in {self.where}; {fix}")
+        if "cursor_pk" not in names:
+            raise DatabaseError(f"table study_service in {self.where} is out of date; {fix}")
+        procedures = self.query(
+            "SELECT COUNT(*) AS n FROM information_schema.ROUTINES"
+            " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME = 'indexer_process'"
+            " AND ROUTINE_TYPE = 'PROCEDURE'"
+        )
+        if not procedures[0]["n"]:
+            raise DatabaseError(f"procedure indexer_process is missing in {self.where}; {fix}")
+
+    def acquire_run_lock(self) -> None:
+        """One run at a time per database, across hosts: a MySQL named lock,
+        released by the server when this connection ends, even on kill -9."""
+        name = ("dicom_indexer." + self.settings.db_name)[:64]
+        got = self.query("SELECT GET_LOCK(%s, 0) AS got", (name,))[0]["got"]
+        if got != 1:
+            raise LockedError(
+                f"another dicom-indexer run is working on {self.where}; this run stands aside"
+            )
+
+    def enqueue_changes(self) -> int:
+        """Calls indexer_process: enqueues studies new or changed since its last call."""
+        return int(self.query("CALL indexer_process()")[0]["enqueued"])
+
+    # -- the initial load ---------------------------------------------------
+
+    def initial_state(self) -> dict[str, Any] | None:
+        """The unfinished initial load, if any: when it began and how far it got."""
+        rows = self.query(
+            "SELECT enqueued_at AS started, cursor_pk AS position, status"
+            " FROM study_service WHERE study_pk = %s",
+            (INITIAL_ROW_PK,),
+        )
+        return rows[0] if rows else None
+
+    def start_initial(self) -> None:
+        """Records that an initial load began, unless one is already unfinished."""
+        self.query(
+            "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
+            " VALUES (%s, 'initial', NOW(6), 0)",
+            (INITIAL_ROW_PK,),
+        )
+
+    def count_studies(self) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM study")[0]["n"])
+
+    def enqueue_initial(self, on_page: Callable[[int], None]) -> int:
+        """Enqueues every study after the initial load's position, one page per
+        transaction, so that an interruption resumes where it stopped."""
+        state = self.initial_state()
+        if state is None or state["status"] != "initial":
+            return 0
+        position = int(state["position"] or 0)
+        total = 0
+        self.query("SET @indexer_initial_started = %s", (state["started"],))
+        while True:
+            page = self.query(SELECT_STUDY_PAGE, (position, self.settings.page_size))
+            if not page:
+                break
+            position = page[-1]["pk"]
+            self.conn.begin()
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    ENQUEUE_FOR_INITIAL,
+                    [
+                        (row["pk"], _datetime_or_none(row["updated_time"]), row["version"])
+                        for row in page
+                    ],
+                )
+                cur.execute(
+                    "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s",
+                    (position, INITIAL_ROW_PK),
+                )
+            self.conn.commit()
+            total += len(page)
+            on_page(len(page))
+        # Every study up to here is enqueued: the tick need not re-read them
+        # by pk (late rows with lower pks are still caught by its time window).
+        self.query(
+            "UPDATE study_service SET cursor_pk = GREATEST(IFNULL(cursor_pk, 0), %s)"
+            " WHERE study_pk = %s",
+            (position, CURSOR_ROW_PK),
+        )
+        self.query(
+            "UPDATE study_service SET status = 'initial-sending' WHERE study_pk = %s",
+            (INITIAL_ROW_PK,),
+        )
+        return total
+
+    def finish_initial(self) -> bool:
+        """Forgets the initial load once nothing it enqueued is pending."""
+        state = self.initial_state()
+        if state is None or state["status"] != "initial-sending" or self.count_pending():
+            return False
+        self.query("DELETE FROM study_service WHERE study_pk = %s", (INITIAL_ROW_PK,))
+        return True
+
+    # -- delivery bookkeeping ------------------------------------------------
+
+    def pending_studies(self) -> Iterator[dict[str, Any]]:
+        """Streams pending studies page by page: memory stays flat."""
+        after = 0
+        while True:
+            page = self.query(SELECT_PENDING_PAGE, (after, self.settings.page_size))
+            if not page:
+                return
+            yield from page
+            after = page[-1]["queued_pk"]
+
+    def record(self, outcomes: list[Outcome], unchanged: list[int]) -> None:
+        """Writes a batch of results in one transaction."""
+        if not outcomes and not unchanged:
+            return
+        sent = [(o.study_pk, o.version) for o in outcomes if o.delivered]
+        failures = [
+            (FAILED if o.rejected else PENDING, (o.error or "")[:255], o.study_pk)
+            for o in outcomes
+            if not o.delivered
+        ]
+        self.conn.begin()
+        with self.conn.cursor() as cur:
+            if sent:
+                cur.executemany(RECORD_SENT, sent)
+            if failures:
+                cur.executemany(RECORD_FAILURE, failures)
+            if unchanged:
+                cur.executemany(RECORD_UNCHANGED, unchanged)
+        self.conn.commit()
+
+    def mark_gone(self, study_pk: int) -> None:
+        self.query(
+            "UPDATE study_service SET status = 'deleted',"
+            " last_error = 'study no longer in the PACS' WHERE study_pk = %s",
+            (study_pk,),
+        )
+
+    def retry_failed(self) -> int:
+        with self.conn.cursor() as cur:
+            return cur.execute(
+                "UPDATE study_service SET status = 'pending', attempts = 0 WHERE status = 'failed'"
+            )
+
+    def count_pending(self) -> int:
+        return int(self.query(COUNT_PENDING)[0]["n"])
+
+    def status_report(self) -> dict[str, Any]:
+        counts = dict.fromkeys((PENDING, SENT, FAILED, DELETED), 0)
+        for row in self.query(COUNT_BY_STATUS):
+            counts[row["status"]] = int(row["n"])
+        oldest = self.query(
+            "SELECT MIN(enqueued_at) AS t FROM study_service WHERE status = 'pending'"
+        )[0]["t"]
+        last_sent = self.query("SELECT MAX(sent_at) AS t FROM study_service")[0]["t"]
+        now = self.query("SELECT NOW() AS t")[0]["t"]
+        errors = self.query(
+            "SELECT study_pk, status, attempts, last_error FROM study_service"
+            " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
+            " ORDER BY enqueued_at DESC LIMIT 5"
+        )
+        initial = self.initial_state()
+        return {
+            "counts": counts,
+            "oldest_pending_seconds": int((now - oldest).total_seconds()) if oldest else None,
+            "last_sent_at": _format_datetime(last_sent),
+            "initial_load": None
+            if initial is None
+            else {
+                "started_at": _format_datetime(initial["started"]),
+                "position_pk": initial["position"],
+            },
+            "recent_errors": [
+                {
+                    "study_pk": row["study_pk"],
+                    "status": row["status"],
+                    "attempts": row["attempts"],
+                    "error": row["last_error"],
+                }
+                for row in errors
+            ],
+        }
+
+
+def _mysql_message(exc: Exception) -> str:
+    """'(1045) Access denied ...' from a PyMySQL error; it never holds the password."""
+    args = getattr(exc, "args", ())
+    if len(args) >= 2:
+        return f"({args[0]}) {args[1]}"
+    return str(exc) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------
+# Mapping: one study row -> the document sent
+# --------------------------------------------------------------------------
+
+
+def _format_datetime(value: Any) -> str | None:
+    """'YYYY-MM-DD HH:MM:SS', or None for NULL and zero dates.
+
+    PyMySQL hands back zero dates ('0000-00-00 00:00:00') as the raw string.
+    """
+    if isinstance(value, datetime.datetime):
+        return "%04d-%02d-%02d %02d:%02d:%02d" % (
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+        )
+    if isinstance(value, datetime.date):
+        return "%04d-%02d-%02d 00:00:00" % (value.year, value.month, value.day)
+    return None
+
+
+def _datetime_or_none(value: Any) -> datetime.datetime | None:
+    # Zero dates come back as strings and strict servers refuse them as input.
+    return value if isinstance(value, datetime.datetime) else None
+
+
+def _text(value: Any) -> str | None:
+    # dcm4chee's columns are text, but a site may have altered one to binary.
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(value).decode("latin-1")
+    return value
+
+
+def study_document(row: Mapping[str, Any], center: str) -> dict[str, Any]:
+    """The JSON document for one study, with the original client's value types."""
+    return {
+        "patient_pk": row["patient_pk"],
+        "patient_id": _text(row["pat_id"]),
+        "patient_name": _text(row["pat_name"]),
+        "study_pk": row["study_pk"],
+        "study_iuid": _text(row["study_iuid"]),
+        "study_datetime": _format_datetime(row["study_datetime"]),
+        "study_description": _text(row["study_desc"]),
+        "study_modality": _text(row["mods_in_study"]),
+        "study_num_series": row["num_series"],
+        "study_num_instances": row["num_instances"],
+        "center": center,
+    }
+
+
+def encode_document(document: Mapping[str, Any]) -> bytes:
+    """The request body: compact JSON, ASCII-escaped so any receiver decodes it."""
+    return json.dumps(document, separators=(",", ":")).encode("ascii")
+
+
+def document_version(body: bytes) -> bytes:
+    """The fingerprint kept in study_service.sent_version (BINARY(16))."""
+    return hashlib.md5(body).digest()
+
+
+# --------------------------------------------------------------------------
+# Delivery
+# --------------------------------------------------------------------------
+
+
+class _BoundedRetry(Retry):
+    """urllib3's retry with jitter on the backoff and a cap on Retry-After.
+
+    Jitter keeps several clients from retrying in lockstep; the cap keeps a
+    cron tick from sleeping for hours on a Retry-After the service sent.
+    """
+
+    def get_backoff_time(self) -> float:
+        return super().get_backoff_time() * random.uniform(0.5, 1.5)
+
+    def get_retry_after(self, response: Any) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, MAX_RETRY_AFTER_SECONDS)
+
+
+def _retry_policy(settings: Settings) -> Retry:
+    options: dict[str, Any] = {
+        "total": settings.max_retries,
+        "connect": settings.max_retries,
+        "read": settings.max_retries,
+        "status": settings.max_retries,
+        "other": 0,
+        "redirect": 0,
+        "status_forcelist": RETRY_STATUSES,
+        "backoff_factor": settings.backoff_seconds,
+        "respect_retry_after_header": True,
+        "raise_on_status": False,
+        "raise_on_redirect": False,
+    }
+    try:
+        return _BoundedRetry(allowed_methods=frozenset({"POST", "DELETE", "GET"}), **options)
+    except TypeError:  # urllib3 < 1.26 calls it method_whitelist
+        return _BoundedRetry(method_whitelist=frozenset({"POST", "DELETE", "GET"}), **options)
+
+
+class Sender:
+    """POSTs documents over one keep-alive session shared by the worker threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.session = requests.Session()
+        adapter = HTTPAdapter(
+            max_retries=_retry_policy(settings),
+            pool_connections=1,
+            pool_maxsize=settings.concurrency,
+            pool_block=True,
+        )
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update({"Content-Type": "application/json", "X-Api-Key": settings.key})
+        self.session.verify = settings.ca_bundle or True
+        self.timeout = (settings.connect_timeout_seconds, settings.read_timeout_seconds)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def post(self, study_pk: int, body: bytes, version: bytes) -> Outcome:
+        """One study, retried by urllib3; never raises for network trouble."""
+        outcome = Outcome(study_pk=study_pk, version=version)
+        try:
+            response = self.session.post(
+                self.settings.webservice_url, data=body, timeout=self.timeout
+            )
+        except requests.exceptions.SSLError as exc:
+            outcome.error = f"TLS error: {_reason(exc)}"
+            return outcome
+        except requests.exceptions.Timeout:
+            outcome.error = f"no answer within {self.settings.read_timeout_seconds:g} s"
+            return outcome
+        except requests.exceptions.RequestException as exc:
+            outcome.error = f"cannot reach the service: {_reason(exc)}"
+            return outcome
+        outcome.status_code = response.status_code
+        outcome.delivered = 200 <= response.status_code < 300
+        if not outcome.delivered:
+            text = " ".join(response.text[:ERROR_TEXT_CHARS].split())
+            outcome.error = f"HTTP {response.status_code}" + (f": {text}" if text else "")
+        response.close()
+        return outcome
+
+    def probe(self) -> tuple[bool, str]:
+        """For `check`: reaches the service with the key without registering anything."""
+        try:
+            response = self.session.get(self.settings.webservice_url, timeout=self.timeout)
+        except requests.exceptions.RequestException as exc:
+            return False, f"cannot reach {_safe_url(self.settings.webservice_url)}: {_reason(exc)}"
+        code = response.status_code
+        if code in (401, 403):
+            return False, f"the service refused the key (HTTP {code})"
+        if code >= 500:
+            return False, f"the service is failing (HTTP {code})"
+        return True, f"{_safe_url(self.settings.webservice_url)} answered HTTP {code}"
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a requests error, short enough for one line."""
+    inner: BaseException = exc
+    while True:
+        nxt = getattr(inner, "reason", None) or inner.__cause__ or inner.__context__
+        if not isinstance(nxt, BaseException) or nxt is inner:
+            break
+        inner = nxt
+    text = str(inner)
+    if "] " in text and text.startswith("<"):
+        text = text.split("] ", 1)[1]
+    return text.strip()[:ERROR_TEXT_CHARS] or type(inner).__name__
+
+
+def _safe_url(url: str) -> str:
+    """The URL without any query string, which might hold a token."""
+    return url.split("?", 1)[0]
+
+
+@dataclass
+class RunReport:
+    """What one run did; becomes the summary line and the exit code."""
+
+    enqueued: int = 0
+    sent: int = 0
+    unchanged: int = 0
+    failed: int = 0  # refused with a 4xx: marked failed
+    undelivered: int = 0  # transport failure or 5xx: left pending
+    gone: int = 0
+    pending: int = 0
+    stopped: str | None = None  # why the run stopped early
+    exit_code: int = EXIT_OK
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        return (
+            f"enqueued {self.enqueued}, sent {self.sent}, unchanged {self.unchanged},"
+            f" failed {self.failed}, still pending {self.pending},"
+            f" {time.monotonic() - self.started:.1f} s"
+        )
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    """A tqdm bar on a terminal; a no-op object under cron."""
+    if sys.stderr.isatty() and total:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit=" studies", file=sys.stderr)
+        except ImportError:
+            pass
+    return _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def deliver_pending(
+    pacs: Pacs,
+    sender: Sender | None,
+    settings: Settings,
+    report: RunReport,
+    limit: int | None = None,
+    dry_run_out: Any | None = None,
+) -> None:
+    """Sends every pending study, recording each answer in study_service.
+
+    The main thread reads pages and writes acknowledgements while the worker
+    threads wait on HTTP, so the database work overlaps the network. A study
+    is marked sent only after a 2xx; after a crash, at most the studies in
+    flight plus one unflushed batch of acknowledgements are posted again.
+    """
+    progress = _progress_bar(pacs.count_pending() if dry_run_out is None else 0, "sending")
+    consecutive_failures = 0
+    outcomes: list[Outcome] = []
+    unchanged: list[int] = []
+    last_flush = time.monotonic()
+    in_flight: dict[concurrent.futures.Future, int] = {}
+    max_in_flight = settings.concurrency * 2
+    submitted = 0
+
+    def settle(done: Any) -> None:
+        nonlocal consecutive_failures
+        for future in done:
+            in_flight.pop(future)
+            if future.cancelled():
+                continue
+            outcome: Outcome = future.result()
+            outcomes.append(outcome)
+            progress.update(1)
+            if outcome.delivered:
+                consecutive_failures = 0
+                report.sent += 1
+                log.debug("study %d sent (HTTP %s)", outcome.study_pk, outcome.status_code)
+                continue
+            log.debug("study %d not delivered: %s", outcome.study_pk, outcome.error)
+            if outcome.refused_key:
+                report.stopped = f"the service refused the API key ({outcome.error})"
+                report.exit_code = EXIT_KEY_REFUSED
+            elif outcome.wrong_url:
+                report.stopped = (
+                    f"the service answered {outcome.error} at"
+                    f" {_safe_url(settings.webservice_url)}:"
+                    f" check webservice_url in {settings.server_path}"
+                )
+                report.exit_code = EXIT_DELIVERY
+            elif outcome.rejected:
+                consecutive_failures = 0
+                report.failed += 1
+                log.warning("study %d refused by the service: %s", outcome.study_pk, outcome.error)
+            else:
+                consecutive_failures += 1
+                report.undelivered += 1
+                if consecutive_failures >= settings.max_consecutive_failures and not report.stopped:
+                    report.stopped = (
+                        f"{consecutive_failures} studies in a row could not be delivered,"
+                        f" last: {outcome.error}"
+                    )
+                    report.exit_code = EXIT_DELIVERY
+
+    def flush(force: bool = False) -> None:
+        nonlocal last_flush
+        due = len(outcomes) + len(unchanged) >= ACK_FLUSH_ROWS
+        if force or due or time.monotonic() - last_flush >= ACK_FLUSH_SECONDS:
+            pacs.record(outcomes, unchanged)
+            outcomes.clear()
+            unchanged.clear()
+            last_flush = time.monotonic()
+
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix="sender"
+    )
+    try:
+        for row in pacs.pending_studies():
+            if report.stopped or (limit is not None and submitted >= limit):
+                break
+            if row["study_pk"] is None:
+                # Deleted from dcm4chee after it was enqueued: nothing to send.
+                pacs.mark_gone(row["queued_pk"])
+                report.gone += 1
+                continue
+            document = study_document(row, settings.center)
+            body = encode_document(document)
+            version = document_version(body)
+            if dry_run_out is not None:
+                dry_run_out.write(json.dumps(document, ensure_ascii=False) + "\n")
+                submitted += 1
+                continue
+            if version == row["sent_version"]:
+                # Rewritten by dcm4chee, but the document is what the service has.
+                unchanged.append(row["study_pk"])
+                report.unchanged += 1
+                progress.update(1)
+                flush()
+                continue
+            assert sender is not None
+            in_flight[pool.submit(sender.post, row["study_pk"], body, version)] = row["study_pk"]
+            submitted += 1
+            if len(in_flight) >= max_in_flight:
+                done, _ = concurrent.futures.wait(
+                    list(in_flight), return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                settle(done)
+                flush()
+        if report.stopped:
+            for future in list(in_flight):
+                future.cancel()
+        while in_flight:
+            done, _ = concurrent.futures.wait(list(in_flight))
+            settle(done)
+    finally:
+        pool.shutdown(wait=True)
+        progress.close()
+        if dry_run_out is None:
+            flush(force=True)
+    if report.exit_code == EXIT_OK and report.undelivered:
+        report.exit_code = EXIT_DELIVERY
+    if report.exit_code == EXIT_OK and report.failed:
+        report.exit_code = EXIT_REJECTED
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+
+
+def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool) -> int:
+    """`client.py` (tick), `initial` and `retry-failed`."""
+    report = RunReport()
+    pacs = Pacs(settings)
+    sender: Sender | None = None
+    try:
+        pacs.check_installed()
+        if dry_run:
+            log.info("dry run: printing the pending studies' documents, sending nothing")
+            deliver_pending(pacs, None, settings, report, limit=limit, dry_run_out=sys.stdout)
+            return EXIT_OK
+        pacs.acquire_run_lock()
+        if command == "initial":
+            pacs.start_initial()
+        if command == "retry-failed":
+            log.info("%d failed studies made pending again", pacs.retry_failed())
+        state = pacs.initial_state()
+        if state is not None and state["status"] == "initial":
+            log.info("enqueueing the whole archive (initial load)")
+            bar = _progress_bar(pacs.count_studies(), "enqueueing")
+            try:
+                report.enqueued += pacs.enqueue_initial(bar.update)
+            finally:
+                bar.close()
+        report.enqueued += pacs.enqueue_changes()
+        sender = Sender(settings)
+        deliver_pending(pacs, sender, settings, report, limit=limit)
+        report.pending = pacs.count_pending()
+        if pacs.finish_initial():
+            log.info("initial load complete")
+    except pymysql.MySQLError as exc:
+        raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
+    finally:
+        if sender is not None:
+            sender.close()
+        pacs.close()
+    if report.stopped:
+        log.error("run stopped: %s", report.stopped)
+    if report.failed:
+        log.error(
+            "%d studies were refused by the service and marked failed;"
+            " see `client.py status`, then `client.py retry-failed`",
+            report.failed,
+        )
+    if report.exit_code == EXIT_DELIVERY and not report.stopped:
+        log.error("%d studies could not be delivered and stay pending", report.undelivered)
+    (log.info if report.exit_code == EXIT_OK else log.error)("%s", report.summary())
+    return report.exit_code
+
+
+def run_status(settings: Settings, as_json: bool) -> int:
+    pacs = Pacs(settings)
+    try:
+        pacs.check_installed()
+        status = pacs.status_report()
+    except pymysql.MySQLError as exc:
+        raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
+    finally:
+        pacs.close()
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    counts = status["counts"]
+    lines = [f"study_service in {pacs.where}"]
+    for name in (SENT, PENDING, FAILED, DELETED):
+        lines.append(f"  {name:<8} {counts.get(name, 0):>10,}")
+    age = status["oldest_pending_seconds"]
+    lines.append("oldest pending: " + ("none" if age is None else _format_age(age)))
+    lines.append("last delivery:  " + (status["last_sent_at"] or "never"))
+    if status["initial_load"]:
+        load = status["initial_load"]
+        lines.append(
+            f"initial load:   unfinished (started {load['started_at']},"
+            f" enqueued up to study pk {load['position_pk']}); run client.py to carry on"
+        )
+    if status["recent_errors"]:
+        lines.append("recent errors:")
+        for err in status["recent_errors"]:
+            lines.append(
+                f"  study {err['study_pk']} ({err['status']},"
+                f" {err['attempts']} attempts): {err['error']}"
+            )
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _format_age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} days ago"
+
+
+def run_check(settings: Settings) -> int:
+    """One line per check; registers nothing."""
+    results: list[tuple[bool, str]] = [
+        (True, f"configuration: {settings.config_path} and {settings.server_path} are valid")
+    ]
+    try:
+        pacs = Pacs(settings)
+    except DatabaseError as exc:
+        results.append((False, f"database: {exc}"))
+    else:
+        try:
+            version = pacs.query("SELECT VERSION() AS v")[0]["v"]
+            results.append(
+                (
+                    True,
+                    f"database: connected to {pacs.where} as {settings.db_user} (server {version})",
+                )
+            )
+            try:
+                pacs.check_installed()
+                results.append(
+                    (True, "study_service and indexer_process are installed and current")
+                )
+            except DatabaseError as exc:
+                results.append((False, f"indexer: {exc}"))
+        except pymysql.MySQLError as exc:
+            results.append((False, f"database: {_mysql_message(exc)}"))
+        finally:
+            pacs.close()
+    sender = Sender(settings)
+    try:
+        ok, message = sender.probe()
+    finally:
+        sender.close()
+    results.append((ok, f"webservice: {message}"))
+    for ok, message in results:
+        print(f"{'ok' if ok else 'FAILED':<7} {message}")
+    failed = [message for ok, message in results if not ok]
+    if not failed:
+        return EXIT_OK
+    first = failed[0]
+    if first.startswith(("database", "indexer")):
+        return EXIT_DATABASE
+    return EXIT_KEY_REFUSED if "refused the key" in first else EXIT_DELIVERY
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="Registers the studies of a dcm4chee 2.x PACS with the central indexer.",
+        epilog=(
+            "exit codes: 0 ok, 2 usage, 3 configuration, 4 database, 5 delivery failed"
+            " (studies left pending), 6 studies refused by the service, 7 API key refused,"
+            " 8 another run is working"
+        ),
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=("run", "initial", "retry-failed", "status", "check"),
+        help=(
+            "run (default): enqueue new and changed studies and send what is pending;"
+            " initial: send the whole archive (resumable); retry-failed: send the refused"
+            " studies again; status: what is pending, failed, sent; check: test the setup"
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=HERE / "config.json",
+        help="database settings (default: beside client.py)",
+    )
+    parser.add_argument(
+        "--server",
+        type=Path,
+        default=HERE / "server.json",
+        help="webservice settings (default: beside client.py)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the JSON that would be sent; send and change nothing",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="send at most N studies in this run")
+    parser.add_argument("--json", action="store_true", help="status: machine-readable output")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="one line per study")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="print only errors (for cron)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    # urllib3 warns on every retry; the run's own summary says what matters.
+    logging.getLogger("urllib3").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        settings = load_settings(args.config, args.server)
+        if args.command == "status":
+            return run_status(settings, args.json)
+        if args.command == "check":
+            return run_check(settings)
+        return run_send(settings, args.command, args.limit, args.dry_run)
+    except IndexerError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted; what was acknowledged is recorded, the rest stays pending")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

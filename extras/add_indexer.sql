@@ -1,0 +1,169 @@
+-- DICOM Indexer: the whole database footprint in a dcm4chee 2.x database.
+--
+--   mysql pacsdb < extras/add_indexer.sql
+--
+-- Adds one table, study_service, and one stored procedure, indexer_process.
+-- It touches none of dcm4chee's own tables: no trigger, no column, no index.
+-- Safe to run again over itself, and over the original client's install
+-- (trigger indexer_process + study_service(study_pk INT PRIMARY KEY)): the
+-- trigger is dropped and the studies it left in study_service stay pending.
+-- Plain MySQL 5.6 syntax so that it installs on MySQL 5.6 to 8 and MariaDB 10.x.
+
+-- The original client enqueued from a trigger inside dcm4chee's own INSERT;
+-- the procedure below replaces it without running inside the PACS's writes.
+DROP TRIGGER IF EXISTS indexer_process;
+
+-- One row per study the indexer knows of, plus bookkeeping rows with
+-- study_pk < 1 (dcm4chee's pks start at 1):
+--   0  'cursor'  where indexer_process resumes: study_updated_time is the
+--                updated_time watermark, cursor_pk the highest study pk seen.
+--   -1 'initial' an unfinished `client.py initial`: enqueued_at is when it
+--                started, cursor_pk the last study pk it enqueued.
+CREATE TABLE IF NOT EXISTS study_service (
+  study_pk BIGINT NOT NULL,
+  PRIMARY KEY (study_pk)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- The columns are added apart from CREATE TABLE so that the original client's
+-- table gets them too. MySQL has no ADD COLUMN IF NOT EXISTS, hence the check
+-- on information_schema and a prepared statement.
+SET @indexer_ddl = IF(
+  (SELECT COUNT(*) FROM information_schema.COLUMNS
+    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study_service'
+      AND COLUMN_NAME = 'status') = 0,
+  'ALTER TABLE study_service
+     MODIFY study_pk BIGINT NOT NULL,
+     ADD COLUMN status VARCHAR(16) CHARACTER SET ascii NOT NULL DEFAULT ''pending''
+       COMMENT ''pending, sent, failed, deleted; cursor/initial for bookkeeping rows'',
+     ADD COLUMN attempts INT NOT NULL DEFAULT 0
+       COMMENT ''delivery attempts since the study was last enqueued'',
+     ADD COLUMN last_error VARCHAR(255) CHARACTER SET utf8mb4 NULL
+       COMMENT ''why the last attempt failed; never patient data'',
+     ADD COLUMN study_updated_time DATETIME NULL
+       COMMENT ''study.updated_time when last enqueued'',
+     ADD COLUMN study_version BINARY(16) NULL
+       COMMENT ''MD5 of the study row when last enqueued (binary: no collation)'',
+     ADD COLUMN sent_version BINARY(16) NULL
+       COMMENT ''MD5 of the JSON document last acknowledged by the service'',
+     ADD COLUMN enqueued_at DATETIME(6) NULL,
+     ADD COLUMN sent_at DATETIME(6) NULL
+       COMMENT ''when the service last answered 2xx for this study'',
+     ADD COLUMN cursor_pk BIGINT NULL
+       COMMENT ''bookkeeping rows only: a study pk position'',
+     ADD INDEX study_service_status (status, study_pk)',
+  'DO 0');
+PREPARE indexer_ddl FROM @indexer_ddl;
+EXECUTE indexer_ddl;
+DEALLOCATE PREPARE indexer_ddl;
+
+-- The cursor starts at installation time: studies stored from now on are
+-- enqueued by indexer_process; `client.py initial` sends the older ones.
+-- INSERT IGNORE keeps the position of an existing install.
+SET @indexer_max_pk = (SELECT IFNULL(MAX(pk), 0) FROM study);
+INSERT IGNORE INTO study_service
+  (study_pk, status, study_updated_time, cursor_pk, enqueued_at)
+VALUES (0, 'cursor', NOW(), @indexer_max_pk, NOW());
+
+DROP PROCEDURE IF EXISTS indexer_process;
+
+DELIMITER //
+
+-- Enqueues (status 'pending') every study created or changed since the last
+-- call, reading only those rows: a range of the study_updated index and of
+-- the primary key. A study is changed when its row differs from the version
+-- recorded at its last enqueue, so re-reading a row costs nothing but the read.
+-- Returns one row: enqueued = how many studies it enqueued.
+CREATE PROCEDURE indexer_process()
+  MODIFIES SQL DATA
+  COMMENT 'DICOM Indexer: enqueue new and changed studies into study_service'
+BEGIN
+  -- dcm4chee sets updated_time inside its transaction, not at commit, so a
+  -- row can become visible with an updated_time below rows already seen.
+  -- Each call re-reads this many seconds before the watermark.
+  DECLARE safety_window_seconds INT DEFAULT 600;
+  DECLARE now_time DATETIME DEFAULT NOW();
+  DECLARE watermark DATETIME DEFAULT NULL;
+  DECLARE highest_pk BIGINT DEFAULT NULL;
+  DECLARE scan_from_time DATETIME;
+  DECLARE scan_from_pk BIGINT;
+  DECLARE row_pk BIGINT;
+  DECLARE row_updated DATETIME;
+  DECLARE row_version BINARY(16);
+  DECLARE enqueued INT DEFAULT 0;
+  DECLARE done INT DEFAULT 0;
+  -- Plain (non-locking) reads of study, so dcm4chee's writes never wait on
+  -- this procedure. The version covers every study column the document
+  -- carries plus updated_time: updated_time has second precision, and two
+  -- rewrites within one second share it but not their counts.
+  DECLARE changed_studies CURSOR FOR
+    SELECT recent.pk, recent.updated_time, recent.version
+      FROM (SELECT s.pk, s.updated_time, q.study_version AS enqueued_version,
+                   UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series,
+                       s.num_instances, IFNULL(s.mods_in_study, ''),
+                       IFNULL(s.patient_fk, ''), s.study_iuid,
+                       IFNULL(s.study_datetime, ''),
+                       IFNULL(s.study_desc, '')))) AS version
+              FROM (SELECT pk FROM study WHERE updated_time >= scan_from_time
+                    UNION
+                    -- new rows past the highest pk seen, whatever their
+                    -- updated_time says
+                    SELECT pk FROM study WHERE pk > scan_from_pk) touched
+              JOIN study s ON s.pk = touched.pk
+              LEFT JOIN study_service q ON q.study_pk = s.pk) recent
+     WHERE NOT (recent.enqueued_version <=> recent.version);
+  DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1;
+
+  START TRANSACTION;
+  -- FOR UPDATE serialises two calls at once (two servers on one database).
+  SELECT study_updated_time, cursor_pk INTO watermark, highest_pk
+    FROM study_service WHERE study_pk = 0 FOR UPDATE;
+  SET done = 0;
+  IF watermark IS NULL THEN
+    -- The cursor row was removed by hand: start again from now.
+    SET watermark = now_time;
+    SELECT IFNULL(MAX(pk), 0) INTO highest_pk FROM study;
+    INSERT INTO study_service (study_pk, status, enqueued_at)
+    VALUES (0, 'cursor', now_time)
+    ON DUPLICATE KEY UPDATE status = 'cursor';
+  END IF;
+  IF highest_pk IS NULL THEN
+    SET highest_pk = 0;
+  END IF;
+  -- A watermark is never ahead of the clock: one study stamped in the future
+  -- (a PACS clock once set wrong) is re-read on each call, a single row, but
+  -- cannot hide the changes of other studies behind it.
+  SET scan_from_time = LEAST(watermark, now_time)
+                       - INTERVAL safety_window_seconds SECOND;
+  SET scan_from_pk = highest_pk;
+
+  OPEN changed_studies;
+  read_loop: LOOP
+    FETCH changed_studies INTO row_pk, row_updated, row_version;
+    IF done THEN
+      LEAVE read_loop;
+    END IF;
+    INSERT INTO study_service
+      (study_pk, status, attempts, last_error, study_updated_time,
+       study_version, enqueued_at)
+    VALUES (row_pk, 'pending', 0, NULL, row_updated, row_version, now_time)
+    ON DUPLICATE KEY UPDATE
+      status = 'pending', attempts = 0, last_error = NULL,
+      study_updated_time = row_updated, study_version = row_version,
+      enqueued_at = now_time;
+    SET enqueued = enqueued + 1;
+    IF row_updated > watermark AND row_updated <= now_time THEN
+      SET watermark = row_updated;
+    END IF;
+    IF row_pk > highest_pk THEN
+      SET highest_pk = row_pk;
+    END IF;
+  END LOOP;
+  CLOSE changed_studies;
+
+  UPDATE study_service SET study_updated_time = watermark, cursor_pk = highest_pk
+   WHERE study_pk = 0;
+  COMMIT;
+  SELECT enqueued;
+END//
+
+DELIMITER ;
