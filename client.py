@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 import pymysql
 import pymysql.cursors
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -281,14 +282,16 @@ ENQUEUE_FOR_INITIAL = (
 )
 
 # Pending studies with what their documents need, a page at a time in pk
-# order (index study_service_status). LEFT JOINs: a study gone from dcm4chee
-# comes back with s.pk NULL; one whose patient row is missing, with p.* NULL.
+# order. The index is forced: ordered by pk, the optimizer may otherwise walk
+# the primary key through every sent study to find the few pending ones.
+# LEFT JOINs: a study gone from dcm4chee comes back with s.pk NULL; one whose
+# patient row is missing, with p.* NULL.
 SELECT_PENDING_PAGE = (
     "SELECT q.study_pk AS queued_pk, q.sent_version,"
     " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
     " s.mods_in_study, s.num_series, s.num_instances,"
     " p.pk AS patient_pk, p.pat_id, p.pat_name"
-    " FROM study_service q"
+    " FROM study_service q FORCE INDEX (study_service_status)"
     " LEFT JOIN study s ON s.pk = q.study_pk"
     " LEFT JOIN patient p ON p.pk = s.patient_fk"
     " WHERE q.status = 'pending' AND q.study_pk > %s"
@@ -713,14 +716,8 @@ class Sender:
             response = self.session.post(
                 self.settings.webservice_url, data=body, timeout=self.timeout
             )
-        except requests.exceptions.SSLError as exc:
-            outcome.error = f"TLS error: {_reason(exc)}"
-            return outcome
-        except requests.exceptions.Timeout:
-            outcome.error = f"no answer within {self.settings.read_timeout_seconds:g} s"
-            return outcome
         except requests.exceptions.RequestException as exc:
-            outcome.error = f"cannot reach the service: {_reason(exc)}"
+            outcome.error = self._describe(exc)
             return outcome
         outcome.status_code = response.status_code
         outcome.delivered = 200 <= response.status_code < 300
@@ -735,7 +732,7 @@ class Sender:
         try:
             response = self.session.get(self.settings.webservice_url, timeout=self.timeout)
         except requests.exceptions.RequestException as exc:
-            return False, f"cannot reach {_safe_url(self.settings.webservice_url)}: {_reason(exc)}"
+            return False, f"{_safe_url(self.settings.webservice_url)}: {self._describe(exc)}"
         code = response.status_code
         if code in (401, 403):
             return False, f"the service refused the key (HTTP {code})"
@@ -743,18 +740,49 @@ class Sender:
             return False, f"the service is failing (HTTP {code})"
         return True, f"{_safe_url(self.settings.webservice_url)} answered HTTP {code}"
 
+    def _describe(self, exc: BaseException) -> str:
+        """One line for a failed request: timeout, TLS, or unreachable."""
+        chain = _cause_chain(exc)
+        if any(isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in chain) or isinstance(
+            exc, requests.exceptions.ReadTimeout
+        ):
+            return f"no answer within {self.settings.read_timeout_seconds:g} s"
+        refused = any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain)
+        # urllib3 makes NewConnectionError (refused, no route) a ConnectTimeoutError.
+        if not refused and any(
+            isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in chain
+        ):
+            return f"no connection within {self.settings.connect_timeout_seconds:g} s"
+        if isinstance(exc, requests.exceptions.SSLError):
+            return f"TLS error: {_reason(chain)}"
+        return f"cannot reach the service: {_reason(chain)}"
 
-def _reason(exc: BaseException) -> str:
-    """The innermost cause of a requests error, short enough for one line."""
-    inner: BaseException = exc
-    while True:
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """exc, then what caused it (urllib3 keeps it in .reason), innermost last."""
+    chain = [exc]
+    while len(chain) < 10:
+        inner = chain[-1]
         nxt = getattr(inner, "reason", None) or inner.__cause__ or inner.__context__
-        if not isinstance(nxt, BaseException) or nxt is inner:
+        if not isinstance(nxt, BaseException) or nxt in chain:
             break
-        inner = nxt
+        chain.append(nxt)
+    # requests and urllib3 also wrap causes in their args.
+    for arg in chain[-1].args if chain[-1].args else exc.args:
+        if isinstance(arg, BaseException) and arg not in chain:
+            chain.extend(_cause_chain(arg))
+            break
+    return chain
+
+
+def _reason(chain: list[BaseException]) -> str:
+    """The innermost cause, short enough for one line."""
+    inner = chain[-1]
     text = str(inner)
-    if "] " in text and text.startswith("<"):
-        text = text.split("] ", 1)[1]
+    if text.startswith("<") and "]: " in text:  # "<urllib3.connection...>: Failed to ..."
+        text = text.split("]: ", 1)[1]
+    elif text.startswith("<") and ">: " in text:
+        text = text.split(">: ", 1)[1]
     return text.strip()[:ERROR_TEXT_CHARS] or type(inner).__name__
 
 

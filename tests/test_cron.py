@@ -1,0 +1,98 @@
+"""What cron runs: the script from any directory, quiet on success, and the
+code base staying within Python 3.8."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, write_configs
+
+import client
+
+
+def test_client_finds_its_config_beside_itself_from_another_directory(pacs, service, tmp_path):
+    install_dir = tmp_path / "srv" / "dicom-indexer"
+    shutil.copytree(ROOT / "extras", install_dir / "extras")
+    shutil.copy(ROOT / "client.py", install_dir / "client.py")
+    write_configs(install_dir, pacs.name, service.url)
+    study = pacs.add_study(pacs.add_patient())
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+
+    result = subprocess.run(
+        [sys.executable, str(install_dir / "client.py")],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "INFO enqueued 1, sent 1" in result.stderr
+    assert service.study_pks() == [study]
+
+
+def test_cron_script_is_silent_on_success_and_speaks_on_failure(pacs, service, tmp_path):
+    install_dir = tmp_path / "dicom indexer"  # a space in the path, on purpose
+    shutil.copytree(ROOT / "extras", install_dir / "extras")
+    shutil.copy(ROOT / "client.py", install_dir / "client.py")
+    write_configs(install_dir, pacs.name, service.url)
+    study = pacs.add_study(pacs.add_patient())
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    script = str(install_dir / "extras" / "dicom_indexer.sh")
+
+    result = subprocess.run([script], cwd="/", capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert service.study_pks() == [study]
+
+    service.respond = lambda n, r: (401, "bad key")
+    pacs.add_study(pacs.add_patient())
+    result = subprocess.run([script], cwd="/", capture_output=True, text=True, env=env)
+    assert result.returncode == client.EXIT_KEY_REFUSED
+    assert "the service refused the API key" in result.stderr
+
+
+def test_client_is_executable_with_a_shebang():
+    assert os.access(ROOT / "client.py", os.X_OK)
+    assert (ROOT / "client.py").read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_code_runs_on_python_3_8():
+    vermin = shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (pip install -r requirements-dev.txt)")
+    result = subprocess.run(
+        [
+            vermin,
+            "--target=3.8-",
+            "--violations",
+            "--no-tips",
+            # Annotations stay strings (from __future__ import annotations),
+            # so list[int] in a signature is fine on 3.8.
+            str(ROOT / "client.py"),
+            str(ROOT / "extras"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_code_compiles_with_python_3_8_when_present():
+    # pyenv's shim for python3.8 exists even where 3.8 is not selected: real path first.
+    candidates = [
+        os.path.expanduser("~/.pyenv/versions/3.8.18/bin/python"),
+        shutil.which("python3.8"),
+    ]
+    python38 = next((c for c in candidates if c and os.path.exists(c)), None)
+    if python38 is None:
+        pytest.skip("no Python 3.8 interpreter on this machine")
+    for path in [ROOT / "client.py", *sorted((ROOT / "extras").glob("*.py"))]:
+        result = subprocess.run(
+            [python38, "-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr

@@ -1,0 +1,174 @@
+"""extras/add_indexer.sql: installs anywhere, again over itself, and over the
+original client; never touches dcm4chee's tables; tick queries use indexes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import INDEXER_SQL, LONG_AGO, PacsDb, create_database, drop_database, install
+
+import client
+
+SQL_TEXT = INDEXER_SQL.read_text()
+
+
+@pytest.fixture
+def fresh_db():
+    name = create_database("latin1")
+    db = PacsDb(name)
+    yield db
+    db.close()
+    drop_database(name)
+
+
+def _dcm4chee_ddl(db: PacsDb) -> list[str]:
+    return [
+        re.sub(
+            r" AUTO_INCREMENT=\d+", "", db.query(f"SHOW CREATE TABLE {table}")[0]["Create Table"]
+        )
+        for table in ("patient", "study", "series")
+    ]
+
+
+def test_install_twice_keeps_data_and_leaves_dcm4chee_tables_alone(fresh_db, service, tmp_path):
+    fresh_db.add_study(fresh_db.add_patient())
+    before = _dcm4chee_ddl(fresh_db)
+    fresh_db.execute("CALL indexer_process()")
+    queue = fresh_db.queue()
+    install(fresh_db.name)
+    install(fresh_db.name)
+    assert fresh_db.queue() == queue
+    assert _dcm4chee_ddl(fresh_db) == before
+    assert fresh_db.query("SHOW TRIGGERS") == []
+    routines = fresh_db.query(
+        "SELECT ROUTINE_NAME, ROUTINE_TYPE FROM information_schema.ROUTINES"
+        " WHERE ROUTINE_SCHEMA = DATABASE()"
+    )
+    assert routines == [{"ROUTINE_NAME": "indexer_process", "ROUTINE_TYPE": "PROCEDURE"}]
+    tables = {
+        row["TABLE_NAME"]
+        for row in fresh_db.query(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()"
+        )
+    }
+    assert tables == {"patient", "study", "series", "study_service"}
+
+
+ORIGINAL_CLIENT_SQL = """
+CREATE TABLE study_service (study_pk INT PRIMARY KEY);
+CREATE TRIGGER indexer_process AFTER INSERT ON study
+FOR EACH ROW INSERT INTO study_service (study_pk) VALUES (NEW.pk);
+"""
+
+
+def test_upgrade_from_original_client_sends_pending_and_new_not_the_archive(tmp_path, service):
+    name = create_database("latin1")
+    db = PacsDb(name)
+    try:
+        db.execute("DROP TABLE study_service")
+        db.execute("DROP PROCEDURE indexer_process")
+        for statement in ORIGINAL_CLIENT_SQL.split(";\n"):
+            if statement.strip():
+                db.execute(statement)
+        patient = db.add_patient()
+        archive = [db.add_study(patient, updated_time=LONG_AGO) for _ in range(6)]
+        # The original client had sent and dequeued these; two are still pending.
+        db.execute("DELETE FROM study_service WHERE study_pk <= %s", (archive[3],))
+        assert sorted(db.queue()) == archive[4:]
+
+        install(name)
+        assert db.query("SHOW TRIGGERS") == []
+        assert {r["status"] for r in db.queue().values()} == {"pending"}
+        new = db.add_study(patient)  # no trigger now: indexer_process finds it
+
+        from conftest import write_configs
+
+        args = write_configs(tmp_path, name, service.url)
+        assert client.main(args) == 0
+        assert service.study_pks() == sorted(archive[4:] + [new])
+        service.clear()
+        assert client.main(["initial", *args]) == 0  # still the way to send everything
+        assert service.study_pks() == sorted(archive + [new])
+    finally:
+        db.close()
+        drop_database(name)
+
+
+def test_sql_is_portable_and_names_no_database():
+    code = re.sub(r"--[^\n]*|COMMENT ''[^']*''", "", SQL_TEXT).upper()
+    assert "PACSDB" not in code
+    for mariadb_or_new_only in (
+        "IF NOT EXISTS " + "STATUS",
+        "ADD COLUMN IF",
+        " WITH ",
+        " OVER (",
+        " JSON",
+    ):
+        assert mariadb_or_new_only not in code
+    assert "CREATE TRIGGER" not in code
+    assert "ALTER TABLE STUDY " not in code and "ALTER TABLE PATIENT" not in code
+
+
+# --------------------------------------------------------------------------
+# Every query that runs on each tick uses an index (EXPLAIN on a seeded db)
+# --------------------------------------------------------------------------
+
+
+def _procedure_cursor_select() -> str:
+    match = re.search(r"DECLARE changed_studies CURSOR FOR\s+(.*?);", SQL_TEXT, re.S)
+    assert match, "the cursor of indexer_process was not found"
+    select = re.sub(r"--[^\n]*", "", match.group(1))
+    return select.replace("scan_from_time", "NOW() - INTERVAL 600 SECOND").replace(
+        "scan_from_pk", "(SELECT MAX(pk) FROM study)"
+    )
+
+
+TICK_QUERIES = {
+    "indexer_process cursor": (_procedure_cursor_select(), None),
+    "indexer_process watermark": (
+        "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
+        None,
+    ),
+    "pending page": (client.SELECT_PENDING_PAGE, (0, 1000)),
+    "pending count": (client.COUNT_PENDING, None),
+    "initial state": (
+        "SELECT enqueued_at AS started, cursor_pk AS position, status"
+        " FROM study_service WHERE study_pk = %s",
+        (client.INITIAL_ROW_PK,),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def seeded_db():
+    name = create_database("utf8")
+    db = PacsDb(name)
+    patients = [db.add_patient(f"P^{i}", f"{i}-K") for i in range(300)]
+    with db.conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO study (patient_fk, study_iuid, study_datetime, num_series, num_instances,"
+            " availability, study_status, created_time, updated_time)"
+            " VALUES (%s, %s, %s, 1, 1, 0, 0, %s, %s)",
+            [(patients[i % 300], f"1.2.3.{i}", LONG_AGO, LONG_AGO, LONG_AGO) for i in range(3000)],
+        )
+    db.execute("CALL indexer_process()")
+    db.execute("UPDATE study_service SET status = 'sent', sent_at = NOW() WHERE study_pk > 10")
+    db.execute("UPDATE study SET updated_time = NOW() WHERE pk > 2990")
+    db.execute("ANALYZE TABLE study, patient, study_service")
+    yield db
+    db.close()
+    drop_database(name)
+
+
+@pytest.mark.parametrize("label", sorted(TICK_QUERIES))
+def test_tick_query_uses_an_index(seeded_db, label):
+    sql, args = TICK_QUERIES[label]
+    plan = seeded_db.query("EXPLAIN " + sql, args)
+    full_scans = [
+        row
+        for row in plan
+        if row["table"] in ("study", "patient", "study_service", "s", "p", "q")
+        and row["type"] == "ALL"
+    ]
+    assert full_scans == [], plan
