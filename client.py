@@ -13,7 +13,6 @@ Layers, top to bottom of this file:
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -28,10 +27,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pymysql
 import pymysql.cursors
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 __version__ = "1.0.0"
 
@@ -310,6 +305,9 @@ RECORD_FAILURE = (
     "UPDATE study_service SET status = %s, attempts = attempts + 1, last_error = %s"
     " WHERE study_pk = %s"
 )
+
+# Table, column or procedure missing: add_indexer.sql was not (re)run here.
+MISSING_OBJECT_ERRORS = (1146, 1054, 1305)
 
 COUNT_BY_STATUS = (
     "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
@@ -653,22 +651,22 @@ def document_version(body: bytes) -> bytes:
 # --------------------------------------------------------------------------
 
 
-class _BoundedRetry(Retry):
-    """urllib3's retry with jitter on the backoff and a cap on Retry-After.
+def _retry_policy(settings: Settings) -> Any:
+    """urllib3's Retry, with jitter on the backoff and a cap on Retry-After.
 
     Jitter keeps several clients from retrying in lockstep; the cap keeps a
     cron tick from sleeping for hours on a Retry-After the service sent.
     """
+    from urllib3.util.retry import Retry
 
-    def get_backoff_time(self) -> float:
-        return super().get_backoff_time() * random.uniform(0.5, 1.5)
+    class BoundedRetry(Retry):
+        def get_backoff_time(self) -> float:
+            return super().get_backoff_time() * random.uniform(0.5, 1.5)
 
-    def get_retry_after(self, response: Any) -> float | None:
-        seconds = super().get_retry_after(response)
-        return None if seconds is None else min(seconds, MAX_RETRY_AFTER_SECONDS)
+        def get_retry_after(self, response: Any) -> float | None:
+            seconds = super().get_retry_after(response)
+            return None if seconds is None else min(seconds, MAX_RETRY_AFTER_SECONDS)
 
-
-def _retry_policy(settings: Settings) -> Retry:
     options: dict[str, Any] = {
         "total": settings.max_retries,
         "connect": settings.max_retries,
@@ -682,16 +680,24 @@ def _retry_policy(settings: Settings) -> Retry:
         "raise_on_status": False,
         "raise_on_redirect": False,
     }
+    methods = frozenset({"POST", "DELETE", "GET"})
     try:
-        return _BoundedRetry(allowed_methods=frozenset({"POST", "DELETE", "GET"}), **options)
+        return BoundedRetry(allowed_methods=methods, **options)
     except TypeError:  # urllib3 < 1.26 calls it method_whitelist
-        return _BoundedRetry(method_whitelist=frozenset({"POST", "DELETE", "GET"}), **options)
+        return BoundedRetry(method_whitelist=methods, **options)
 
 
 class Sender:
-    """POSTs documents over one keep-alive session shared by the worker threads."""
+    """POSTs documents over one keep-alive session shared by the worker threads.
+
+    requests is imported here, not at the top: a tick with nothing to send
+    never pays for it, which keeps the five-minute cron run cheap.
+    """
 
     def __init__(self, settings: Settings) -> None:
+        import requests
+        from requests.adapters import HTTPAdapter
+
         self.settings = settings
         self.session = requests.Session()
         adapter = HTTPAdapter(
@@ -703,8 +709,19 @@ class Sender:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Content-Type": "application/json", "X-Api-Key": settings.key})
-        self.session.verify = settings.ca_bundle or True
+        # The environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE) is read
+        # once here instead of on every request, which costs more than the
+        # POST itself on loopback.
+        self.session.proxies.update(requests.utils.get_environ_proxies(settings.webservice_url))
+        self.session.verify = (
+            settings.ca_bundle
+            or os.environ.get("REQUESTS_CA_BUNDLE")
+            or os.environ.get("CURL_CA_BUNDLE")
+            or True
+        )
+        self.session.trust_env = False
         self.timeout = (settings.connect_timeout_seconds, settings.read_timeout_seconds)
+        self.request_error = requests.exceptions.RequestException
 
     def close(self) -> None:
         self.session.close()
@@ -716,7 +733,7 @@ class Sender:
             response = self.session.post(
                 self.settings.webservice_url, data=body, timeout=self.timeout
             )
-        except requests.exceptions.RequestException as exc:
+        except self.request_error as exc:
             outcome.error = self._describe(exc)
             return outcome
         outcome.status_code = response.status_code
@@ -731,7 +748,7 @@ class Sender:
         """For `check`: reaches the service with the key without registering anything."""
         try:
             response = self.session.get(self.settings.webservice_url, timeout=self.timeout)
-        except requests.exceptions.RequestException as exc:
+        except self.request_error as exc:
             return False, f"{_safe_url(self.settings.webservice_url)}: {self._describe(exc)}"
         code = response.status_code
         if code in (401, 403):
@@ -742,6 +759,9 @@ class Sender:
 
     def _describe(self, exc: BaseException) -> str:
         """One line for a failed request: timeout, TLS, or unreachable."""
+        import requests
+        import urllib3
+
         chain = _cause_chain(exc)
         if any(isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in chain) or isinstance(
             exc, requests.exceptions.ReadTimeout
@@ -841,6 +861,7 @@ def deliver_pending(
     report: RunReport,
     limit: int | None = None,
     dry_run_out: Any | None = None,
+    total: int = 0,
 ) -> None:
     """Sends every pending study, recording each answer in study_service.
 
@@ -849,11 +870,13 @@ def deliver_pending(
     is marked sent only after a 2xx; after a crash, at most the studies in
     flight plus one unflushed batch of acknowledgements are posted again.
     """
-    progress = _progress_bar(pacs.count_pending() if dry_run_out is None else 0, "sending")
+    progress = _progress_bar(total, "sending")
     consecutive_failures = 0
     outcomes: list[Outcome] = []
     unchanged: list[int] = []
     last_flush = time.monotonic()
+    import concurrent.futures
+
     in_flight: dict[concurrent.futures.Future, int] = {}
     max_in_flight = settings.concurrency * 2
     submitted = 0
@@ -969,7 +992,6 @@ def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool)
     pacs = Pacs(settings)
     sender: Sender | None = None
     try:
-        pacs.check_installed()
         if dry_run:
             log.info("dry run: printing the pending studies' documents, sending nothing")
             deliver_pending(pacs, None, settings, report, limit=limit, dry_run_out=sys.stdout)
@@ -988,12 +1010,17 @@ def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool)
             finally:
                 bar.close()
         report.enqueued += pacs.enqueue_changes()
-        sender = Sender(settings)
-        deliver_pending(pacs, sender, settings, report, limit=limit)
-        report.pending = pacs.count_pending()
+        pending = pacs.count_pending()
+        if pending:
+            sender = Sender(settings)
+            deliver_pending(pacs, sender, settings, report, limit=limit, total=pending)
+            pending = pacs.count_pending()
+        report.pending = pending
         if pacs.finish_initial():
             log.info("initial load complete")
     except pymysql.MySQLError as exc:
+        if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
+            pacs.check_installed()  # raises the error that names the fix
         raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
     finally:
         if sender is not None:
