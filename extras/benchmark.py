@@ -1,0 +1,471 @@
+#!/usr/bin/env python3
+"""Benchmark of the DICOM Indexer client on this machine.
+
+Builds a throwaway dcm4chee-like database with N studies spread over ten
+years, installs extras/add_indexer.sql, starts a loopback receiver in its own
+process, and measures:
+
+  - `client.py initial` (enqueue and send) as a subprocess: studies/s and peak RSS
+  - the same number of POSTs from a bare requests.Session loop, the reference
+  - a no-op `client.py` tick: wall time
+  - the PACS's view: while `initial` runs, a second connection updates random
+    study rows every few ms, as dcm4chee does while storing images; the
+    longest of those updates is reported
+
+    python extras/benchmark.py                      # 100,000 studies
+    python extras/benchmark.py --studies 1000000
+    python extras/benchmark.py --studies 20000 --latency-ms 50 --concurrency 16
+    python extras/benchmark.py --json results.json
+
+Needs a MySQL/MariaDB server where it may create and drop a database
+(default root@127.0.0.1:3306, or DICOM_INDEXER_TEST_DB_HOST/_PORT/_USER/_PASSWORD)
+and the mysql command-line client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema.sql"
+INDEXER_SQL = ROOT / "extras" / "add_indexer.sql"
+CLIENT = ROOT / "client.py"
+
+INSERT_ROWS_PER_STATEMENT = 5000
+PROBE_INTERVAL_SECONDS = 0.005
+NOOP_REPEATS = 5
+ARCHIVE_YEARS = 10
+STUDY_PK_RE = re.compile(rb'"study_pk":\s*(\d+)')
+
+# --------------------------------------------------------------------------
+# The receiver: asyncio, in its own process, so that it is never the bottleneck
+# --------------------------------------------------------------------------
+
+
+def _receiver_process(port_out: Any, latency_seconds: float) -> None:
+    posts = 0
+    study_pks: set = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length) if length else b""
+                if head.startswith(b"GET /stats"):
+                    payload = json.dumps(
+                        {"posts": posts, "unique_studies": len(study_pks)}
+                    ).encode()
+                else:
+                    if latency_seconds:
+                        await asyncio.sleep(latency_seconds)
+                    posts += 1
+                    match = STUDY_PK_RE.search(body)
+                    if match:
+                        study_pks.add(int(match.group(1)))
+                    payload = b'{"status":"registered"}'
+                # asyncio sets TCP_NODELAY: no Nagle stall against delayed ACK.
+                writer.write(
+                    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=512)
+        port_out.send(server.sockets[0].getsockname()[1])
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+class Receiver:
+    def __init__(self, latency_ms: float) -> None:
+        parent, child = multiprocessing.Pipe()
+        self.process = multiprocessing.Process(
+            target=_receiver_process, args=(child, latency_ms / 1000.0), daemon=True
+        )
+        self.process.start()
+        self.port = parent.recv()
+        self.url = f"http://127.0.0.1:{self.port}/api/v1/register"
+
+    def stats(self) -> dict[str, int]:
+        return requests.get(f"http://127.0.0.1:{self.port}/stats", timeout=10).json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join()
+
+
+# --------------------------------------------------------------------------
+# The database
+# --------------------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace, database: str | None = None) -> Any:
+    return pymysql.connect(
+        host=args.host,
+        port=args.port,
+        user=args.user,
+        password=args.password,
+        database=database,
+        charset="utf8mb4",
+        autocommit=True,
+    )
+
+
+def _run_sql_file(args: argparse.Namespace, database: str, path: Path) -> None:
+    client = shutil.which("mysql") or shutil.which("mariadb")
+    if client is None:
+        sys.exit("benchmark: the mysql command-line client is needed")
+    with open(path, "rb") as stdin:
+        subprocess.run(
+            [client, "-h", args.host, "-P", str(args.port), "-u", args.user, database],
+            stdin=stdin,
+            check=True,
+            env=dict(os.environ, MYSQL_PWD=args.password),
+        )
+
+
+def build_database(args: argparse.Namespace, name: str) -> float:
+    """N studies over ten years, two per patient; returns seconds taken."""
+    started = time.monotonic()
+    with _connect(args) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET latin1")
+    _run_sql_file(args, name, SCHEMA_SQL)
+    rng = random.Random(42)
+    first_day = datetime.datetime(2016, 1, 1)
+    span_seconds = ARCHIVE_YEARS * 365 * 86400
+    attrs = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" * 16  # a few hundred bytes, as a blob
+    with _connect(args, name) as conn, conn.cursor() as cur:
+        cur.execute("SET unique_checks = 0")
+        patients = (args.studies + 1) // 2
+        for start in range(0, patients, INSERT_ROWS_PER_STATEMENT):
+            rows = [
+                (
+                    f"{10_000_000 + i}-{i % 10}",
+                    f"APELLIDO{i}^NOMBRE^SEGUNDO",
+                    first_day,
+                    first_day,
+                )
+                for i in range(start, min(patients, start + INSERT_ROWS_PER_STATEMENT))
+            ]
+            cur.executemany(
+                "INSERT INTO patient (pat_id, pat_name, pat_birthdate, pat_sex, created_time,"
+                " updated_time) VALUES (%s, %s, '19700101', 'F', %s, %s)",
+                rows,
+            )
+        for start in range(0, args.studies, INSERT_ROWS_PER_STATEMENT):
+            rows = []
+            for i in range(start, min(args.studies, start + INSERT_ROWS_PER_STATEMENT)):
+                created = first_day + datetime.timedelta(seconds=span_seconds * i // args.studies)
+                updated = created + datetime.timedelta(seconds=rng.randint(5, 7200))
+                rows.append(
+                    (
+                        i // 2 + 1,
+                        f"1.2.840.113619.2.55.3.{i}.{rng.randint(0, 10**9)}",
+                        created,
+                        "TC DE CEREBRO SIN CONTRASTE",
+                        rng.choice(("CT", "MR", "CR", "US", "CT\\SR", "MR\\SR", "DX")),
+                        rng.randint(1, 12),
+                        rng.randint(1, 2000),
+                        created,
+                        updated,
+                        attrs,
+                    )
+                )
+            cur.executemany(
+                "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
+                " mods_in_study, num_series, num_instances, availability, study_status,"
+                " created_time, updated_time, study_attrs)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s)",
+                rows,
+            )
+        cur.execute("ANALYZE TABLE patient, study")
+    _run_sql_file(args, name, INDEXER_SQL)
+    return time.monotonic() - started
+
+
+class PacsLoadProbe(threading.Thread):
+    """dcm4chee storing images: random study rows rewritten every few ms."""
+
+    def __init__(self, args: argparse.Namespace, name: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = _connect(args, name)
+        self.max_pk = args.studies
+        self.waits: list[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        with self.conn.cursor() as cur:
+            while not self.stopping.is_set():
+                pk = rng.randint(1, self.max_pk)
+                started = time.perf_counter()
+                cur.execute(
+                    "UPDATE study SET num_instances = num_instances + 1, updated_time = NOW()"
+                    " WHERE pk = %s",
+                    (pk,),
+                )
+                self.waits.append(time.perf_counter() - started)
+                time.sleep(PROBE_INTERVAL_SECONDS)
+
+    def stop(self) -> dict[str, float]:
+        self.stopping.set()
+        self.join()
+        self.conn.close()
+        waits = sorted(self.waits) or [0.0]
+        return {
+            "updates": len(self.waits),
+            "max_ms": waits[-1] * 1000,
+            "p99_ms": waits[int(len(waits) * 0.99)] * 1000,
+        }
+
+
+# --------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------
+
+
+def run_client(config_dir: Path, *command: str) -> tuple[float, float, int]:
+    """Runs client.py; returns (wall seconds, peak RSS in MB, exit code)."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(CLIENT),
+            *command,
+            "-q",
+            "--config",
+            str(config_dir / "config.json"),
+            "--server",
+            str(config_dir / "server.json"),
+        ]
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    process.returncode = code
+    return wall, usage.ru_maxrss / 1024.0, code
+
+
+def reference_loop(url: str, count: int) -> float:
+    """A bare requests.Session posting `count` identical documents: studies/s."""
+    document = {
+        "patient_pk": 1,
+        "patient_id": "10000000-0",
+        "patient_name": "APELLIDO0^NOMBRE^SEGUNDO",
+        "study_pk": 0,
+        "study_iuid": "1.2.840.113619.2.55.3.0.123456789",
+        "study_datetime": "2016-01-01 00:00:00",
+        "study_description": "TC DE CEREBRO SIN CONTRASTE",
+        "study_modality": "CT",
+        "study_num_series": 3,
+        "study_num_instances": 250,
+        "center": "BENCH",
+    }
+    headers = {"X-Api-Key": "bench-key"}
+    with requests.Session() as session:
+        started = time.monotonic()
+        for _ in range(count):
+            session.post(url, json=document, headers=headers, timeout=30).raise_for_status()
+        return count / (time.monotonic() - started)
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    name = f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
+    receiver = Receiver(args.latency_ms)
+    results: dict[str, Any] = {
+        "studies": args.studies,
+        "concurrency": args.concurrency,
+        "latency_ms": args.latency_ms,
+        "machine": f"{platform.node()}: {os.cpu_count()} cores,"
+        f" {platform.processor() or platform.machine()}, Python {platform.python_version()}",
+    }
+    try:
+        print(f"building {name} with {args.studies:,} studies ...", file=sys.stderr)
+        results["build_seconds"] = round(build_database(args, name), 1)
+        with _connect(args) as conn, conn.cursor() as cur:
+            cur.execute("SELECT VERSION()")
+            results["database_server"] = cur.fetchone()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            config_dir = Path(tmp)
+            (config_dir / "config.json").write_text(
+                json.dumps(
+                    {
+                        "host": args.host,
+                        "port": args.port,
+                        "user": args.user,
+                        "password": args.password,
+                        "database": name,
+                    }
+                )
+            )
+            (config_dir / "server.json").write_text(
+                json.dumps(
+                    {
+                        "webservice_url": receiver.url,
+                        "key": "bench-key",
+                        "center": "BENCH",
+                        "concurrency": args.concurrency,
+                    }
+                )
+            )
+
+            print("client.py initial ...", file=sys.stderr)
+            probe = PacsLoadProbe(args, name)
+            probe.start()
+            wall, rss, code = run_client(config_dir, "initial")
+            results["pacs_probe"] = probe.stop()
+            stats = receiver.stats()
+            results["initial"] = {
+                "exit_code": code,
+                "seconds": round(wall, 2),
+                "studies_per_second": round(args.studies / wall, 1),
+                "peak_rss_mb": round(rss, 1),
+                "posts": stats["posts"],
+                "unique_studies": stats["unique_studies"],
+            }
+            if args.latency_ms:
+                ideal = args.concurrency * 1000.0 / args.latency_ms
+                results["initial"]["ideal_studies_per_second"] = ideal
+                results["initial"]["ratio_to_ideal"] = round(args.studies / wall / ideal, 3)
+
+            # The probe rewrote studies during the load: one tick sends them,
+            # then the ticks measured below have nothing to do.
+            catch_up_wall, _, _ = run_client(config_dir)
+            posts_before = receiver.stats()["posts"]
+            results["catch_up_tick"] = {
+                "seconds": round(catch_up_wall, 3),
+                "studies_sent": posts_before - stats["posts"],
+            }
+            noop = [run_client(config_dir)[0] for _ in range(NOOP_REPEATS)]
+            results["noop_tick"] = {
+                "median_seconds": round(statistics.median(noop), 3),
+                "max_seconds": round(max(noop), 3),
+                "posts": receiver.stats()["posts"] - posts_before,
+            }
+
+        reference_count = args.reference_studies or (
+            min(args.studies, 500) if args.latency_ms else args.studies
+        )
+        print(f"reference: bare requests loop, {reference_count:,} posts ...", file=sys.stderr)
+        rate = reference_loop(receiver.url, reference_count)
+        results["reference"] = {"posts": reference_count, "studies_per_second": round(rate, 1)}
+        results["initial"]["ratio_to_reference"] = round(
+            results["initial"]["studies_per_second"] / rate, 2
+        )
+    finally:
+        receiver.stop()
+        if not args.keep:
+            with _connect(args) as conn, conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    initial = results["initial"]
+    rows = [
+        ("studies", f"{results['studies']:,}"),
+        ("concurrency / latency", f"{results['concurrency']} / {results['latency_ms']:g} ms"),
+        ("initial: studies/s", f"{initial['studies_per_second']:,.0f} ({initial['seconds']} s)"),
+        (
+            "reference requests loop: studies/s",
+            f"{results['reference']['studies_per_second']:,.0f}",
+        ),
+        ("ratio client / reference", f"{initial['ratio_to_reference']:.2f}"),
+    ]
+    if "ratio_to_ideal" in initial:
+        rows.append(
+            (
+                "ratio client / ideal (concurrency/latency)",
+                f"{initial['ratio_to_ideal']:.2f} of {initial['ideal_studies_per_second']:,.0f}/s",
+            )
+        )
+    probe = results["pacs_probe"]
+    noop = results["noop_tick"]
+    rows += [
+        ("initial: peak RSS", f"{initial['peak_rss_mb']:.1f} MB"),
+        (
+            "initial: delivered (posts / unique)",
+            f"{initial['posts']:,} / {initial['unique_studies']:,}",
+        ),
+        (
+            "PACS probe: longest study UPDATE wait",
+            f"{probe['max_ms']:.1f} ms (p99 {probe['p99_ms']:.1f} ms,"
+            f" {probe['updates']:,} updates)",
+        ),
+        (
+            "no-op tick: wall (median of 5)",
+            f"{noop['median_seconds']:.3f} s (max {noop['max_seconds']:.3f} s)",
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print(f"| {'measure':<{width}} | value |")
+    print(f"| {'-' * width} | ----- |")
+    for label, value in rows:
+        print(f"| {label:<{width}} | {value} |")
+    print(f"\nmachine: {results['machine']}; database: {results['database_server']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--studies", type=int, default=100_000, help="archive size (default 100000)"
+    )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="receiver delay per request")
+    parser.add_argument("--concurrency", type=int, default=4, help="client concurrency setting")
+    parser.add_argument(
+        "--reference-studies",
+        type=int,
+        default=0,
+        help="posts in the reference loop (default: as many as studies; 500 in latency mode)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    parser.add_argument("--host", default=os.environ.get("DICOM_INDEXER_TEST_DB_HOST", "127.0.0.1"))
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("DICOM_INDEXER_TEST_DB_PORT", "3306"))
+    )
+    parser.add_argument("--user", default=os.environ.get("DICOM_INDEXER_TEST_DB_USER", "root"))
+    parser.add_argument("--password", default=os.environ.get("DICOM_INDEXER_TEST_DB_PASSWORD", ""))
+    args = parser.parse_args(argv)
+    results = benchmark(args)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
