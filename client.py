@@ -51,8 +51,9 @@ DB_CONNECT_TIMEOUT_SECONDS = 10
 # study_service bookkeeping rows (see extras/add_indexer.sql).
 CURSOR_ROW_PK = 0
 INITIAL_ROW_PK = -1
+RECONCILE_ROW_PK = -2
 # Statuses of study rows in study_service.
-PENDING, SENT, FAILED, DELETED = "pending", "sent", "failed", "deleted"
+PENDING, SENT, FAILED, DELETING, DELETED = "pending", "sent", "failed", "deleting", "deleted"
 # Retry-After can ask for hours; a cron tick should give up sooner.
 MAX_RETRY_AFTER_SECONDS = 30
 # Statuses worth retrying: the service is busy or failing, not refusing the study.
@@ -129,6 +130,9 @@ class Settings:
     backoff_seconds: float = 1.0
     max_consecutive_failures: int = 5
     ca_bundle: str | None = None
+    send_deletes: bool = False
+    stable_age_seconds: int = 0
+    reconcile_rows_per_second: int = 2000
 
 
 _MISSING = object()
@@ -168,6 +172,12 @@ class _Fields:
             raise self._error(name, "must be a string")
         if not value.strip() and not allow_empty:
             raise self._error(name, "is empty")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise self._error(name, "must be true or false")
         return value
 
     def number(
@@ -237,6 +247,11 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
             "max_consecutive_failures", default=5, minimum=1, maximum=100000
         ),
         ca_bundle=ca_bundle,
+        send_deletes=server.flag("send_deletes", default=False),
+        stable_age_seconds=db.number("stable_age_seconds", default=0, minimum=0, maximum=86400),
+        reconcile_rows_per_second=db.number(
+            "reconcile_rows_per_second", default=2000, minimum=1, maximum=1000000
+        ),
         config_path=config_path,
         server_path=server_path,
     )
@@ -282,8 +297,8 @@ ENQUEUE_FOR_INITIAL = (
 # LEFT JOINs: a study gone from dcm4chee comes back with s.pk NULL; one whose
 # patient row is missing, with p.* NULL.
 SELECT_PENDING_PAGE = (
-    "SELECT q.study_pk AS queued_pk, q.sent_version,"
-    " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
+    "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
+    " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc, s.updated_time,"
     " s.mods_in_study, s.num_series, s.num_instances,"
     " p.pk AS patient_pk, p.pat_id, p.pat_name"
     " FROM study_service q FORCE INDEX (study_service_status)"
@@ -295,10 +310,15 @@ SELECT_PENDING_PAGE = (
 
 # Acknowledgements, many rows per statement (PyMySQL batches INSERT ... VALUES).
 RECORD_SENT = (
-    "INSERT INTO study_service (study_pk, status, attempts, sent_version, sent_at)"
-    " VALUES (%s, 'sent', 1, %s, NOW(6))"
+    "INSERT INTO study_service (study_pk, status, attempts, sent_version, sent_at, study_iuid)"
+    " VALUES (%s, 'sent', 1, %s, NOW(6), %s)"
     " ON DUPLICATE KEY UPDATE status = 'sent', attempts = attempts + 1,"
-    " last_error = NULL, sent_version = VALUES(sent_version), sent_at = NOW(6)"
+    " last_error = NULL, sent_version = VALUES(sent_version), sent_at = NOW(6),"
+    " study_iuid = VALUES(study_iuid)"
+)
+RECORD_DELETED = (
+    "UPDATE study_service SET status = 'deleted', attempts = attempts + 1, last_error = NULL,"
+    " sent_at = NOW(6) WHERE study_pk = %s"
 )
 RECORD_UNCHANGED = "UPDATE study_service SET status = 'sent', last_error = NULL WHERE study_pk = %s"
 RECORD_FAILURE = (
@@ -309,10 +329,37 @@ RECORD_FAILURE = (
 # Table, column or procedure missing: add_indexer.sql was not (re)run here.
 MISSING_OBJECT_ERRORS = (1146, 1054, 1305)
 
+# reconcile: a page of the archive with what its documents need and what the
+# service acknowledged for each; then the queue rows of that pk range whose
+# study is gone.
+SELECT_RECONCILE_PAGE = (
+    "SELECT s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
+    " s.mods_in_study, s.num_series, s.num_instances,"
+    " p.pk AS patient_pk, p.pat_id, p.pat_name, q.status, q.sent_version"
+    " FROM study s"
+    " LEFT JOIN patient p ON p.pk = s.patient_fk"
+    " LEFT JOIN study_service q ON q.study_pk = s.pk"
+    " WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+)
+SELECT_GONE_IN_RANGE = (
+    "SELECT q.study_pk, q.study_iuid FROM study_service q"
+    " LEFT JOIN study s ON s.pk = q.study_pk"
+    " WHERE q.study_pk > %s AND q.study_pk <= %s"
+    " AND q.status IN ('pending', 'sent', 'failed') AND s.pk IS NULL"
+)
+# sent_version is assigned first: MySQL evaluates SET left to right, and a
+# study back from the trash (deleted) must be sent again as new.
+ENQUEUE_CHANGED = (
+    "UPDATE study_service SET"
+    " sent_version = IF(status IN ('deleted', 'deleting'), NULL, sent_version),"
+    " status = 'pending', attempts = 0, last_error = NULL, enqueued_at = NOW(6)"
+    " WHERE study_pk = %s"
+)
+
 COUNT_BY_STATUS = (
     "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
 )
-COUNT_PENDING = "SELECT COUNT(*) AS n FROM study_service WHERE status = 'pending'"
+COUNT_PENDING = "SELECT COUNT(*) AS n FROM study_service WHERE status IN ('pending', 'deleting')"
 
 
 @dataclass
@@ -320,7 +367,9 @@ class Outcome:
     """What the service answered for one study."""
 
     study_pk: int
-    version: bytes
+    version: bytes | None
+    study_iuid: str | None
+    deletion: bool = False  # a DELETE for a study gone from dcm4chee, not a POST
     delivered: bool = False
     status_code: int | None = None
     error: str | None = None  # one line, never patient data
@@ -331,8 +380,9 @@ class Outcome:
 
     @property
     def wrong_url(self) -> bool:
-        # Every study would get the same answer: a setting, not a study, is wrong.
-        return self.status_code in (404, 405)
+        # Every study would get the same answer: a setting, not a study, is
+        # wrong (for a DELETE, 404 means done and 405 that deletes are unsupported).
+        return self.status_code in ((405,) if self.deletion else (404, 405))
 
     @property
     def rejected(self) -> bool:
@@ -503,9 +553,18 @@ class Pacs:
         """Writes a batch of results in one transaction."""
         if not outcomes and not unchanged:
             return
-        sent = [(o.study_pk, o.version) for o in outcomes if o.delivered]
+        sent = [
+            (o.study_pk, o.version, o.study_iuid)
+            for o in outcomes
+            if o.delivered and not o.deletion
+        ]
+        deleted = [o.study_pk for o in outcomes if o.delivered and o.deletion]
         failures = [
-            (FAILED if o.rejected else PENDING, (o.error or "")[:255], o.study_pk)
+            (
+                FAILED if o.rejected else DELETING if o.deletion else PENDING,
+                (o.error or "")[:255],
+                o.study_pk,
+            )
             for o in outcomes
             if not o.delivered
         ]
@@ -513,18 +572,42 @@ class Pacs:
         with self.conn.cursor() as cur:
             if sent:
                 cur.executemany(RECORD_SENT, sent)
+            if deleted:
+                cur.executemany(RECORD_DELETED, deleted)
             if failures:
                 cur.executemany(RECORD_FAILURE, failures)
             if unchanged:
                 cur.executemany(RECORD_UNCHANGED, unchanged)
         self.conn.commit()
 
-    def mark_gone(self, study_pk: int) -> None:
-        self.query(
-            "UPDATE study_service SET status = 'deleted',"
-            " last_error = 'study no longer in the PACS' WHERE study_pk = %s",
-            (study_pk,),
-        )
+    def mark_gone(self, gone: list[tuple[int, str | None]]) -> None:
+        """Studies deleted from dcm4chee: to be DELETEd from the central index
+        when send_deletes is on and the service knows them, else just noted."""
+        rows = [
+            (DELETING if self.settings.send_deletes and iuid else DELETED, pk) for pk, iuid in gone
+        ]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    "UPDATE study_service SET status = %s, attempts = 0,"
+                    " last_error = 'study no longer in the PACS' WHERE study_pk = %s",
+                    rows,
+                )
+
+    def deleting_studies(self) -> Iterator[dict[str, Any]]:
+        """Studies whose DELETE is still due, page by page."""
+        after = 0
+        while True:
+            page = self.query(
+                "SELECT study_pk, study_iuid FROM study_service"
+                " FORCE INDEX (study_service_status)"
+                " WHERE status = 'deleting' AND study_pk > %s ORDER BY study_pk LIMIT %s",
+                (after, self.settings.page_size),
+            )
+            if not page:
+                return
+            yield from page
+            after = page[-1]["study_pk"]
 
     def retry_failed(self) -> int:
         with self.conn.cursor() as cur:
@@ -532,11 +615,58 @@ class Pacs:
                 "UPDATE study_service SET status = 'pending', attempts = 0 WHERE status = 'failed'"
             )
 
+    def stability_cutoff(self) -> datetime.datetime | None:
+        """Studies updated after this are still receiving images (stable_age_seconds)."""
+        if not self.settings.stable_age_seconds:
+            return None
+        return self.query(
+            "SELECT NOW() - INTERVAL %s SECOND AS t", (self.settings.stable_age_seconds,)
+        )[0]["t"]
+
+    # -- reconcile --------------------------------------------------------
+
+    def reconcile_position(self) -> int:
+        """Where an interrupted reconcile stopped (0: start a new sweep)."""
+        self.query(
+            "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
+            " VALUES (%s, 'reconcile', NOW(6), 0)",
+            (RECONCILE_ROW_PK,),
+        )
+        rows = self.query(
+            "SELECT cursor_pk FROM study_service WHERE study_pk = %s", (RECONCILE_ROW_PK,)
+        )
+        return int(rows[0]["cursor_pk"] or 0)
+
+    def reconcile_page(self, after: int, size: int) -> list[dict[str, Any]]:
+        return self.query(SELECT_RECONCILE_PAGE, (after, size))
+
+    def gone_between(self, after: int, upto: int) -> list[tuple[int, str | None]]:
+        rows = self.query(SELECT_GONE_IN_RANGE, (after, upto))
+        return [(row["study_pk"], row["study_iuid"]) for row in rows]
+
+    def record_reconciled(
+        self, changed: list[int], gone: list[tuple[int, str | None]], position: int
+    ) -> None:
+        """One page's findings and the new position, in one transaction."""
+        self.conn.begin()
+        with self.conn.cursor() as cur:
+            if changed:
+                cur.executemany(ENQUEUE_CHANGED, changed)
+            cur.execute(
+                "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s",
+                (position, RECONCILE_ROW_PK),
+            )
+        self.mark_gone(gone)
+        self.conn.commit()
+
+    def finish_reconcile(self) -> None:
+        self.query("DELETE FROM study_service WHERE study_pk = %s", (RECONCILE_ROW_PK,))
+
     def count_pending(self) -> int:
         return int(self.query(COUNT_PENDING)[0]["n"])
 
     def status_report(self) -> dict[str, Any]:
-        counts = dict.fromkeys((PENDING, SENT, FAILED, DELETED), 0)
+        counts = dict.fromkeys((PENDING, SENT, FAILED, DELETING, DELETED), 0)
         for row in self.query(COUNT_BY_STATUS):
             counts[row["status"]] = int(row["n"])
         oldest = self.query(
@@ -730,14 +860,33 @@ class Sender:
         self.template = self.session.prepare_request(
             requests.Request("POST", settings.webservice_url)
         )
+        self.delete_template = self.session.prepare_request(
+            requests.Request("DELETE", settings.webservice_url)
+        )
 
     def close(self) -> None:
         self.session.close()
 
-    def post(self, study_pk: int, body: bytes, version: bytes) -> Outcome:
-        """One study, retried by urllib3; never raises for network trouble."""
-        outcome = Outcome(study_pk=study_pk, version=version)
-        request = self.template.copy()
+    def post(self, outcome: Outcome, body: bytes) -> Outcome:
+        """Registers one study; retried by urllib3; never raises for network trouble."""
+        return self._send(self.template, outcome, body)
+
+    def delete(self, outcome: Outcome) -> Outcome:
+        """Removes one study from the central index; 404 means already gone."""
+        body = encode_document(
+            {
+                "study_iuid": outcome.study_iuid,
+                "study_pk": outcome.study_pk,
+                "center": self.settings.center,
+            }
+        )
+        self._send(self.delete_template, outcome, body)
+        if outcome.status_code == 404:
+            outcome.delivered, outcome.error = True, None
+        return outcome
+
+    def _send(self, template: Any, outcome: Outcome, body: bytes) -> Outcome:
+        request = template.copy()
         request.body = body
         request.headers["Content-Length"] = str(len(body))
         try:
@@ -836,16 +985,23 @@ class RunReport:
     unchanged: int = 0
     failed: int = 0  # refused with a 4xx: marked failed
     undelivered: int = 0  # transport failure or 5xx: left pending
-    gone: int = 0
+    gone: int = 0  # found deleted from dcm4chee
+    deleted: int = 0  # DELETEs acknowledged
+    held: int = 0  # left pending by the stability window
     pending: int = 0
     stopped: str | None = None  # why the run stopped early
     exit_code: int = EXIT_OK
     started: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
+        extra = "".join(
+            f", {name} {count}"
+            for name, count in (("held", self.held), ("deleted", self.deleted))
+            if count
+        )
         return (
             f"enqueued {self.enqueued}, sent {self.sent}, unchanged {self.unchanged},"
-            f" failed {self.failed}, still pending {self.pending},"
+            f" failed {self.failed}, still pending {self.pending}{extra},"
             f" {time.monotonic() - self.started:.1f} s"
         )
 
@@ -890,8 +1046,12 @@ class _Delivery:
         self.progress.update(1)
         if outcome.delivered:
             self.consecutive_failures = 0
-            report.sent += 1
-            log.debug("study %d sent (HTTP %s)", outcome.study_pk, outcome.status_code)
+            if outcome.deletion:
+                report.deleted += 1
+                log.debug("study %d deleted (HTTP %s)", outcome.study_pk, outcome.status_code)
+            else:
+                report.sent += 1
+                log.debug("study %d sent (HTTP %s)", outcome.study_pk, outcome.status_code)
             return
         log.debug("study %d not delivered: %s", outcome.study_pk, outcome.error)
         if outcome.refused_key:
@@ -940,8 +1100,12 @@ def deliver_pending(
     limit: int | None = None,
     dry_run_out: Any | None = None,
     total: int = 0,
+    hold_after: datetime.datetime | None = None,
 ) -> None:
     """Sends every pending study, recording each answer in study_service.
+
+    Studies updated after `hold_after` (the stability window) wait for a later
+    run. Then, with send_deletes, the studies gone from dcm4chee are DELETEd.
 
     The main thread reads pages, builds documents and writes acknowledgements
     while `concurrency` worker threads wait on HTTP, so the database work
@@ -958,12 +1122,15 @@ def deliver_pending(
     jobs: queue.Queue = queue.Queue(maxsize=settings.concurrency * 2)
     answers: queue.Queue = queue.Queue()
 
+    stopping = threading.Event()
+
     def work() -> None:
         while True:
             job = jobs.get()
             if job is None:
                 return
-            answers.put(sender.post(*job))
+            # Once the run is stopping, studies not yet posted stay pending, untried.
+            answers.put(None if stopping.is_set() else sender.post(*job))
 
     workers = [
         threading.Thread(target=work, name=f"sender-{n}", daemon=True)
@@ -978,7 +1145,10 @@ def deliver_pending(
                 outcome = answers.get(block=block, timeout=ACK_FLUSH_SECONDS)
             except queue.Empty:
                 return
-            delivery.settle(outcome)
+            if outcome is not None:
+                delivery.settle(outcome)
+                if report.stopped:
+                    stopping.set()
             block = False
 
     submitted = 0
@@ -987,9 +1157,13 @@ def deliver_pending(
             if report.stopped or (limit is not None and submitted >= limit):
                 break
             if row["study_pk"] is None:
-                # Deleted from dcm4chee after it was enqueued: nothing to send.
-                pacs.mark_gone(row["queued_pk"])
+                # Deleted from dcm4chee after it was enqueued.
+                pacs.mark_gone([(row["queued_pk"], row["known_iuid"])])
                 report.gone += 1
+                continue
+            updated = row["updated_time"]
+            if hold_after and isinstance(updated, datetime.datetime) and updated > hold_after:
+                report.held += 1  # still receiving images: sent once it is quiet
                 continue
             document = study_document(row, settings.center)
             if dry_run_out is not None:
@@ -1002,7 +1176,8 @@ def deliver_pending(
                 # Rewritten by dcm4chee, but the document is what the service has.
                 delivery.skip_unchanged(row["study_pk"])
             else:
-                jobs.put((row["study_pk"], body, version))
+                outcome = Outcome(row["study_pk"], version, row["study_iuid"])
+                jobs.put((outcome, body))
                 submitted += 1
             settle_answers()
             delivery.flush()
@@ -1017,6 +1192,8 @@ def deliver_pending(
             settle_answers(block=True)
             delivery.flush()
         settle_answers()
+        if dry_run_out is None and not report.stopped:
+            _delete_gone(pacs, sender, delivery)
     finally:
         if any(worker.is_alive() for worker in workers):  # leaving on an exception
             while not jobs.empty():
@@ -1033,6 +1210,20 @@ def deliver_pending(
         report.exit_code = EXIT_REJECTED
 
 
+def _delete_gone(pacs: Pacs, sender: Sender | None, delivery: _Delivery) -> None:
+    """DELETEs, one at a time: studies leave dcm4chee rarely, and by hand."""
+    for row in pacs.deleting_studies():
+        outcome = Outcome(row["study_pk"], None, row["study_iuid"], deletion=True)
+        if sender is None or not delivery.settings.send_deletes:
+            outcome.delivered = True  # send_deletes was turned off meanwhile
+        else:
+            sender.delete(outcome)
+        delivery.settle(outcome)
+        delivery.flush()
+        if delivery.report.stopped:
+            return
+
+
 # --------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------
@@ -1046,7 +1237,15 @@ def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool)
     try:
         if dry_run:
             log.info("dry run: printing the pending studies' documents, sending nothing")
-            deliver_pending(pacs, None, settings, report, limit=limit, dry_run_out=sys.stdout)
+            deliver_pending(
+                pacs,
+                None,
+                settings,
+                report,
+                limit=limit,
+                dry_run_out=sys.stdout,
+                hold_after=pacs.stability_cutoff(),
+            )
             return EXIT_OK
         pacs.acquire_run_lock()
         if command == "initial":
@@ -1065,7 +1264,15 @@ def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool)
         pending = pacs.count_pending()
         if pending:
             sender = Sender(settings)
-            deliver_pending(pacs, sender, settings, report, limit=limit, total=pending)
+            deliver_pending(
+                pacs,
+                sender,
+                settings,
+                report,
+                limit=limit,
+                total=pending,
+                hold_after=pacs.stability_cutoff(),
+            )
             pending = pacs.count_pending()
         report.pending = pending
         if pacs.finish_initial():
@@ -1092,6 +1299,99 @@ def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool)
     return report.exit_code
 
 
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    changed: int = 0
+    gone: int = 0
+    untracked: int = 0
+    seconds: float = 0.0
+    finished: bool = False
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.checked / self.seconds if self.seconds else 0.0
+
+
+def needs_resend(row: Mapping[str, Any], center: str) -> bool:
+    """Reconcile's verdict on one study: does the service hold a stale document?"""
+    if row["status"] in (DELETED, DELETING):
+        return True  # back from the trash: sent again as new
+    if row["status"] != SENT:
+        return False  # pending goes anyway; failed waits for a change or retry-failed
+    return document_version(encode_document(study_document(row, center))) != row["sent_version"]
+
+
+def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileReport:
+    """Sweeps the archive in pk pages, throttled, enqueueing what the tick
+    cannot see: patient edits and merges, deletions, restored studies."""
+    report = ReconcileReport()
+    position = pacs.reconcile_position()
+    if position:
+        log.info("resuming reconcile after study pk %d", position)
+    rate = settings.reconcile_rows_per_second
+    page_size = max(1, min(settings.page_size, rate))
+    bar = _progress_bar(pacs.count_studies(), "reconciling")
+    started = time.monotonic()
+    try:
+        while limit is None or report.checked < limit:
+            size = page_size if limit is None else min(page_size, limit - report.checked)
+            page = pacs.reconcile_page(position, size)
+            upto = page[-1]["study_pk"] if page else 2**63 - 1
+            changed = []
+            for row in page:
+                if row["status"] is None:
+                    report.untracked += 1
+                elif needs_resend(row, settings.center):
+                    changed.append(row["study_pk"])
+            gone = pacs.gone_between(position, upto)
+            pacs.record_reconciled(changed, gone, upto if page else position)
+            report.checked += len(page)
+            report.changed += len(changed)
+            report.gone += len(gone)
+            bar.update(len(page))
+            if not page:
+                report.finished = True
+                pacs.finish_reconcile()
+                break
+            position = upto
+            # The cap on rows per second keeps the sweep a light, steady load.
+            ahead = report.checked / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    finally:
+        bar.close()
+        report.seconds = time.monotonic() - started
+    return report
+
+
+def run_reconcile(settings: Settings, limit: int | None) -> int:
+    pacs = Pacs(settings)
+    try:
+        pacs.acquire_run_lock()
+        result = reconcile(pacs, settings, limit)
+    except pymysql.MySQLError as exc:
+        if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
+            pacs.check_installed()
+        raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
+    finally:
+        pacs.close()
+    log.info(
+        "reconcile %s: checked %d studies in %.1f s (%.0f rows/s, cap %d):"
+        " %d changed and enqueued, %d gone, %d never sent by this client%s",
+        "complete" if result.finished else "paused",
+        result.checked,
+        result.seconds,
+        result.rows_per_second,
+        settings.reconcile_rows_per_second,
+        result.changed,
+        result.gone,
+        result.untracked,
+        "" if result.finished else "; the next reconcile carries on",
+    )
+    return EXIT_OK
+
+
 def run_status(settings: Settings, as_json: bool) -> int:
     pacs = Pacs(settings)
     try:
@@ -1106,7 +1406,7 @@ def run_status(settings: Settings, as_json: bool) -> int:
         return EXIT_OK
     counts = status["counts"]
     lines = [f"study_service in {pacs.where}"]
-    for name in (SENT, PENDING, FAILED, DELETED):
+    for name in (SENT, PENDING, FAILED, DELETING, DELETED):
         lines.append(f"  {name:<8} {counts.get(name, 0):>10,}")
     age = status["oldest_pending_seconds"]
     lines.append("oldest pending: " + ("none" if age is None else _format_age(age)))
@@ -1198,11 +1498,12 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=("run", "initial", "retry-failed", "status", "check"),
+        choices=("run", "initial", "retry-failed", "reconcile", "status", "check"),
         help=(
             "run (default): enqueue new and changed studies and send what is pending;"
             " initial: send the whole archive (resumable); retry-failed: send the refused"
-            " studies again; status: what is pending, failed, sent; check: test the setup"
+            " studies again; reconcile: find patient edits, merges and deletions (nightly);"
+            " status: what is pending, failed, sent; check: test the setup"
         ),
     )
     parser.add_argument(
@@ -1256,6 +1557,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_status(settings, args.json)
         if args.command == "check":
             return run_check(settings)
+        if args.command == "reconcile":
+            return run_reconcile(settings, args.limit)
         return run_send(settings, args.command, args.limit, args.dry_run)
     except IndexerError as exc:
         log.error("%s", exc)

@@ -19,6 +19,8 @@ DROP TRIGGER IF EXISTS indexer_process;
 --                updated_time watermark, cursor_pk the highest study pk seen.
 --   -1 'initial' an unfinished `client.py initial`: enqueued_at is when it
 --                started, cursor_pk the last study pk it enqueued.
+--   -2 'reconcile' an unfinished `client.py reconcile`: cursor_pk the last
+--                study pk it checked.
 CREATE TABLE IF NOT EXISTS study_service (
   study_pk BIGINT NOT NULL,
   PRIMARY KEY (study_pk)
@@ -34,7 +36,7 @@ SET @indexer_ddl = IF(
   'ALTER TABLE study_service
      MODIFY study_pk BIGINT NOT NULL,
      ADD COLUMN status VARCHAR(16) CHARACTER SET ascii NOT NULL DEFAULT ''pending''
-       COMMENT ''pending, sent, failed, deleted; cursor/initial for bookkeeping rows'',
+       COMMENT ''pending, sent, failed, deleting, deleted; other values on bookkeeping rows'',
      ADD COLUMN attempts INT NOT NULL DEFAULT 0
        COMMENT ''delivery attempts since the study was last enqueued'',
      ADD COLUMN last_error VARCHAR(255) CHARACTER SET utf8mb4 NULL
@@ -48,6 +50,8 @@ SET @indexer_ddl = IF(
      ADD COLUMN enqueued_at DATETIME(6) NULL,
      ADD COLUMN sent_at DATETIME(6) NULL
        COMMENT ''when the service last answered 2xx for this study'',
+     ADD COLUMN study_iuid VARCHAR(250) CHARACTER SET utf8mb4 NULL
+       COMMENT ''the UID last acknowledged: a DELETE needs it once the study row is gone'',
      ADD COLUMN cursor_pk BIGINT NULL
        COMMENT ''bookkeeping rows only: a study pk position'',
      ADD INDEX study_service_status (status, study_pk)',
@@ -80,7 +84,7 @@ BEGIN
   -- dcm4chee sets updated_time inside its transaction, not at commit, so a
   -- row can become visible with an updated_time below rows already seen.
   -- Each call re-reads this many seconds before the watermark.
-  DECLARE safety_window_seconds INT DEFAULT 600;
+  DECLARE safety_window_seconds INT DEFAULT 300;
   DECLARE now_time DATETIME DEFAULT NOW();
   DECLARE watermark DATETIME DEFAULT NULL;
   DECLARE highest_pk BIGINT DEFAULT NULL;

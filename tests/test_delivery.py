@@ -153,6 +153,9 @@ def test_kill_9_mid_run_is_completed_by_the_next_run(pacs, service, configs):
     _wait_until(lambda: len(service.received) >= 50)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    # The server frees the run lock when it notices the dead connection.
+    lock = f"dicom_indexer.{pacs.name}"
+    _wait_until(lambda: pacs.query("SELECT IS_FREE_LOCK(%s) AS f", (lock,))[0]["f"] == 1)
     service.delay_seconds = 0
     assert client.main(configs) == 0
     received = service.study_pks()
@@ -191,7 +194,7 @@ def test_status_shows_counts_age_and_errors(pacs, service, configs, capsys):
 
     assert client.main(["status", "--json", *configs]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["counts"] == {"pending": 0, "sent": 4, "failed": 1, "deleted": 0}
+    assert status["counts"] == {"pending": 0, "sent": 4, "failed": 1, "deleting": 0, "deleted": 0}
     assert status["last_sent_at"] is not None
     assert status["recent_errors"][0]["study_pk"] == pks[0]
 
