@@ -573,11 +573,11 @@ class Pacs:
             if sent:
                 cur.executemany(RECORD_SENT, sent)
             if deleted:
-                cur.executemany(RECORD_DELETED, deleted)
+                cur.executemany(RECORD_DELETED, [(pk,) for pk in deleted])
             if failures:
                 cur.executemany(RECORD_FAILURE, failures)
             if unchanged:
-                cur.executemany(RECORD_UNCHANGED, unchanged)
+                cur.executemany(RECORD_UNCHANGED, [(pk,) for pk in unchanged])
         self.conn.commit()
 
     def mark_gone(self, gone: list[tuple[int, str | None]]) -> None:
@@ -651,7 +651,7 @@ class Pacs:
         self.conn.begin()
         with self.conn.cursor() as cur:
             if changed:
-                cur.executemany(ENQUEUE_CHANGED, changed)
+                cur.executemany(ENQUEUE_CHANGED, [(pk,) for pk in changed])
             cur.execute(
                 "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s",
                 (position, RECONCILE_ROW_PK),

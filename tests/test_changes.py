@@ -1,0 +1,199 @@
+"""Keeping the central index true: patient edits and merges, deleted and
+restored studies, rewrites that change nothing, the stability window, and
+reconcile's throttle and resumption."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from conftest import API_KEY, LONG_AGO, write_configs
+
+import client
+
+
+def _two_patients_with_studies(pacs):
+    ana = pacs.add_patient("ROJAS^ANA", "11111111-1")
+    luis = pacs.add_patient("SOTO^LUIS", "22222222-2")
+    ana_studies = [pacs.add_study(ana, updated_time=LONG_AGO) for _ in range(2)]
+    luis_studies = [pacs.add_study(luis, updated_time=LONG_AGO) for _ in range(3)]
+    return ana, luis, ana_studies, luis_studies
+
+
+def test_patient_name_edit_is_sent_again_after_reconcile_and_only_those(pacs, service, configs):
+    ana, _, ana_studies, _ = _two_patients_with_studies(pacs)
+    assert client.main(["initial", *configs]) == 0
+    service.clear()
+    # dcm4chee corrects the name: patient row only, study rows untouched.
+    pacs.execute(
+        "UPDATE patient SET pat_name = 'ROJAS^ANA MARÍA', updated_time = NOW() WHERE pk = %s",
+        (ana,),
+    )
+    assert client.main(configs) == 0
+    assert service.received == []  # the tick cannot see it: no study row changed
+    assert client.main(["reconcile", *configs]) == 0
+    assert client.main(configs) == 0
+    assert service.study_pks() == ana_studies
+    assert {d["patient_name"] for d in service.documents} == {"ROJAS^ANA MARÍA"}
+
+
+def test_merged_patients_studies_arrive_with_the_dominant_patient(pacs, service, configs):
+    ana, luis, ana_studies, luis_studies = _two_patients_with_studies(pacs)
+    assert client.main(["initial", *configs]) == 0
+    service.clear()
+    # Merge: LUIS was a duplicate of ANA; his studies move, he gets merge_fk.
+    pacs.execute("UPDATE study SET patient_fk = %s WHERE patient_fk = %s", (ana, luis))
+    pacs.execute("UPDATE patient SET merge_fk = %s WHERE pk = %s", (ana, luis))
+    assert client.main(["reconcile", *configs]) == 0
+    assert client.main(configs) == 0
+    assert service.study_pks() == luis_studies
+    for document in service.documents:
+        assert (document["patient_pk"], document["patient_id"], document["patient_name"]) == (
+            ana,
+            "11111111-1",
+            "ROJAS^ANA",
+        )
+
+
+def test_deleted_study_sends_delete_when_enabled(pacs, service, tmp_path):
+    patient = pacs.add_patient()
+    keep, gone = pacs.add_study(patient), pacs.add_study(patient)
+    args = write_configs(tmp_path, pacs.name, service.url, {"send_deletes": True})
+    assert client.main(["initial", *args]) == 0
+    iuid = next(d["study_iuid"] for d in service.documents if d["study_pk"] == gone)
+    service.clear()
+    pacs.execute("DELETE FROM study WHERE pk = %s", (gone,))  # moved to the trash
+    assert client.main(["reconcile", *args]) == 0
+    assert client.main(args) == 0
+    [request] = service.received
+    assert request.method == "DELETE"
+    assert request.path == "/api/v1/register"
+    assert request.headers["X-Api-Key"] == API_KEY
+    assert request.json == {"study_iuid": iuid, "study_pk": gone, "center": "CL-HOSP-01"}
+    assert pacs.queue()[gone]["status"] == "deleted"
+    assert pacs.queue()[keep]["status"] == "sent"
+
+
+def test_delete_answered_404_counts_as_done(pacs, service, tmp_path):
+    study = pacs.add_study(pacs.add_patient())
+    args = write_configs(tmp_path, pacs.name, service.url, {"send_deletes": True})
+    assert client.main(["initial", *args]) == 0
+    pacs.execute("DELETE FROM study WHERE pk = %s", (study,))
+    service.respond = lambda n, r: (404, "unknown study") if r.method == "DELETE" else (201, "")
+    assert client.main(["reconcile", *args]) == 0
+    assert client.main(args) == 0
+    assert pacs.queue()[study]["status"] == "deleted"
+
+
+def test_deleted_study_with_deletes_off_sends_nothing(pacs, service, configs, capsys):
+    study = pacs.add_study(pacs.add_patient())
+    assert client.main(["initial", *configs]) == 0
+    service.clear()
+    pacs.execute("DELETE FROM study WHERE pk = %s", (study,))
+    assert client.main(["reconcile", *configs]) == 0
+    assert "1 gone" in capsys.readouterr().err
+    assert client.main(configs) == 0
+    assert service.attempts == []
+    assert pacs.queue()[study]["status"] == "deleted"
+
+
+def test_study_restored_from_trash_is_sent_again_as_new(pacs, service, configs):
+    study = pacs.add_study(pacs.add_patient(), updated_time=LONG_AGO)
+    assert client.main(["initial", *configs]) == 0
+    row = pacs.query("SELECT * FROM study WHERE pk = %s", (study,))[0]
+    pacs.execute("DELETE FROM study WHERE pk = %s", (study,))
+    assert client.main(["reconcile", *configs]) == 0
+    columns = ", ".join(row)
+    pacs.execute(
+        f"INSERT INTO study ({columns}) VALUES ({', '.join(['%s'] * len(row))})",
+        tuple(row.values()),
+    )
+    service.clear()
+    assert client.main(["reconcile", *configs]) == 0
+    assert client.main(configs) == 0
+    assert service.study_pks() == [study]
+
+
+def test_rewrite_that_changes_no_field_sends_nothing(pacs, service, configs, capsys):
+    study = pacs.add_study(pacs.add_patient())
+    assert client.main(configs) == 0
+    service.clear()
+    pacs.execute(
+        "UPDATE study SET updated_time = NOW() + INTERVAL 1 SECOND, checked_time = NOW()"
+        " WHERE pk = %s",
+        (study,),
+    )
+    capsys.readouterr()
+    assert client.main(configs) == 0
+    assert service.attempts == []
+    assert "enqueued 1, sent 0, unchanged 1" in capsys.readouterr().err
+    assert pacs.queue()[study]["status"] == "sent"
+
+
+def test_stability_window_holds_a_fresh_study_then_releases_it(pacs, service, tmp_path, capsys):
+    args = write_configs(tmp_path, pacs.name, service.url, stable_age_seconds=60)
+    old = pacs.add_study(pacs.add_patient(), updated_time=LONG_AGO)
+    fresh = pacs.add_study(pacs.add_patient())  # still receiving images
+    pacs.execute("CALL indexer_process()")
+    pacs.execute("UPDATE study_service SET status = 'pending' WHERE study_pk = %s", (old,))
+    assert client.main(args) == 0
+    assert service.study_pks() == [old]
+    assert "still pending 1, held 1" in capsys.readouterr().err
+    # Quiet for two minutes now.
+    pacs.execute(
+        "UPDATE study SET updated_time = NOW() - INTERVAL 120 SECOND WHERE pk = %s", (fresh,)
+    )
+    assert client.main(args) == 0
+    assert service.study_pks() == [old, fresh]
+
+
+REPORT = re.compile(
+    r"reconcile (complete|paused): checked (\d+) studies in ([\d.]+) s \((\d+) rows/s, cap (\d+)\)"
+)
+
+
+def test_reconcile_respects_its_rate_cap_and_resumes(pacs, service, tmp_path, capsys):
+    pacs.add_studies(3000)
+    args = write_configs(tmp_path, pacs.name, service.url, reconcile_rows_per_second=1500)
+    assert client.main(["initial", *args]) == 0
+    capsys.readouterr()
+
+    assert client.main(["reconcile", "--limit", "1000", *args]) == 0
+    state, checked, _, _, _ = REPORT.search(capsys.readouterr().err).groups()
+    assert (state, int(checked)) == ("paused", 1000)
+    assert pacs.query("SELECT cursor_pk FROM study_service WHERE study_pk = -2")[0]["cursor_pk"]
+
+    assert client.main(["reconcile", *args]) == 0
+    err = capsys.readouterr().err
+    state, checked, seconds, rate, cap = REPORT.search(err).groups()
+    assert (state, int(checked), int(cap)) == ("complete", 2000, 1500)
+    assert int(rate) <= 1500 * 1.2  # measured by reconcile itself
+    assert float(seconds) >= 2000 / 1500 * 0.8
+    assert "0 changed and enqueued, 0 gone" in err
+    assert not pacs.query("SELECT * FROM study_service WHERE study_pk = -2")
+
+
+def test_reconcile_leaves_studies_never_sent_by_this_client_alone(pacs, service, configs, capsys):
+    """After an upgrade, the original client's studies have no fingerprint."""
+    pacs.add_studies(4)
+    # As add_indexer.sql leaves an upgraded site: the cursor past its studies.
+    pacs.execute(
+        "UPDATE study_service SET cursor_pk = (SELECT MAX(pk) FROM study) WHERE study_pk = 0"
+    )
+    assert client.main(["reconcile", *configs]) == 0
+    assert "4 never sent by this client" in capsys.readouterr().err
+    assert client.main(configs) == 0
+    assert service.attempts == []
+
+
+def test_status_json_counts_deletions(pacs, service, tmp_path, capsys):
+    study = pacs.add_study(pacs.add_patient())
+    args = write_configs(tmp_path, pacs.name, service.url, {"send_deletes": True})
+    assert client.main(["initial", *args]) == 0
+    pacs.execute("DELETE FROM study WHERE pk = %s", (study,))
+    service.respond = lambda n, r: (503, "down")
+    client.main(["reconcile", *args])
+    assert client.main(args) == client.EXIT_DELIVERY
+    capsys.readouterr()
+    client.main(["status", "--json", *args])
+    assert json.loads(capsys.readouterr().out)["counts"]["deleting"] == 1
