@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import ipaddress
 import json
 import logging
+import logging.handlers
 import os
 import random
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -133,6 +136,9 @@ class Settings:
     send_deletes: bool = False
     stable_age_seconds: int = 0
     reconcile_rows_per_second: int = 2000
+    metrics_file: Path | None = None
+    log_file: Path | None = None
+    warnings: tuple[str, ...] = ()  # found while loading; logged once per run
 
 
 _MISSING = object()
@@ -174,6 +180,28 @@ class _Fields:
             raise self._error(name, "is empty")
         return value
 
+    def secret_file(self, name: str) -> str | None:
+        """The first line of the file that `name` points at, for sites that keep
+        secrets out of the JSON files."""
+        path = self.text(name, default=None)
+        if path is None:
+            return None
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._error(name, f"cannot be read: {exc.strerror or exc}") from None
+        return lines[0].strip() if lines else ""
+
+    def file_path(self, name: str) -> Path | None:
+        value = self.text(name, default=None)
+        return None if value is None else Path(value)
+
+    def readable_by_others(self) -> bool:
+        try:
+            return bool(self.path.stat().st_mode & 0o044)
+        except OSError:
+            return False
+
     def flag(self, name: str, default: bool) -> bool:
         value = self.data.get(name, default)
         if not isinstance(value, bool):
@@ -205,12 +233,19 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
     db = _Fields(config_path)
     server = _Fields(server_path)
 
+    # Secrets: the environment, then a file of their own, then the JSON file.
     password = os.environ.get(ENV_DB_PASSWORD)
     if password is None:
+        password = db.secret_file("password_file")
+    if password is None:
         password = db.text("password", default="", allow_empty=True)
-    key = os.environ.get(ENV_KEY) or server.text("key", default=_MISSING)
+    key = os.environ.get(ENV_KEY) or server.secret_file("key_file")
+    if not key:
+        key = server.text("key", default="", allow_empty=True)
     if not key.strip():
-        raise ConfigError(f"{server_path}: field 'key' is empty (or set {ENV_KEY})")
+        raise ConfigError(
+            f"{server_path}: field 'key' is missing or empty (or set key_file, or {ENV_KEY})"
+        )
 
     url = server.text("webservice_url")
     if not url.startswith(("http://", "https://")):
@@ -220,6 +255,22 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
     ca_bundle = server.text("ca_bundle", default=None)
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         raise ConfigError(f"{server_path}: field 'ca_bundle': file not found: {ca_bundle}")
+
+    warnings = [
+        f"{fields.path} holds the {secret} and other users of this machine can read it;"
+        f" fix: chmod 600 {fields.path}"
+        for fields, secret, name in (
+            (db, "database password", "password"),
+            (server, "API key", "key"),
+        )
+        if fields.data.get(name) and fields.readable_by_others()
+    ]
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("http://") and not _is_loopback(host):
+        warnings.append(
+            f"webservice_url in {server_path} is http:// to {host}: the API key and patient"
+            " data travel unencrypted; use https:// unless this is a private network"
+        )
 
     return Settings(
         db_host=db.text("host", default="localhost"),
@@ -252,9 +303,21 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         reconcile_rows_per_second=db.number(
             "reconcile_rows_per_second", default=2000, minimum=1, maximum=1000000
         ),
+        metrics_file=db.file_path("metrics_file"),
+        log_file=db.file_path("log_file"),
+        warnings=tuple(warnings),
         config_path=config_path,
         server_path=server_path,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------
@@ -662,6 +725,13 @@ class Pacs:
     def finish_reconcile(self) -> None:
         self.query("DELETE FROM study_service WHERE study_pk = %s", (RECONCILE_ROW_PK,))
 
+    def oldest_pending_seconds(self) -> int | None:
+        age = self.query(
+            "SELECT TIMESTAMPDIFF(SECOND, MIN(enqueued_at), NOW(6)) AS age"
+            " FROM study_service WHERE status IN ('pending', 'deleting')"
+        )[0]["age"]
+        return None if age is None else int(age)
+
     def count_pending(self) -> int:
         return int(self.query(COUNT_PENDING)[0]["n"])
 
@@ -669,11 +739,7 @@ class Pacs:
         counts = dict.fromkeys((PENDING, SENT, FAILED, DELETING, DELETED), 0)
         for row in self.query(COUNT_BY_STATUS):
             counts[row["status"]] = int(row["n"])
-        oldest = self.query(
-            "SELECT MIN(enqueued_at) AS t FROM study_service WHERE status = 'pending'"
-        )[0]["t"]
         last_sent = self.query("SELECT MAX(sent_at) AS t FROM study_service")[0]["t"]
-        now = self.query("SELECT NOW() AS t")[0]["t"]
         errors = self.query(
             "SELECT study_pk, status, attempts, last_error FROM study_service"
             " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
@@ -682,7 +748,7 @@ class Pacs:
         initial = self.initial_state()
         return {
             "counts": counts,
-            "oldest_pending_seconds": int((now - oldest).total_seconds()) if oldest else None,
+            "oldest_pending_seconds": self.oldest_pending_seconds(),
             "last_sent_at": _format_datetime(last_sent),
             "initial_load": None
             if initial is None
@@ -988,7 +1054,8 @@ class RunReport:
     gone: int = 0  # found deleted from dcm4chee
     deleted: int = 0  # DELETEs acknowledged
     held: int = 0  # left pending by the stability window
-    pending: int = 0
+    pending: int | None = None  # None: the run never got to count them
+    oldest_pending_seconds: int | None = None
     stopped: str | None = None  # why the run stopped early
     exit_code: int = EXIT_OK
     started: float = field(default_factory=time.monotonic)
@@ -1001,7 +1068,7 @@ class RunReport:
         )
         return (
             f"enqueued {self.enqueued}, sent {self.sent}, unchanged {self.unchanged},"
-            f" failed {self.failed}, still pending {self.pending}{extra},"
+            f" failed {self.failed}, still pending {self.pending or 0}{extra},"
             f" {time.monotonic() - self.started:.1f} s"
         )
 
@@ -1130,7 +1197,16 @@ def deliver_pending(
             if job is None:
                 return
             # Once the run is stopping, studies not yet posted stay pending, untried.
-            answers.put(None if stopping.is_set() else sender.post(*job))
+            if stopping.is_set():
+                answers.put(None)
+                continue
+            outcome, body = job
+            try:
+                sender.post(outcome, body)
+            except Exception as exc:  # a bug: keep the traceback, never hang the run
+                log.exception("study %d: unexpected error while sending", outcome.study_pk)
+                outcome.error = f"internal error: {type(exc).__name__}"
+            answers.put(outcome)
 
     workers = [
         threading.Thread(target=work, name=f"sender-{n}", daemon=True)
@@ -1229,9 +1305,10 @@ def _delete_gone(pacs: Pacs, sender: Sender | None, delivery: _Delivery) -> None
 # --------------------------------------------------------------------------
 
 
-def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool) -> int:
+def run_send(
+    settings: Settings, command: str, limit: int | None, dry_run: bool, report: RunReport
+) -> int:
     """`client.py` (tick), `initial` and `retry-failed`."""
-    report = RunReport()
     pacs = Pacs(settings)
     sender: Sender | None = None
     try:
@@ -1275,6 +1352,7 @@ def run_send(settings: Settings, command: str, limit: int | None, dry_run: bool)
             )
             pending = pacs.count_pending()
         report.pending = pending
+        report.oldest_pending_seconds = pacs.oldest_pending_seconds() if pending else None
         if pacs.finish_initial():
             log.info("initial load complete")
     except pymysql.MySQLError as exc:
@@ -1534,12 +1612,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Prometheus text format, for node_exporter's textfile collector.
+METRICS_HELP = {
+    "last_run_timestamp_seconds": "When the last sending run ended (Unix time).",
+    "last_success_timestamp_seconds": "When a sending run last ended with exit code 0.",
+    "last_run_exit_code": "Exit code of the last sending run (see the README).",
+    "run_duration_seconds": "How long the last sending run took.",
+    "run_studies_sent": "Studies acknowledged by the service in the last run.",
+    "run_studies_failed": "Studies refused by the service (4xx) in the last run.",
+    "studies_pending": "Studies waiting to be sent after the last run.",
+    "oldest_pending_age_seconds": "Age of the oldest study waiting to be sent.",
+}
+
+
+def write_metrics(path: Path, report: RunReport, exit_code: int) -> None:
+    """Writes the run's metrics atomically (temporary file, then rename), as
+    the textfile collector requires; a failure to write costs only a warning."""
+    name = "dicom_indexer_last_success_timestamp_seconds"
+    last_success = None
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith(name + " "):
+                last_success = float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    now = time.time()
+    values = {
+        "last_run_timestamp_seconds": now,
+        "last_success_timestamp_seconds": now if exit_code == EXIT_OK else last_success,
+        "last_run_exit_code": exit_code,
+        "run_duration_seconds": round(time.monotonic() - report.started, 3),
+        "run_studies_sent": report.sent,
+        "run_studies_failed": report.failed,
+        "studies_pending": report.pending,
+        "oldest_pending_age_seconds": report.oldest_pending_seconds or 0
+        if report.pending is not None
+        else None,
+    }
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        lines += [
+            f"# HELP dicom_indexer_{key} {METRICS_HELP[key]}",
+            f"# TYPE dicom_indexer_{key} gauge",
+            f"dicom_indexer_{key} {value:g}"
+            if isinstance(value, float)
+            else f"dicom_indexer_{key} {value}",
+        ]
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        log.warning("cannot write metrics_file %s: %s", path, exc.strerror or exc)
+
+
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 5
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def _add_log_file(path: Path, verbose: bool) -> None:
+    """Also log to a file, rotated by the logging library (10 MB x 5)."""
+    try:
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
+        )
+    except OSError as exc:
+        log.warning("cannot open log_file %s: %s", path, exc.strerror or exc)
+        return
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.addHandler(handler)
+    # The file keeps the INFO summary even when -q silences the terminal.
+    log.setLevel(min(log.level, handler.level))
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    for old in log.handlers:
+        old.close()
     log.handlers[:] = [handler]
     log.propagate = False
-    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    log.setLevel(handler.level)
     # urllib3 warns on every retry; the run's own summary says what matters.
     logging.getLogger("urllib3").setLevel(logging.WARNING if verbose else logging.ERROR)
 
@@ -1553,19 +1711,39 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         settings = load_settings(args.config, args.server)
-        if args.command == "status":
-            return run_status(settings, args.json)
-        if args.command == "check":
-            return run_check(settings)
-        if args.command == "reconcile":
-            return run_reconcile(settings, args.limit)
-        return run_send(settings, args.command, args.limit, args.dry_run)
-    except IndexerError as exc:
+    except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    if settings.log_file:
+        _add_log_file(settings.log_file, args.verbose)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    report = RunReport()
+    sending = args.command in ("run", "initial", "retry-failed") and not args.dry_run
+    exit_code = EXIT_OK
+    try:
+        if args.command == "status":
+            exit_code = run_status(settings, args.json)
+        elif args.command == "check":
+            exit_code = run_check(settings)
+        elif args.command == "reconcile":
+            exit_code = run_reconcile(settings, args.limit)
+        else:
+            exit_code = run_send(settings, args.command, args.limit, args.dry_run, report)
+    except LockedError as exc:
+        # Standing aside is routine (cron while a long initial runs): INFO,
+        # so that -q keeps cron quiet, and no metrics: the other run writes them.
+        log.info("%s", exc)
+        return exc.exit_code
+    except IndexerError as exc:
+        log.error("%s", exc)
+        exit_code = exc.exit_code
     except KeyboardInterrupt:
         log.error("interrupted; what was acknowledged is recorded, the rest stays pending")
-        return EXIT_INTERRUPTED
+        exit_code = EXIT_INTERRUPTED
+    if sending and settings.metrics_file:
+        write_metrics(settings.metrics_file, report, exit_code)
+    return exit_code
 
 
 if __name__ == "__main__":

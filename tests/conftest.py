@@ -327,8 +327,9 @@ def write_configs(
     # Fast retries: the behaviour is the same as with the defaults, only quicker.
     server.update({"backoff_seconds": 0.01, "connect_timeout_seconds": 2})
     server.update(server_extra or {})
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "server.json").write_text(json.dumps(server))
+    for name, data in (("config.json", config), ("server.json", server)):
+        (directory / name).write_text(json.dumps(data))
+        (directory / name).chmod(0o600)  # as the README tells administrators
     return ["--config", str(directory / "config.json"), "--server", str(directory / "server.json")]
 
 

@@ -1,0 +1,65 @@
+-- DICOM Indexer: a dedicated MySQL user with only what the client needs.
+--
+-- Run it in the PACS database after extras/add_indexer.sql, as an
+-- administrator, having chosen the password first:
+--
+--   $ mysql -u root -p pacsdb
+--   mysql> SET @indexer_password = 'a-long-random-password';
+--   mysql> SOURCE /srv/dicom-indexer/extras/grant_indexer.sql
+--
+-- Optionally, before SOURCE: SET @indexer_user = 'dicom_indexer';
+-- SET @indexer_host = 'localhost';  (the host the client connects from)
+-- Safe to run again: it sets the password and grants again.
+-- Needs MySQL 5.7.6+ or MariaDB 10.2+ (CREATE USER IF NOT EXISTS, ALTER USER);
+-- on MySQL 5.6, create the user by hand and run only the GRANT statements.
+--
+-- What the user gets, and why:
+--   SELECT on the study columns the documents and versions are made of
+--   SELECT on patient pk, pat_id and pat_name (never the other columns)
+--   SELECT, INSERT, UPDATE, DELETE on study_service, the indexer's own table
+--   EXECUTE on indexer_process, which runs with its definer's rights
+-- Nothing else: no study_attrs, no write to any dcm4chee table.
+
+SET @indexer_user = IFNULL(@indexer_user, 'dicom_indexer');
+SET @indexer_host = IFNULL(@indexer_host, 'localhost');
+SET @indexer_account = CONCAT(QUOTE(@indexer_user), '@', QUOTE(@indexer_host));
+
+-- Without a password, stop here with an error that says so.
+SET @indexer_sql = IF(IFNULL(@indexer_password, '') = '',
+  'SELECT 1 FROM set_indexer_password_before_running_grant_indexer_sql',
+  'DO 0');
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+SET @indexer_sql = CONCAT('CREATE USER IF NOT EXISTS ', @indexer_account);
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+SET @indexer_sql = CONCAT('ALTER USER ', @indexer_account, ' IDENTIFIED BY ',
+                          QUOTE(@indexer_password));
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+SET @indexer_sql = CONCAT('GRANT SELECT (pk, patient_fk, study_iuid, study_datetime,',
+  ' study_desc, mods_in_study, num_series, num_instances, updated_time)',
+  ' ON study TO ', @indexer_account);
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+SET @indexer_sql = CONCAT('GRANT SELECT (pk, pat_id, pat_name) ON patient TO ',
+                          @indexer_account);
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+SET @indexer_sql = CONCAT('GRANT SELECT, INSERT, UPDATE, DELETE ON study_service TO ',
+                          @indexer_account);
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+SET @indexer_sql = CONCAT('GRANT EXECUTE ON PROCEDURE indexer_process TO ',
+                          @indexer_account);
+PREPARE indexer_stmt FROM @indexer_sql;
+EXECUTE indexer_stmt;
+
+DEALLOCATE PREPARE indexer_stmt;
+SET @indexer_password = NULL;
