@@ -389,8 +389,10 @@ RECORD_FAILURE = (
     " WHERE study_pk = %s"
 )
 
-# Table, column or procedure missing: add_indexer.sql was not (re)run here.
-MISSING_OBJECT_ERRORS = (1146, 1054, 1305)
+# Table, column or procedure missing (or not granted): add_indexer.sql or
+# grant_indexer.sql was not (re)run here.
+MISSING_OBJECT_ERRORS = (1146, 1054, 1305, 1370, 1142, 1143)
+GRANT_HINT = "; if the indexer's own user lacks it, run extras/grant_indexer.sql (see README)"
 
 # reconcile: a page of the archive with what its documents need and what the
 # service acknowledged for each; then the queue rows of that pk range whose
@@ -1057,6 +1059,7 @@ class RunReport:
     pending: int | None = None  # None: the run never got to count them
     oldest_pending_seconds: int | None = None
     stopped: str | None = None  # why the run stopped early
+    last_error: str | None = None  # the last delivery failure, for the summary
     exit_code: int = EXIT_OK
     started: float = field(default_factory=time.monotonic)
 
@@ -1137,6 +1140,7 @@ class _Delivery:
         else:
             self.consecutive_failures += 1
             report.undelivered += 1
+            report.last_error = outcome.error
             if self.consecutive_failures >= settings.max_consecutive_failures:
                 report.stopped = report.stopped or (
                     f"{self.consecutive_failures} studies in a row could not be delivered,"
@@ -1358,6 +1362,9 @@ def run_send(
     except pymysql.MySQLError as exc:
         if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
             pacs.check_installed()  # raises the error that names the fix
+            raise DatabaseError(
+                f"database error on {pacs.where}: {_mysql_message(exc)}{GRANT_HINT}"
+            ) from None
         raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
     finally:
         if sender is not None:
@@ -1372,7 +1379,11 @@ def run_send(
             report.failed,
         )
     if report.exit_code == EXIT_DELIVERY and not report.stopped:
-        log.error("%d studies could not be delivered and stay pending", report.undelivered)
+        log.error(
+            "%d studies could not be delivered and stay pending; last error: %s",
+            report.undelivered,
+            report.last_error,
+        )
     (log.info if report.exit_code == EXIT_OK else log.error)("%s", report.summary())
     return report.exit_code
 
@@ -1451,6 +1462,9 @@ def run_reconcile(settings: Settings, limit: int | None) -> int:
     except pymysql.MySQLError as exc:
         if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
             pacs.check_installed()
+            raise DatabaseError(
+                f"database error on {pacs.where}: {_mysql_message(exc)}{GRANT_HINT}"
+            ) from None
         raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
     finally:
         pacs.close()
@@ -1656,7 +1670,7 @@ def write_metrics(path: Path, report: RunReport, exit_code: int) -> None:
         lines += [
             f"# HELP dicom_indexer_{key} {METRICS_HELP[key]}",
             f"# TYPE dicom_indexer_{key} gauge",
-            f"dicom_indexer_{key} {value:g}"
+            f"dicom_indexer_{key} {value:.3f}"
             if isinstance(value, float)
             else f"dicom_indexer_{key} {value}",
         ]

@@ -68,6 +68,14 @@ INSERT IGNORE INTO study_service
   (study_pk, status, study_updated_time, cursor_pk, enqueued_at)
 VALUES (0, 'cursor', NOW(), @indexer_max_pk, NOW());
 
+-- Dropping the procedure drops the EXECUTE granted on it (grant_indexer.sql):
+-- remember who had it, to grant it again below.
+SET @indexer_grantees = (
+  SELECT GROUP_CONCAT(CONCAT(QUOTE(User), '@', QUOTE(Host)))
+    FROM mysql.procs_priv
+   WHERE Db = DATABASE() AND Routine_name = 'indexer_process'
+     AND Routine_type = 'PROCEDURE');
+
 DROP PROCEDURE IF EXISTS indexer_process;
 
 DELIMITER //
@@ -171,3 +179,9 @@ BEGIN
 END//
 
 DELIMITER ;
+
+SET @indexer_sql = IF(@indexer_grantees IS NULL, 'DO 0',
+  CONCAT('GRANT EXECUTE ON PROCEDURE indexer_process TO ', @indexer_grantees));
+PREPARE indexer_grant FROM @indexer_sql;
+EXECUTE indexer_grant;
+DEALLOCATE PREPARE indexer_grant;

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema.sql"
 INDEXER_SQL = ROOT / "extras" / "add_indexer.sql"
+GRANT_SQL = ROOT / "extras" / "grant_indexer.sql"
 
 DB_HOST = os.environ.get("DICOM_INDEXER_TEST_DB_HOST", "127.0.0.1")
 DB_PORT = int(os.environ.get("DICOM_INDEXER_TEST_DB_PORT", "3306"))
@@ -57,17 +58,14 @@ def mysql_client() -> str:
     pytest.skip("no mysql command-line client on PATH")
 
 
-def run_sql_file(database: str, path: Path) -> subprocess.CompletedProcess:
+def run_sql_file(database: str, path: Path, init: str | None = None) -> subprocess.CompletedProcess:
     """`mysql DBNAME < file`, exactly as the README tells an administrator."""
     env = dict(os.environ, MYSQL_PWD=DB_PASSWORD)
+    command = [mysql_client(), "-h", DB_HOST, "-P", str(DB_PORT), "-u", DB_USER, database]
+    if init:
+        command.append(f"--init-command={init}")
     with open(path, "rb") as stdin:
-        return subprocess.run(
-            [mysql_client(), "-h", DB_HOST, "-P", str(DB_PORT), "-u", DB_USER, database],
-            stdin=stdin,
-            capture_output=True,
-            env=env,
-            check=False,
-        )
+        return subprocess.run(command, stdin=stdin, capture_output=True, env=env, check=False)
 
 
 def install(database: str, path: Path = INDEXER_SQL) -> None:
@@ -177,12 +175,29 @@ def create_database(charset: str = "utf8") -> str:
         cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET {charset}")
     install(name, SCHEMA_SQL)
     install(name)
+    grant_indexer_user(name)
     return name
 
 
 def drop_database(name: str) -> None:
     with connect() as conn, conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+# The client runs as the least-privilege user that extras/grant_indexer.sql
+# creates, so a privilege the script forgot fails a test. One user per test
+# session, with access to the session's databases only.
+INDEXER_USER = f"dit_{uuid.uuid4().hex[:10]}"
+INDEXER_PASSWORD = f"pw-{uuid.uuid4().hex}"
+
+
+def grant_indexer_user(database: str) -> None:
+    init = (
+        f"SET @indexer_user = '{INDEXER_USER}', @indexer_host = '%',"
+        f" @indexer_password = '{INDEXER_PASSWORD}'"
+    )
+    result = run_sql_file(database, GRANT_SQL, init=init)
+    assert result.returncode == 0, result.stderr.decode()
 
 
 @pytest.fixture(scope="session")
@@ -194,6 +209,8 @@ def database_name() -> Any:
     name = create_database("utf8")
     yield name
     drop_database(name)
+    with connect() as conn, conn.cursor() as cur:
+        cur.execute(f"DROP USER IF EXISTS '{INDEXER_USER}'@'%'")
 
 
 @pytest.fixture
@@ -205,6 +222,7 @@ def pacs(database_name: str) -> Any:
         db.execute(f"TRUNCATE TABLE {table}")
     db.execute("SET FOREIGN_KEY_CHECKS = 1")
     install(database_name)
+    grant_indexer_user(database_name)  # some tests drop the procedure, and its grant
     yield db
     db.close()
 
@@ -318,8 +336,8 @@ def write_configs(
     config = {
         "host": DB_HOST,
         "port": str(DB_PORT),
-        "user": DB_USER,
-        "password": DB_PASSWORD,
+        "user": INDEXER_USER,
+        "password": INDEXER_PASSWORD,
         "database": database,
     }
     config.update(db_extra)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import API_KEY, DB_PASSWORD, ROOT, write_configs
+from conftest import API_KEY, INDEXER_PASSWORD, ROOT, write_configs
 
 import client
 
@@ -78,7 +78,7 @@ def test_key_and_password_from_environment(tmp_path, pacs, service, configs, mon
     _write(tmp_path, configs, "server.json", {"key": KeyError})
     _write(tmp_path, configs, "config.json", {"password": "wrong"})
     monkeypatch.setenv("DICOM_INDEXER_KEY", "from-env")
-    monkeypatch.setenv("DICOM_INDEXER_DB_PASSWORD", DB_PASSWORD)
+    monkeypatch.setenv("DICOM_INDEXER_DB_PASSWORD", INDEXER_PASSWORD)
     assert client.main(["initial", *configs]) == 0
     assert service.received[0].headers["X-Api-Key"] == "from-env"
 

@@ -4,13 +4,19 @@ kill -9, two runs at once, and the administrator's commands."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import API_KEY, DB_PASSWORD, ROOT, CentralService, free_port, write_configs
+from conftest import (
+    API_KEY,
+    INDEXER_PASSWORD,
+    ROOT,
+    CentralService,
+    free_port,
+    write_configs,
+)
 
 import client
 
@@ -237,7 +243,6 @@ def test_limit_sends_at_most_n(pacs, service, configs):
 
 def test_secrets_never_appear_even_verbose(pacs, service, tmp_path):
     pacs.add_studies(4)
-    os.environ.setdefault("MYSQL_PWD", DB_PASSWORD)
     args = write_configs(tmp_path, pacs.name, service.url)
     service.respond = lambda n, r: (503, "down") if n % 2 else (201, "{}")
     outputs = []
@@ -250,4 +255,5 @@ def test_secrets_never_appear_even_verbose(pacs, service, tmp_path):
         outputs.append(result.stdout + result.stderr)
     text = "\n".join(outputs)
     assert API_KEY not in text
+    assert INDEXER_PASSWORD not in text
     assert "PACIENTE" not in text

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import re
 
+import conftest
+import pymysql
 import pytest
-from conftest import INDEXER_SQL, LONG_AGO, PacsDb, create_database, drop_database, install
+from conftest import (
+    INDEXER_SQL,
+    LONG_AGO,
+    PacsDb,
+    create_database,
+    drop_database,
+    grant_indexer_user,
+    install,
+)
 
 import client
 
@@ -55,6 +65,29 @@ def test_install_twice_keeps_data_and_leaves_dcm4chee_tables_alone(fresh_db, ser
     assert tables == {"patient", "study", "series", "study_service"}
 
 
+def test_reinstall_keeps_the_indexer_users_execute_grant(pacs):
+    """add_indexer.sql drops and recreates the procedure, which drops its grants."""
+    from conftest import INDEXER_PASSWORD, INDEXER_USER, connect
+
+    install(pacs.name)
+    with connect(pacs.name) as root, root.cursor() as cur:
+        cur.execute("SELECT 1")
+    user = pymysql.connect(
+        host=conftest.DB_HOST,
+        port=conftest.DB_PORT,
+        user=INDEXER_USER,
+        password=INDEXER_PASSWORD,
+        database=pacs.name,
+    )
+    with user, user.cursor() as cur:
+        cur.execute("CALL indexer_process()")
+        assert cur.fetchone() == (0,)
+        with pytest.raises(pymysql.err.OperationalError, match="1143|1142"):
+            cur.execute("SELECT study_attrs FROM study")
+        with pytest.raises(pymysql.err.OperationalError, match="1142"):
+            cur.execute("UPDATE study SET num_series = 0")
+
+
 ORIGINAL_CLIENT_SQL = """
 CREATE TABLE study_service (study_pk INT PRIMARY KEY);
 CREATE TRIGGER indexer_process AFTER INSERT ON study
@@ -78,6 +111,7 @@ def test_upgrade_from_original_client_sends_pending_and_new_not_the_archive(tmp_
         assert sorted(db.queue()) == archive[4:]
 
         install(name)
+        grant_indexer_user(name)  # the README's next step
         assert db.query("SHOW TRIGGERS") == []
         assert {r["status"] for r in db.queue().values()} == {"pending"}
         new = db.add_study(patient)  # no trigger now: indexer_process finds it

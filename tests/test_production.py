@@ -1,0 +1,184 @@
+"""Running it like a production service: TLS with a site's own CA, warnings
+for risky setups, secrets from files, the metrics file, the log file."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+
+import pytest
+from conftest import API_KEY, INDEXER_PASSWORD, CentralService, write_configs
+
+import client
+
+
+@pytest.fixture
+def https_service(tmp_path):
+    """The recording service behind TLS, with a self-signed certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    cert, key = tmp_path / "ca.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    service = CentralService()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    service.server.socket = context.wrap_socket(service.server.socket, server_side=True)
+    service.url = service.url.replace("http://", "https://")
+    service.ca_file = str(cert)
+    yield service
+    service.stop()
+
+
+def test_self_signed_https_refused_without_ca_bundle_accepted_with_it(
+    pacs, https_service, tmp_path, capsys
+):
+    study = pacs.add_study(pacs.add_patient())
+    args = write_configs(tmp_path, pacs.name, https_service.url, {"max_retries": 0})
+    assert client.main(args) == client.EXIT_DELIVERY
+    assert "TLS error" in capsys.readouterr().err
+    assert https_service.received == []
+
+    args = write_configs(
+        tmp_path, pacs.name, https_service.url, {"ca_bundle": https_service.ca_file}
+    )
+    assert client.main(args) == 0
+    assert https_service.study_pks() == [study]
+    assert "webservice_url" not in capsys.readouterr().err  # no http:// warning
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if " WARNING " in line]
+
+
+def test_http_to_another_host_warns_once_loopback_does_not(pacs, service, tmp_path, capsys):
+    # --dry-run: the address is only checked, never contacted.
+    args = write_configs(tmp_path, pacs.name, "http://192.0.2.10/api/v1/register")
+    assert client.main(["--dry-run", *args]) == 0
+    [warning] = _warnings(capsys.readouterr().err)
+    assert "webservice_url in" in warning
+    assert "is http:// to 192.0.2.10: the API key and patient data travel unencrypted" in warning
+
+    args = write_configs(tmp_path, pacs.name, service.url)
+    assert client.main(["--dry-run", *args]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+
+
+def test_config_readable_by_others_warns_with_the_fix(pacs, service, tmp_path, capsys):
+    args = write_configs(tmp_path, pacs.name, service.url)
+    config = tmp_path / "config.json"
+    config.chmod(0o644)
+    assert client.main(["--dry-run", *args]) == 0
+    [warning] = _warnings(capsys.readouterr().err)
+    assert warning.endswith(
+        f"{config} holds the database password and other users of this machine can read it;"
+        f" fix: chmod 600 {config}"
+    )
+    config.chmod(0o600)
+    assert client.main(["--dry-run", *args]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+
+
+def test_key_and_password_from_files(pacs, service, tmp_path):
+    pacs.add_study(pacs.add_patient())
+    (tmp_path / "key").write_text("key-from-file\n")
+    (tmp_path / "db-password").write_text(INDEXER_PASSWORD + "\n")
+    args = write_configs(
+        tmp_path,
+        pacs.name,
+        service.url,
+        {"key": "", "key_file": str(tmp_path / "key")},
+        password="",
+        password_file=str(tmp_path / "db-password"),
+    )
+    assert client.main(args) == 0
+    assert service.received[0].headers["X-Api-Key"] == "key-from-file"
+
+
+def _metrics(path):
+    values = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            name, value = line.split()
+            values[name.replace("dicom_indexer_", "")] = float(value)
+    return values
+
+
+def test_metrics_file_shows_last_success_and_pending(pacs, service, tmp_path):
+    metrics = tmp_path / "dicom_indexer.prom"
+    args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
+    pacs.add_studies(3)
+    assert client.main(args) == 0
+    first = _metrics(metrics)
+    assert first["last_run_exit_code"] == 0
+    assert first["last_success_timestamp_seconds"] == first["last_run_timestamp_seconds"]
+    assert (first["run_studies_sent"], first["studies_pending"]) == (3, 0)
+    assert "# TYPE dicom_indexer_studies_pending gauge" in metrics.read_text()
+
+    service.respond = lambda n, r: (503, "down")
+    pacs.add_studies(2)
+    assert client.main(args) == client.EXIT_DELIVERY
+    second = _metrics(metrics)
+    assert second["last_run_exit_code"] == client.EXIT_DELIVERY
+    assert second["last_success_timestamp_seconds"] == first["last_success_timestamp_seconds"]
+    assert second["last_run_timestamp_seconds"] > first["last_run_timestamp_seconds"]
+    assert second["studies_pending"] == 2
+    assert second["oldest_pending_age_seconds"] >= 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_log_file_keeps_the_summary_even_when_quiet(pacs, service, tmp_path, capsys):
+    log_file = tmp_path / "indexer.log"
+    args = write_configs(tmp_path, pacs.name, service.url, log_file=str(log_file))
+    pacs.add_study(pacs.add_patient("SECRETO^NOMBRE"))
+    assert client.main(["-q", *args]) == 0
+    assert capsys.readouterr().err == ""
+    text = log_file.read_text()
+    assert "INFO enqueued 1, sent 1" in text
+    assert API_KEY not in text and INDEXER_PASSWORD not in text and "SECRETO" not in text
+
+
+def test_lock_conflict_is_silent_with_quiet(pacs, service, configs, capsys):
+    holder = pacs.conn
+    with holder.cursor() as cur:
+        cur.execute("SELECT GET_LOCK(%s, 0)", (f"dicom_indexer.{pacs.name}",))
+    try:
+        assert client.main(["-q", *configs]) == client.EXIT_LOCKED
+        assert capsys.readouterr().err == ""
+        assert client.main(configs) == client.EXIT_LOCKED
+        assert "this run stands aside" in capsys.readouterr().err
+    finally:
+        with holder.cursor() as cur:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (f"dicom_indexer.{pacs.name}",))
+
+
+def test_systemd_units_run_the_quiet_client_every_five_minutes():
+    from conftest import ROOT
+
+    service = (ROOT / "extras" / "dicom-indexer.service").read_text()
+    timer = (ROOT / "extras" / "dicom-indexer.timer").read_text()
+    assert "Type=oneshot" in service
+    assert "client.py -q" in service
+    assert "OnCalendar=*:0/5" in timer
+    assert "Persistent=true" in timer
