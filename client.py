@@ -1096,6 +1096,16 @@ class _NoProgress:
         pass
 
 
+def max_resent_after_crash(concurrency: int) -> int:
+    """The README's bound on studies posted twice after a crash (kill -9).
+
+    Acknowledgements are written once ACK_FLUSH_ROWS of them are buffered (or
+    every ACK_FLUSH_SECONDS); between two writes the main thread collects at
+    most the 3 x concurrency studies that can be queued or in a worker.
+    """
+    return ACK_FLUSH_ROWS + 3 * concurrency
+
+
 class _Delivery:
     """The bookkeeping of one sending run: outcomes in, acknowledgements out."""
 
@@ -1181,8 +1191,7 @@ def deliver_pending(
     The main thread reads pages, builds documents and writes acknowledgements
     while `concurrency` worker threads wait on HTTP, so the database work
     overlaps the network. A study is marked sent only after a 2xx; after a
-    crash, at most the studies in flight (2 x concurrency) plus one unflushed
-    batch of acknowledgements (ACK_FLUSH_ROWS) are posted again.
+    crash, at most max_resent_after_crash() studies are posted again.
     """
     import queue
     import threading

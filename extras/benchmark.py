@@ -346,6 +346,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
 
+            for secret_file in ("config.json", "server.json"):
+                (config_dir / secret_file).chmod(0o600)
+
             print("PACS probe alone (baseline) ...", file=sys.stderr)
             probe = PacsLoadProbe(args, name)
             probe.start()
