@@ -1,0 +1,68 @@
+"""The mapping layer: one study row -> the document, a pure function."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+
+import client
+
+ROW = {
+    "patient_pk": 7,
+    "pat_id": "12.345.678-5",
+    "pat_name": "MUÑOZ^JOSÉ",
+    "study_pk": 42,
+    "study_iuid": "1.2.3.4",
+    "study_datetime": datetime.datetime(2024, 5, 17, 9, 42, 10),
+    "study_desc": "TC CEREBRO",
+    "mods_in_study": "CT\\SR",
+    "num_series": 3,
+    "num_instances": 254,
+}
+
+
+@pytest.mark.parametrize(
+    "change, key, expected",
+    [
+        ({}, "study_datetime", "2024-05-17 09:42:10"),
+        ({"study_datetime": None}, "study_datetime", None),
+        ({"study_datetime": "0000-00-00 00:00:00"}, "study_datetime", None),
+        (
+            {"study_datetime": datetime.datetime(999, 1, 2, 3, 4, 5)},
+            "study_datetime",
+            "0999-01-02 03:04:05",
+        ),
+        ({"study_datetime": datetime.date(2020, 2, 29)}, "study_datetime", "2020-02-29 00:00:00"),
+        ({}, "study_modality", "CT\\SR"),
+        ({"mods_in_study": None}, "study_modality", None),
+        ({}, "patient_name", "MUÑOZ^JOSÉ"),
+        ({"pat_name": b"PE\xc3\x91A^ANA"}, "patient_name", "PEÑA^ANA"),
+        ({"pat_name": b"PE\xd1A^ANA"}, "patient_name", "PEÑA^ANA"),  # latin-1 bytes
+        ({"patient_pk": None, "pat_id": None, "pat_name": None}, "patient_pk", None),
+        ({}, "study_num_series", 3),
+        ({}, "study_num_instances", 254),
+        ({}, "center", "CL-01"),
+        (
+            {"study_desc": 'COMILLAS "DOBLES" \\ Y\x01CONTROL'},
+            "study_description",
+            'COMILLAS "DOBLES" \\ Y\x01CONTROL',
+        ),
+    ],
+)
+def test_study_document(change, key, expected):
+    document = client.study_document({**ROW, **change}, "CL-01")
+    assert list(document) == list(client.DOCUMENT_KEYS)
+    assert document[key] == expected
+
+
+def test_body_is_ascii_json_that_round_trips():
+    document = client.study_document({**ROW, "study_desc": 'Ñ\x01"\\'}, "CL-01")
+    body = client.encode_document(document)
+    assert body.isascii()
+    assert json.loads(body) == document
+    assert client.document_version(body) == client.document_version(
+        client.encode_document(dict(document))
+    )
+    assert len(client.document_version(body)) == 16
