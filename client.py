@@ -1076,16 +1076,19 @@ class RunReport:
         )
 
 
-def _progress_bar(total: int, desc: str) -> Any:
-    """A tqdm bar on a terminal; a no-op object under cron."""
-    if sys.stderr.isatty() and total:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit=" studies", file=sys.stderr)
-        except ImportError:
-            pass
-    return _NoProgress()
+def _progress_bar(total: int | Callable[[], int], desc: str) -> Any:
+    """A tqdm bar on a terminal; a no-op object under cron. `total` may be a
+    function, called only when a bar is shown (counting a large archive costs)."""
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    count = total() if callable(total) else total
+    if not count:
+        return _NoProgress()
+    return tqdm(total=count, desc=desc, unit=" studies", file=sys.stderr)
 
 
 class _NoProgress:
@@ -1345,7 +1348,7 @@ def run_send(
         state = pacs.initial_state()
         if state is not None and state["status"] == "initial":
             log.info("enqueueing the whole archive (initial load)")
-            bar = _progress_bar(pacs.count_studies(), "enqueueing")
+            bar = _progress_bar(pacs.count_studies, "enqueueing")
             try:
                 report.enqueued += pacs.enqueue_initial(bar.update)
             finally:
@@ -1429,7 +1432,7 @@ def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileRep
         log.info("resuming reconcile after study pk %d", position)
     rate = settings.reconcile_rows_per_second
     page_size = max(1, min(settings.page_size, rate))
-    bar = _progress_bar(pacs.count_studies(), "reconciling")
+    bar = _progress_bar(pacs.count_studies, "reconciling")
     started = time.monotonic()
     try:
         while limit is None or report.checked < limit:
