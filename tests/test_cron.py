@@ -96,3 +96,46 @@ def test_code_compiles_with_python_3_8_when_present():
             text=True,
         )
         assert result.returncode == 0, result.stderr
+
+
+def test_progress_bar_on_a_terminal_only(pacs, service, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    args = write_configs(tmp_path, pacs.name, service.url)
+    pacs.add_studies(30)
+    primary, secondary = pty.openpty()
+    # A real terminal has a size; a new pty has 0 columns and tqdm would draw nothing.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "client.py"), "initial", *args],
+            stderr=secondary,
+            stdout=subprocess.PIPE,
+            timeout=60,
+        )
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed: all read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+    terminal = b"".join(chunks).decode("utf-8", "replace")
+    assert result.returncode == 0
+    assert "enqueueing: 100%" in terminal
+    assert "sending: 100%" in terminal
+    assert "30/30" in terminal
+
+    service.clear()
+    quiet = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "initial", *args], capture_output=True, text=True
+    )
+    assert "%|" not in quiet.stderr  # no bar when stderr is a file or a pipe (cron)
