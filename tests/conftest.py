@@ -154,6 +154,14 @@ class PacsDb:
             (instances, mods, study_pk),
         )
 
+    def archive_predates_install(self) -> None:
+        """As add_indexer.sql leaves a site whose studies were there before it:
+        the tick's cursor past them, so only `initial` sends them."""
+        self.execute(
+            "UPDATE study_service SET cursor_pk = (SELECT MAX(pk) FROM study),"
+            " study_updated_time = NOW() WHERE study_pk = 0"
+        )
+
     def queue(self) -> dict[int, dict[str, Any]]:
         rows = self.query("SELECT * FROM study_service WHERE study_pk > 0")
         return {row["study_pk"]: row for row in rows}

@@ -176,10 +176,7 @@ def test_reconcile_respects_its_rate_cap_and_resumes(pacs, service, tmp_path, ca
 def test_reconcile_leaves_studies_never_sent_by_this_client_alone(pacs, service, configs, capsys):
     """After an upgrade, the original client's studies have no fingerprint."""
     pacs.add_studies(4)
-    # As add_indexer.sql leaves an upgraded site: the cursor past its studies.
-    pacs.execute(
-        "UPDATE study_service SET cursor_pk = (SELECT MAX(pk) FROM study) WHERE study_pk = 0"
-    )
+    pacs.archive_predates_install()
     assert client.main(["reconcile", *configs]) == 0
     assert "4 never sent by this client" in capsys.readouterr().err
     assert client.main(configs) == 0

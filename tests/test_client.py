@@ -184,6 +184,7 @@ def test_initial_interrupted_while_enqueueing_is_finished_by_the_next_initial(
     pacs, service, configs
 ):
     pks = pacs.add_studies(30)
+    pacs.archive_predates_install()
     # As if a first `initial` died after enqueueing the first 10 studies.
     pacs.execute(
         "INSERT INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
@@ -210,7 +211,8 @@ def test_tick_after_initial_enqueues_nothing(pacs, service, configs):
 
 
 def test_summary_line_and_no_secrets_or_names(pacs, service, configs, capsys):
-    pacs.add_study(pacs.add_patient("SECRETO^NOMBRE"))
+    pacs.add_study(pacs.add_patient("SECRETO^NOMBRE"), updated_time=LONG_AGO)
+    pacs.archive_predates_install()
     assert client.main(["initial", "-v", *configs]) == 0
     err = capsys.readouterr().err
     assert "INFO enqueued 1, sent 1, unchanged 0, failed 0, still pending 0, " in err

@@ -130,7 +130,6 @@ def test_progress_bar_on_a_terminal_only(pacs, service, tmp_path):
         os.close(primary)
     terminal = b"".join(chunks).decode("utf-8", "replace")
     assert result.returncode == 0
-    assert "enqueueing: 100%" in terminal
     assert "sending: 100%" in terminal
     assert "30/30" in terminal
 

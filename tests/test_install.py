@@ -164,7 +164,7 @@ TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": (client.SELECT_PENDING_PAGE, (0, 1000)),
+    "pending page": (client.SELECT_PENDING_PAGE, (0, client.MAX_PK, 1000)),
     "pending count": (client.COUNT_PENDING, None),
     "initial state": (
         "SELECT enqueued_at AS started, cursor_pk AS position, status"
