@@ -918,7 +918,8 @@ def _retry_policy(settings: Settings) -> Any:
     methods = frozenset({"POST", "DELETE", "GET"})
     try:
         return BoundedRetry(allowed_methods=methods, **options)
-    except TypeError:  # urllib3 < 1.26 calls it method_whitelist
+    except TypeError:  # urllib3 < 1.26: method_whitelist, and no `other`
+        del options["other"]
         return BoundedRetry(method_whitelist=methods, **options)
 
 
