@@ -16,7 +16,8 @@ DROP TRIGGER IF EXISTS indexer_process;
 -- One row per study the indexer knows of, plus bookkeeping rows with
 -- study_pk < 1 (dcm4chee's pks start at 1):
 --   0  'cursor'  where indexer_process resumes: study_updated_time is the
---                updated_time watermark, cursor_pk the highest study pk seen.
+--                updated_time watermark, cursor_pk the highest study pk seen,
+--                enqueued_at when it was last called.
 --   -1 'initial' an unfinished `client.py initial`: enqueued_at is when it
 --                started, cursor_pk the last study pk it enqueued.
 --   -2 'reconcile' an unfinished `client.py reconcile`: cursor_pk the last
@@ -91,8 +92,10 @@ CREATE PROCEDURE indexer_process()
 BEGIN
   -- dcm4chee sets updated_time inside its transaction, not at commit, so a
   -- row can become visible with an updated_time below rows already seen.
-  -- Each call re-reads this many seconds before the watermark.
+  -- Each call re-reads this many seconds: longer than any dcm4chee
+  -- transaction plus the drift between the PACS's and the database's clocks.
   DECLARE safety_window_seconds INT DEFAULT 300;
+  DECLARE last_call DATETIME DEFAULT NULL;
   DECLARE now_time DATETIME DEFAULT NOW();
   DECLARE watermark DATETIME DEFAULT NULL;
   DECLARE highest_pk BIGINT DEFAULT NULL;
@@ -101,6 +104,7 @@ BEGIN
   DECLARE row_pk BIGINT;
   DECLARE row_updated DATETIME;
   DECLARE row_version BINARY(16);
+  DECLARE known_version BINARY(16);
   DECLARE enqueued INT DEFAULT 0;
   DECLARE done INT DEFAULT 0;
   -- Plain (non-locking) reads of study, so dcm4chee's writes never wait on
@@ -108,26 +112,31 @@ BEGIN
   -- carries plus updated_time: updated_time has second precision, and two
   -- rewrites within one second share it but not their counts.
   DECLARE changed_studies CURSOR FOR
-    SELECT recent.pk, recent.updated_time, recent.version
-      FROM (SELECT s.pk, s.updated_time, q.study_version AS enqueued_version,
-                   UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series,
-                       s.num_instances, IFNULL(s.mods_in_study, ''),
-                       IFNULL(s.patient_fk, ''), s.study_iuid,
-                       IFNULL(s.study_datetime, ''),
-                       IFNULL(s.study_desc, '')))) AS version
-              FROM (SELECT pk FROM study WHERE updated_time >= scan_from_time
-                    UNION
-                    -- new rows past the highest pk seen, whatever their
-                    -- updated_time says
-                    SELECT pk FROM study WHERE pk > scan_from_pk) touched
-              JOIN study s ON s.pk = touched.pk
-              LEFT JOIN study_service q ON q.study_pk = s.pk) recent
-     WHERE NOT (recent.enqueued_version <=> recent.version);
+    -- STRAIGHT_JOIN and the forced indexes keep the plan O(changes) whatever
+    -- the statistics say (after a burst of rewrites they lag): the few
+    -- touched pks first, then each study and queue row by primary key.
+    SELECT STRAIGHT_JOIN s.pk, s.updated_time,
+           UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series,
+               s.num_instances, IFNULL(s.mods_in_study, ''),
+               IFNULL(s.patient_fk, ''), s.study_iuid,
+               IFNULL(s.study_datetime, ''),
+               IFNULL(s.study_desc, '')))) AS version,
+           q.study_version AS enqueued_version
+      FROM (SELECT pk FROM study FORCE INDEX (study_updated)
+             WHERE updated_time >= scan_from_time
+            UNION
+            -- new rows past the highest pk seen, whatever their
+            -- updated_time says
+            SELECT pk FROM study FORCE INDEX (PRIMARY)
+             WHERE pk > scan_from_pk) touched
+      JOIN study s ON s.pk = touched.pk
+      LEFT JOIN study_service q ON q.study_pk = s.pk
+    HAVING NOT (enqueued_version <=> version);
   DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1;
 
   START TRANSACTION;
   -- FOR UPDATE serialises two calls at once (two servers on one database).
-  SELECT study_updated_time, cursor_pk INTO watermark, highest_pk
+  SELECT study_updated_time, cursor_pk, enqueued_at INTO watermark, highest_pk, last_call
     FROM study_service WHERE study_pk = 0 FOR UPDATE;
   SET done = 0;
   IF watermark IS NULL THEN
@@ -141,16 +150,22 @@ BEGIN
   IF highest_pk IS NULL THEN
     SET highest_pk = 0;
   END IF;
-  -- A watermark is never ahead of the clock: one study stamped in the future
-  -- (a PACS clock once set wrong) is re-read on each call, a single row, but
-  -- cannot hide the changes of other studies behind it.
-  SET scan_from_time = LEAST(watermark, now_time)
+  -- Two bounds, each enough alone, and the later one is read from:
+  --  * the watermark (highest updated_time seen): a row committed late was
+  --    stamped at most a transaction's length before rows already seen. It is
+  --    never ahead of the clock: one study stamped in the future (a PACS clock
+  --    once set wrong) is re-read on each call, a single row, but cannot hide
+  --    the changes of other studies behind it.
+  --  * the previous call: a row not visible to it was stamped at most a
+  --    transaction's length before it. This one keeps a quiet PACS from
+  --    re-reading its last burst of changes on every call.
+  SET scan_from_time = GREATEST(LEAST(watermark, now_time), IFNULL(last_call, watermark))
                        - INTERVAL safety_window_seconds SECOND;
   SET scan_from_pk = highest_pk;
 
   OPEN changed_studies;
   read_loop: LOOP
-    FETCH changed_studies INTO row_pk, row_updated, row_version;
+    FETCH changed_studies INTO row_pk, row_updated, row_version, known_version;
     IF done THEN
       LEAVE read_loop;
     END IF;
@@ -172,7 +187,8 @@ BEGIN
   END LOOP;
   CLOSE changed_studies;
 
-  UPDATE study_service SET study_updated_time = watermark, cursor_pk = highest_pk
+  UPDATE study_service
+     SET study_updated_time = watermark, cursor_pk = highest_pk, enqueued_at = now_time
    WHERE study_pk = 0;
   COMMIT;
   SELECT enqueued;
