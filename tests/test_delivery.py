@@ -115,8 +115,10 @@ def test_refused_connections_end_the_run_fast_and_lose_nothing(pacs, tmp_path, c
     pks = pacs.add_studies(30)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api/v1/register"
-    # Default retry and failure settings, only a short backoff.
-    args = write_configs(tmp_path, pacs.name, url, {"backoff_seconds": 0.1})
+    # The defaults, as an administrator runs it (the other tests shorten the backoff).
+    args = write_configs(
+        tmp_path, pacs.name, url, {"backoff_seconds": 1, "connect_timeout_seconds": 5}
+    )
     started = time.monotonic()
     assert client.main(["initial", *args]) == client.EXIT_DELIVERY
     assert time.monotonic() - started < 60
