@@ -173,8 +173,8 @@ def test_kill_9_mid_run_is_completed_by_the_next_run(pacs, service, configs):
 
 
 def test_two_runs_at_once_one_stands_aside_and_nothing_is_posted_twice(pacs, service, configs):
-    pks = pacs.add_studies(200)
-    service.delay_seconds = 0.01
+    pks = pacs.add_studies(300)
+    service.delay_seconds = 0.02  # the first run lasts about 1.5 s: the second meets it
     first = _client_process(configs, "initial")
     _wait_until(lambda: len(service.received) >= 10)
     second = _client_process(configs)
