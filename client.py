@@ -142,6 +142,7 @@ class Settings:
     reconcile_rows_per_second: int = 2000
     metrics_file: Path | None = None
     log_file: Path | None = None
+    nice: int = 10
     warnings: tuple[str, ...] = ()  # found while loading; logged once per run
 
 
@@ -307,6 +308,7 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         reconcile_rows_per_second=db.number(
             "reconcile_rows_per_second", default=2000, minimum=1, maximum=1000000
         ),
+        nice=db.number("nice", default=10, minimum=0, maximum=19),
         metrics_file=db.file_path("metrics_file"),
         log_file=db.file_path("log_file"),
         warnings=tuple(warnings),
@@ -1832,6 +1834,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", warning)
     report = RunReport()
     sending = args.command in ("run", "initial", "retry-failed") and not args.dry_run
+    if (sending or args.command == "reconcile") and settings.nice and hasattr(os, "nice"):
+        # On the PACS server, the PACS and its database come first: when the
+        # CPU is short, the scheduler serves them before the indexer.
+        os.nice(settings.nice)
     exit_code = EXIT_OK
     try:
         if args.command == "status":
