@@ -1834,10 +1834,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", warning)
     report = RunReport()
     sending = args.command in ("run", "initial", "retry-failed") and not args.dry_run
-    if (sending or args.command == "reconcile") and settings.nice and hasattr(os, "nice"):
+    if (sending or args.command == "reconcile") and hasattr(os, "nice"):
         # On the PACS server, the PACS and its database come first: when the
         # CPU is short, the scheduler serves them before the indexer.
-        os.nice(settings.nice)
+        current = os.nice(0)
+        if current < settings.nice:
+            os.nice(settings.nice - current)
     exit_code = EXIT_OK
     try:
         if args.command == "status":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import sys
 
 import pytest
 from conftest import API_KEY, INDEXER_PASSWORD, CentralService, write_configs
@@ -182,3 +183,18 @@ def test_systemd_units_run_the_quiet_client_every_five_minutes():
     assert "client.py -q" in service
     assert "OnCalendar=*:0/5" in timer
     assert "Persistent=true" in timer
+
+
+def test_sending_lowers_the_cpu_priority_to_the_nice_setting(pacs, service, tmp_path):
+    args = write_configs(tmp_path, pacs.name, service.url, nice=7)
+    script = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import client;"
+        " code = client.main(sys.argv[2:]); print(os.nice(0)); raise SystemExit(code)"
+    )
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), "-q", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "7"
