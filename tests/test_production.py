@@ -3,6 +3,7 @@ for risky setups, secrets from files, the metrics file, the log file."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
 import subprocess
@@ -197,4 +198,6 @@ def test_sending_lowers_the_cpu_priority_to_the_nice_setting(pacs, service, tmp_
         [sys.executable, "-c", script, str(ROOT), "-q", *args], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "7"
+    # Never raised back: a process already nicer (this one, after in-process
+    # runs of main) stays as it is.
+    assert int(result.stdout) == max(7, os.nice(0))
