@@ -521,6 +521,16 @@ class Pacs:
         if not procedures[0]["n"]:
             raise DatabaseError(f"procedure indexer_process is missing in {self.where}; {fix}")
 
+    def explain(self, exc: pymysql.MySQLError) -> DatabaseError:
+        """One line for a database error met mid-run. A missing table, column
+        or procedure raises check_installed()'s error, which names the fix;
+        a missing privilege points at grant_indexer.sql."""
+        message = f"database error on {self.where}: {_mysql_message(exc)}"
+        if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
+            self.check_installed()
+            return DatabaseError(message + GRANT_HINT)
+        return DatabaseError(message)
+
     def acquire_run_lock(self) -> None:
         """One run at a time per database, across hosts: a MySQL named lock,
         released by the server when this connection ends, even on kill -9."""
@@ -1456,12 +1466,7 @@ def run_send(
         if pacs.finish_initial():
             log.info("initial load complete")
     except pymysql.MySQLError as exc:
-        if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
-            pacs.check_installed()  # raises the error that names the fix
-            raise DatabaseError(
-                f"database error on {pacs.where}: {_mysql_message(exc)}{GRANT_HINT}"
-            ) from None
-        raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
+        raise pacs.explain(exc) from None
     finally:
         if loader is not None:  # leaving on an error: stop reading the archive
             loader.stopping.set()
@@ -1560,12 +1565,7 @@ def run_reconcile(settings: Settings, limit: int | None) -> int:
         pacs.acquire_run_lock()
         result = reconcile(pacs, settings, limit)
     except pymysql.MySQLError as exc:
-        if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
-            pacs.check_installed()
-            raise DatabaseError(
-                f"database error on {pacs.where}: {_mysql_message(exc)}{GRANT_HINT}"
-            ) from None
-        raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
+        raise pacs.explain(exc) from None
     finally:
         pacs.close()
     log.info(
@@ -1590,7 +1590,7 @@ def run_status(settings: Settings, as_json: bool) -> int:
         pacs.check_installed()
         status = pacs.status_report()
     except pymysql.MySQLError as exc:
-        raise DatabaseError(f"database error on {pacs.where}: {_mysql_message(exc)}") from None
+        raise pacs.explain(exc) from None
     finally:
         pacs.close()
     if as_json:
