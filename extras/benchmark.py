@@ -54,6 +54,7 @@ CLIENT = ROOT / "client.py"
 
 INSERT_ROWS_PER_STATEMENT = 5000
 PROBE_INTERVAL_SECONDS = 0.005
+PROBE_SLOW_SECONDS = 0.020  # updates slower than this are listed with their time
 NOOP_REPEATS = 5
 # indexer_process re-reads this much history on every tick (add_indexer.sql):
 # the no-op ticks are measured once the probe's rewrites have left it.
@@ -220,6 +221,19 @@ def build_database(args: argparse.Namespace, name: str) -> float:
     return time.monotonic() - started
 
 
+def reset_database(args: argparse.Namespace, name: str) -> int:
+    """A database kept by an earlier --keep run, as if the indexer had just been
+    installed: saves rebuilding a large archive between two measurements."""
+    with _connect(args, name) as conn, conn.cursor() as cur:
+        cur.execute("SELECT COUNT(*), MAX(pk) FROM study")
+        count, highest = cur.fetchone()
+        if not count or count != highest:
+            sys.exit(f"benchmark: {name} is not a database built by this benchmark")
+        cur.execute("DROP TABLE IF EXISTS study_service")
+    _run_sql_file(args, name, INDEXER_SQL)
+    return int(count)
+
+
 class PacsLoadProbe(threading.Thread):
     """dcm4chee storing images: random study rows rewritten every few ms."""
 
@@ -228,10 +242,12 @@ class PacsLoadProbe(threading.Thread):
         self.conn = _connect(args, name)
         self.max_pk = args.studies
         self.waits: list[float] = []
+        self.slow_at: list[float] = []  # seconds since the start, of each slow update
         self.stopping = threading.Event()
 
     def run(self) -> None:
         rng = random.Random(7)
+        began = time.perf_counter()
         with self.conn.cursor() as cur:
             while not self.stopping.is_set():
                 pk = rng.randint(1, self.max_pk)
@@ -241,7 +257,10 @@ class PacsLoadProbe(threading.Thread):
                     " WHERE pk = %s",
                     (pk,),
                 )
-                self.waits.append(time.perf_counter() - started)
+                wait = time.perf_counter() - started
+                self.waits.append(wait)
+                if wait > PROBE_SLOW_SECONDS:
+                    self.slow_at.append(started - began)
                 time.sleep(PROBE_INTERVAL_SECONDS)
 
     def stop(self) -> dict[str, float]:
@@ -253,6 +272,9 @@ class PacsLoadProbe(threading.Thread):
             "updates": len(self.waits),
             "max_ms": waits[-1] * 1000,
             "p99_ms": waits[int(len(waits) * 0.99)] * 1000,
+            "slow_updates": len(self.slow_at),
+            # When they happened tells which phase of the load caused them.
+            "slow_at_seconds": [round(t, 1) for t in self.slow_at[:200]],
         }
 
 
@@ -307,7 +329,7 @@ def reference_loop(url: str, count: int) -> float:
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    name = f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
+    name = args.database or f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
     receiver = Receiver(args.latency_ms)
     results: dict[str, Any] = {
         "studies": args.studies,
@@ -317,8 +339,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         f" {platform.processor() or platform.machine()}, Python {platform.python_version()}",
     }
     try:
-        print(f"building {name} with {args.studies:,} studies ...", file=sys.stderr)
-        results["build_seconds"] = round(build_database(args, name), 1)
+        if args.database:
+            results["studies"] = args.studies = reset_database(args, name)
+            print(f"reusing {name}: {args.studies:,} studies", file=sys.stderr)
+        else:
+            print(f"building {name} with {args.studies:,} studies ...", file=sys.stderr)
+            results["build_seconds"] = round(build_database(args, name), 1)
         with _connect(args) as conn, conn.cursor() as cur:
             cur.execute("SELECT VERSION()")
             results["database_server"] = cur.fetchone()[0]
@@ -411,7 +437,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             }
     finally:
         receiver.stop()
-        if not args.keep:
+        if not args.keep and not args.database:
             with _connect(args) as conn, conn.cursor() as cur:
                 cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     return results
@@ -448,11 +474,13 @@ def print_table(results: dict[str, Any]) -> None:
         (
             "PACS probe: longest study UPDATE wait",
             f"{probe['max_ms']:.1f} ms (p99 {probe['p99_ms']:.1f} ms,"
-            f" {probe['updates']:,} updates)",
+            f" {probe['updates']:,} updates, {probe['slow_updates']} over"
+            f" {PROBE_SLOW_SECONDS * 1000:.0f} ms)",
         ),
         (
             "PACS probe, client not running (baseline)",
-            f"{idle['max_ms']:.1f} ms (p99 {idle['p99_ms']:.1f} ms, {idle['updates']:,} updates)",
+            f"{idle['max_ms']:.1f} ms (p99 {idle['p99_ms']:.1f} ms, {idle['updates']:,} updates,"
+            f" {idle['slow_updates']} over {PROBE_SLOW_SECONDS * 1000:.0f} ms)",
         ),
         ("no-op tick: posts", f"{noop['posts']}"),
         (
@@ -483,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    parser.add_argument(
+        "--database",
+        help="reuse a database kept by --keep instead of building one (its study_service"
+        " table is dropped and the indexer reinstalled; the database is kept)",
+    )
     parser.add_argument(
         "--no-wait",
         action="store_true",
