@@ -13,6 +13,7 @@ Layers, top to bottom of this file:
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import hashlib
 import ipaddress
@@ -54,6 +55,12 @@ DB_CONNECT_TIMEOUT_SECONDS = 10
 DEADLOCK_RETRIES = 5
 # How often the sending loop looks again while the initial load is enqueueing.
 ENQUEUE_POLL_SECONDS = 0.05
+# How many committed pages the initial load's enqueueing may run ahead of the
+# sending. Unpaced, it read and wrote the whole archive in the first minute
+# of the load: a burst of disk reads and redo log that made dcm4chee's own
+# writes wait. Paced, the archive is read once, at the sending's speed, and
+# each page is still in the buffer pool when the sending reads it again.
+INITIAL_LEAD_PAGES = 4
 MAX_PK = 2**63 - 1
 # study_service bookkeeping rows (see extras/add_indexer.sql).
 CURSOR_ROW_PK = 0
@@ -568,10 +575,11 @@ class Pacs:
         return int(self.query("SELECT COUNT(*) AS n FROM study")[0]["n"])
 
     def enqueue_initial(
-        self, on_page: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self, on_page: Callable[[int, int], None], keep_going: Callable[[], bool]
     ) -> int:
         """Enqueues every study after the initial load's position, one page per
         transaction, so that an interruption resumes where it stopped.
+        keep_going() comes before each page (it may wait; False stops the load);
         on_page(count, position) follows each committed page."""
         state = self.initial_state()
         if state is None or state["status"] != "initial":
@@ -580,7 +588,7 @@ class Pacs:
         total = 0
         self.query("SET @indexer_initial_started = %s", (state["started"],))
         while True:
-            if should_stop():
+            if not keep_going():
                 return total  # still 'initial': the next run carries on from here
             page = self.query(SELECT_STUDY_PAGE, (position, self.settings.page_size))
             if not page:
@@ -640,17 +648,18 @@ class Pacs:
     # -- delivery bookkeeping ------------------------------------------------
 
     def pending_studies(
-        self, frontier: Callable[[], int | None] | None = None
+        self, frontier: Callable[[int], int | None] | None = None
     ) -> Iterator[dict[str, Any]]:
         """Streams pending studies page by page: memory stays flat.
 
-        While an initial load is still enqueueing, frontier() is the last pk it
-        committed: the stream waits for it instead of ending early. It returns
-        None once everything is enqueued.
+        While an initial load is still enqueueing, frontier(reached) is told how
+        far the stream has read and returns the last pk the load committed: the
+        stream waits for it instead of ending early. It returns None once
+        everything is enqueued.
         """
         after = 0
         while True:
-            bound = frontier() if frontier else None
+            bound = frontier(after) if frontier else None
             page = self.query(
                 SELECT_PENDING_PAGE,
                 (after, MAX_PK if bound is None else bound, self.settings.page_size),
@@ -661,6 +670,9 @@ class Pacs:
             elif bound is None:
                 return
             else:
+                # Nothing pending up to the bound: the stream has reached it
+                # (the load may have enqueued a page of studies already sent).
+                after = bound
                 time.sleep(ENQUEUE_POLL_SECONDS)
 
     def record(self, outcomes: list[Outcome], unchanged: list[int]) -> None:
@@ -1231,7 +1243,7 @@ def deliver_pending(
     dry_run_out: Any | None = None,
     total: int | Callable[[], int] = 0,
     hold_after: datetime.datetime | None = None,
-    frontier: Callable[[], int | None] | None = None,
+    frontier: Callable[[int], int | None] | None = None,
 ) -> None:
     """Sends every pending study, recording each answer in study_service.
 
@@ -1370,7 +1382,8 @@ def _delete_gone(pacs: Pacs, sender: Sender | None, delivery: _Delivery) -> None
 
 class _InitialLoad:
     """`initial`'s enqueueing, on a connection and a thread of its own, so
-    that the archive is read while the first studies are already being sent."""
+    that the archive is read while the first studies are already being sent,
+    and paced by the sending: at most INITIAL_LEAD_PAGES pages ahead of it."""
 
     def __init__(self, settings: Settings) -> None:
         import threading
@@ -1381,6 +1394,8 @@ class _InitialLoad:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.stopping = threading.Event()
+        self.pages_ahead: collections.deque[int] = collections.deque()  # their last pks
+        self.turn = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="initial-load", daemon=True)
 
     def start(self) -> None:
@@ -1388,24 +1403,45 @@ class _InitialLoad:
 
     def _run(self) -> None:
         try:
-            self.enqueued = self.pacs.enqueue_initial(self._advance, self.stopping.is_set)
+            self.enqueued = self.pacs.enqueue_initial(self._advance, self._keep_going)
         except BaseException as exc:  # handed to the main thread by finish()
             self.error = exc
         finally:
             self.done.set()
 
-    def _advance(self, count: int, position: int) -> None:
-        self.position = position
+    def _keep_going(self) -> bool:
+        """Waits until the sending is close enough; False once told to stop."""
+        with self.turn:
+            self.turn.wait_for(
+                lambda: self.stopping.is_set() or len(self.pages_ahead) < INITIAL_LEAD_PAGES
+            )
+            return not self.stopping.is_set()
 
-    def frontier(self) -> int | None:
-        """The last pk enqueued, or None once everything is (or on failure)."""
+    def _advance(self, count: int, position: int) -> None:
+        with self.turn:
+            self.position = position
+            self.pages_ahead.append(position)
+
+    def frontier(self, reached: int) -> int | None:
+        """Told how far the sending has read: the last pk enqueued, or None
+        once everything is (or on failure)."""
+        with self.turn:
+            while self.pages_ahead and self.pages_ahead[0] <= reached:
+                self.pages_ahead.popleft()
+                self.turn.notify()
         return None if self.done.is_set() else self.position
 
-    def finish(self) -> int:
-        """Stops (if still running), waits, and raises what the thread met."""
-        self.stopping.set()
+    def stop(self) -> None:
+        """Stops the enqueueing (if still running) and waits for it."""
+        with self.turn:
+            self.stopping.set()
+            self.turn.notify()
         self.thread.join()
         self.pacs.close()
+
+    def finish(self) -> int:
+        """Stops, and raises what the thread met."""
+        self.stop()
         if self.error is not None:
             raise self.error
         return self.enqueued
@@ -1469,9 +1505,7 @@ def run_send(
         raise pacs.explain(exc) from None
     finally:
         if loader is not None:  # leaving on an error: stop reading the archive
-            loader.stopping.set()
-            loader.thread.join()
-            loader.pacs.close()
+            loader.stop()
         if sender is not None:
             sender.close()
         pacs.close()

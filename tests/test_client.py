@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import threading
 
 from conftest import API_KEY, LONG_AGO, create_database, drop_database, write_configs
 
@@ -193,6 +194,50 @@ def test_initial_interrupted_while_enqueueing_is_finished_by_the_next_initial(
     )
     assert client.main(["initial", *configs]) == 0
     assert service.study_pks() == pks[10:]  # the first ten were never enqueued here
+
+
+def test_initial_reads_the_archive_at_the_pace_of_sending(pacs, service, tmp_path):
+    """The PACS is read a few pages ahead of the sending, not all at once."""
+    page = 10
+    pacs.add_studies(300)
+    pacs.archive_predates_install()  # else the tick before the load enqueues them all
+    configs = write_configs(tmp_path, pacs.name, service.url, page_size=page)
+    service.delay_seconds = 0.005
+    ahead = []
+
+    def count_lead(number, request):
+        enqueued = pacs.query("SELECT COUNT(*) AS n FROM study_service WHERE study_pk > 0")
+        ahead.append(enqueued[0]["n"] - number)
+        return 201, "{}"
+
+    service.respond = count_lead
+    assert client.main(["initial", *configs]) == 0
+    assert len(set(service.study_pks())) == 300
+    # The pages ahead, the page being sent, and the studies in flight.
+    assert max(ahead) <= (client.INITIAL_LEAD_PAGES + 1) * page + 3 * 4
+
+
+def test_resumed_initial_passes_pages_already_sent(pacs, service, tmp_path):
+    """Pages of studies a tick already sent during an interrupted load enqueue
+    nothing pending: the sending must not wait for them forever."""
+    pks = pacs.add_studies(100)
+    pacs.archive_predates_install()
+    pacs.execute(
+        "INSERT INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
+        " VALUES (-1, 'initial', NOW() - INTERVAL 1 HOUR, 0)"
+    )
+    pacs.execute(
+        "INSERT INTO study_service (study_pk, status, attempts, sent_at)"
+        " SELECT pk, 'sent', 1, NOW() FROM study WHERE pk <= %s",
+        (pks[59],),
+    )
+    configs = write_configs(tmp_path, pacs.name, service.url, page_size=10)
+    outcome = []
+    run = threading.Thread(target=lambda: outcome.append(client.main(["initial", *configs])))
+    run.start()
+    run.join(timeout=60)
+    assert outcome == [0], "initial did not finish"
+    assert service.study_pks() == pks[60:]
 
 
 def test_initial_again_sends_everything_again(pacs, service, configs):
