@@ -147,6 +147,7 @@ class Settings:
     send_deletes: bool = False
     stable_age_seconds: int = 0
     reconcile_rows_per_second: int = 2000
+    max_studies_per_second: int = 0  # 0: no cap
     metrics_file: Path | None = None
     log_file: Path | None = None
     nice: int = 10
@@ -314,6 +315,9 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         stable_age_seconds=db.number("stable_age_seconds", default=0, minimum=0, maximum=86400),
         reconcile_rows_per_second=db.number(
             "reconcile_rows_per_second", default=2000, minimum=1, maximum=1000000
+        ),
+        max_studies_per_second=db.number(
+            "max_studies_per_second", default=0, minimum=0, maximum=1000000
         ),
         nice=db.number("nice", default=10, minimum=0, maximum=19),
         metrics_file=db.file_path("metrics_file"),
@@ -1100,6 +1104,24 @@ def _safe_url(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+class RateCap:
+    """Keeps a loop at or under `per_second` items per second on average
+    (0: no cap): a light, steady load on the PACS instead of a burst."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.count = 0
+        self.started = time.monotonic()
+
+    def passed(self, count: int = 1) -> None:
+        """Counts `count` items done, then sleeps while ahead of the cap."""
+        self.count += count
+        if self.per_second:
+            ahead = self.count / self.per_second - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
 @dataclass
 class RunReport:
     """What one run did; becomes the summary line and the exit code."""
@@ -1303,6 +1325,7 @@ def deliver_pending(
             block = False
 
     submitted = 0
+    cap = RateCap(settings.max_studies_per_second)
     try:
         for row in pacs.pending_studies(frontier):
             if report.stopped or (limit is not None and submitted >= limit):
@@ -1330,6 +1353,7 @@ def deliver_pending(
                 outcome = Outcome(row["study_pk"], version, row["study_iuid"])
                 jobs.put((outcome, body))
                 submitted += 1
+                cap.passed()
             settle_answers()
             delivery.flush()
         if report.stopped:
@@ -1560,7 +1584,7 @@ def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileRep
     rate = settings.reconcile_rows_per_second
     page_size = max(1, min(settings.page_size, rate))
     bar = _progress_bar(pacs.count_studies, "reconciling")
-    started = time.monotonic()
+    cap = RateCap(rate)
     try:
         while limit is None or report.checked < limit:
             size = page_size if limit is None else min(page_size, limit - report.checked)
@@ -1583,13 +1607,10 @@ def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileRep
                 pacs.finish_reconcile()
                 break
             position = upto
-            # The cap on rows per second keeps the sweep a light, steady load.
-            ahead = report.checked / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
+            cap.passed(len(page))
     finally:
         bar.close()
-        report.seconds = time.monotonic() - started
+        report.seconds = time.monotonic() - cap.started
     return report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 
 from conftest import API_KEY, LONG_AGO, create_database, drop_database, write_configs
 
@@ -215,6 +216,16 @@ def test_initial_reads_the_archive_at_the_pace_of_sending(pacs, service, tmp_pat
     assert len(set(service.study_pks())) == 300
     # The pages ahead, the page being sent, and the studies in flight.
     assert max(ahead) <= (client.INITIAL_LEAD_PAGES + 1) * page + 3 * 4
+
+
+def test_initial_stays_under_max_studies_per_second(pacs, service, tmp_path):
+    pacs.add_studies(120)
+    pacs.archive_predates_install()
+    configs = write_configs(tmp_path, pacs.name, service.url, max_studies_per_second=60)
+    started = time.monotonic()
+    assert client.main(["initial", *configs]) == 0
+    assert time.monotonic() - started >= 120 / 60 * 0.9
+    assert len(set(service.study_pks())) == 120
 
 
 def test_resumed_initial_passes_pages_already_sent(pacs, service, tmp_path):
