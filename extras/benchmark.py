@@ -392,6 +392,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "studies": args.studies,
         "concurrency": args.concurrency,
+        "max_studies_per_second": args.max_studies_per_second,
         "latency_ms": args.latency_ms,
         "baseline_seconds": args.baseline_seconds,
         "machine": f"{platform.node()}: {os.cpu_count()} cores,"
@@ -419,6 +420,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         "user": args.user,
                         "password": args.password,
                         "database": name,
+                        "max_studies_per_second": args.max_studies_per_second,
                     }
                 )
             )
@@ -520,6 +522,7 @@ def print_table(results: dict[str, Any]) -> None:
     rows = [
         ("studies", f"{results['studies']:,}"),
         ("concurrency / latency", f"{results['concurrency']} / {results['latency_ms']:g} ms"),
+        ("max_studies_per_second", f"{results['max_studies_per_second'] or 'no cap'}"),
         ("initial: studies/s", f"{initial['studies_per_second']:,.0f} ({initial['seconds']} s)"),
         (
             "reference requests loop: studies/s",
@@ -571,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="receiver delay per request")
     parser.add_argument("--concurrency", type=int, default=4, help="client concurrency setting")
+    parser.add_argument(
+        "--max-studies-per-second",
+        type=int,
+        default=0,
+        help="the client's max_studies_per_second setting (default 0: no cap)",
+    )
     parser.add_argument(
         "--reference-studies",
         type=int,
