@@ -70,7 +70,6 @@ SAFETY_WINDOW_SECONDS = 300
 # while: a probe measured then shows the build, not the client. The server
 # counts as quiet after this many seconds without InnoDB data reads or writes.
 QUIET_SECONDS = 10
-QUIET_MAX_WAIT_SECONDS = 900
 ARCHIVE_YEARS = 10
 STUDY_PK_RE = re.compile(rb'"study_pk":\s*(\d+)')
 
@@ -246,7 +245,7 @@ def wait_for_quiet_server(args: argparse.Namespace) -> float:
     started = time.monotonic()
     with _connect(args) as conn, conn.cursor() as cur:
         before = _innodb_io(cur)
-        while time.monotonic() - started < QUIET_MAX_WAIT_SECONDS:
+        while time.monotonic() - started < args.max_settle_seconds:
             time.sleep(QUIET_SECONDS)
             after = _innodb_io(cur)
             if after == before:
@@ -391,6 +390,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     receiver = Receiver(args.latency_ms)
     results: dict[str, Any] = {
         "studies": args.studies,
+        "database": name,
         "concurrency": args.concurrency,
         "max_studies_per_second": args.max_studies_per_second,
         "latency_ms": args.latency_ms,
@@ -591,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=60.0,
         help="how long the PACS probe runs alone before the load, as a baseline (default 60)",
+    )
+    parser.add_argument(
+        "--max-settle-seconds",
+        type=float,
+        default=900.0,
+        help="longest wait for a quiet database server before measuring (default 900)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")

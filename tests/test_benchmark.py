@@ -1,0 +1,45 @@
+"""extras/benchmark.py still runs end to end: a tiny archive, no waiting.
+The real measurements are in the README; this only keeps the tool working."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, connect
+
+
+def test_benchmark_reports_every_study_delivered_once(tmp_path):
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "extras" / "benchmark.py"),
+            "--studies",
+            "300",
+            "--reference-studies",
+            "100",
+            "--baseline-seconds",
+            "1",
+            "--max-settle-seconds",
+            "0",
+            "--no-wait",
+            "--json",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "| ratio client / reference" in run.stdout
+    assert "PACS probe during initial: longest update" in run.stdout
+    report = json.loads(results.read_text())
+    assert report["initial"]["exit_code"] == 0
+    assert report["initial"]["posts"] == report["initial"]["unique_studies"] == 300
+    assert report["noop_tick"]["posts"] == 0
+    assert report["pacs_probe"]["updates"] > 0
+    with connect() as conn, conn.cursor() as cur:
+        cur.execute("SHOW DATABASES LIKE %s", (report["database"],))
+        assert not cur.fetchall()  # the throwaway archive is dropped
