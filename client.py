@@ -56,10 +56,12 @@ DEADLOCK_RETRIES = 5
 # How often the sending loop looks again while the initial load is enqueueing.
 ENQUEUE_POLL_SECONDS = 0.05
 # How many committed pages the initial load's enqueueing may run ahead of the
-# sending. Unpaced, it read and wrote the whole archive in the first minute
-# of the load: a burst of disk reads and redo log that made dcm4chee's own
-# writes wait. Paced, the archive is read once, at the sending's speed, and
-# each page is still in the buffer pool when the sending reads it again.
+# sending. Unpaced, it ran ahead (about 2,000 studies/s against 1,300 sent,
+# measured at 1,000,000 studies): on an archive larger than the buffer pool
+# its pages were evicted before the sending read them again, so each was
+# read from disk twice. Paced, the archive is read from disk once, at the
+# sending's speed, and each page is still in the buffer pool when the
+# sending reads it again.
 INITIAL_LEAD_PAGES = 4
 MAX_PK = 2**63 - 1
 # study_service bookkeeping rows (see extras/add_indexer.sql).
