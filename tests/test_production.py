@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import API_KEY, INDEXER_PASSWORD, CentralService, write_configs
+from conftest import API_KEY, INDEXER_PASSWORD, ROOT, CentralService, write_configs
 
 import client
 
@@ -192,8 +192,6 @@ def test_sending_lowers_the_cpu_priority_to_the_nice_setting(pacs, service, tmp_
         "import os, sys; sys.path.insert(0, sys.argv[1]); import client;"
         " code = client.main(sys.argv[2:]); print(os.nice(0)); raise SystemExit(code)"
     )
-    from conftest import ROOT
-
     result = subprocess.run(
         [sys.executable, "-c", script, str(ROOT), "-q", *args], capture_output=True, text=True
     )
