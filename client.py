@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
@@ -21,6 +22,7 @@ import json
 import logging
 import logging.handlers
 import os
+import platform
 import random
 import sys
 import time
@@ -29,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import pymysql
-import pymysql.cursors
+try:
+    import pymysql
+    import pymysql.cursors
+except ImportError:  # main() says so in one line, with the fix
+    pymysql = None  # type: ignore[assignment]
 
 __version__ = "1.0.0"
 
@@ -46,6 +51,7 @@ EXIT_DELIVERY = 5  # the service is down or failing: studies left pending
 EXIT_REJECTED = 6  # the service refused some studies (4xx): marked failed
 EXIT_KEY_REFUSED = 7  # the service answered 401/403: the key is wrong
 EXIT_LOCKED = 8  # another run holds the lock on this database
+EXIT_NO_PYTHON = 9  # this Python lacks the packages (extras/dicom_indexer.sh: or is too old)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
@@ -78,7 +84,8 @@ ERROR_TEXT_CHARS = 200  # how much of a refusal's body is kept in last_error
 ACK_FLUSH_ROWS = 200  # acknowledgements written per transaction...
 ACK_FLUSH_SECONDS = 1.0  # ...or at least this often: bounds resends after a crash
 
-# The document sent for each study: exactly these keys, in this order.
+# The document sent for each study: exactly the original client's keys, in
+# this order. The central service reads these names; they are its contract.
 DOCUMENT_KEYS = (
     "patient_pk",
     "patient_id",
@@ -88,8 +95,8 @@ DOCUMENT_KEYS = (
     "study_datetime",
     "study_description",
     "study_modality",
-    "study_num_series",
-    "study_num_instances",
+    "study_series",
+    "study_instances",
     "center",
 )
 
@@ -104,6 +111,10 @@ class ConfigError(IndexerError):
     """A configuration file is missing, unreadable, or has a wrong field."""
 
     exit_code = EXIT_CONFIG
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # 'database.name', 'key', ...: None for the whole file
 
 
 class DatabaseError(IndexerError):
@@ -125,7 +136,13 @@ class LockedError(IndexerError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a run needs, from config.json and server.json."""
+    """Everything a run needs, from config.json and server.json.
+
+    The two files keep the original client's shapes, which every site already
+    has: config.json holds "database" (the connection), "key" and
+    "webservice_url", and beside them this client's optional settings;
+    server.json holds "server", the center's code, sent as "center".
+    """
 
     db_host: str
     db_port: int
@@ -154,81 +171,136 @@ class Settings:
     log_file: Path | None = None
     nice: int = 10
     warnings: tuple[str, ...] = ()  # found while loading; logged once per run
+    # Wrong or missing fields, each one line naming file and field. `check`
+    # lists them all; every other command stops at the first (exit 3).
+    problems: tuple[ConfigError, ...] = ()
+
+    def key_problem(self) -> ConfigError | None:
+        """Only commands that send need the key (not --dry-run, status, reconcile)."""
+        if self.key.strip():
+            return None
+        return ConfigError(
+            f"{self.config_path}: field 'key' is missing or empty (or set key_file, or {ENV_KEY})",
+            field="key",
+        )
 
 
 _MISSING = object()
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a JSON object {{...}}")
+    return data
+
+
 class _Fields:
-    """Reads typed fields out of one JSON object, naming the file in errors."""
+    """Reads typed fields out of one JSON object. A wrong field is recorded,
+    named with its file and path ('database.name'), and its default is used,
+    so that `check` can report every problem of a file in one run."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, data: dict[str, Any], problems: list[ConfigError], prefix: str = ""
+    ) -> None:
         self.path = path
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read: {exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: must hold a JSON object {{...}}")
-        self.data: dict[str, Any] = data
+        self.data = data
+        self.problems = problems
+        self.prefix = prefix
+        self.read: set[str] = set()
 
-    def _error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.path}: field '{name}' {problem}")
+    def _problem(self, name: str, problem: str) -> None:
+        full = self.prefix + name
+        self.problems.append(ConfigError(f"{self.path}: field '{full}' {problem}", field=full))
 
-    def text(self, name: str, default: Any = _MISSING, allow_empty: bool = False) -> Any:
+    def _value(self, name: str, default: Any) -> Any:
+        self.read.add(name)
         value = self.data.get(name, default)
         if value is _MISSING:
-            raise self._error(name, "is missing")
+            self._problem(name, "is missing")
+        return value
+
+    def section(self, name: str) -> _Fields:
+        """A nested object, such as "database"."""
+        value = self._value(name, _MISSING)
+        if value is not _MISSING and not isinstance(value, dict):
+            self._problem(name, "must be a JSON object {...}")
+        data = value if isinstance(value, dict) else {}
+        return _Fields(self.path, data, self.problems, f"{self.prefix}{name}.")
+
+    def ignore(self, name: str) -> None:
+        """A field the original client wrote and this one does not use."""
+        self.read.add(name)
+
+    def text(self, name: str, default: Any = _MISSING, allow_empty: bool = False) -> Any:
+        value = self._value(name, default)
+        if value is _MISSING:
+            return ""
         if value is None and default is None:
             return None
         if not isinstance(value, str):
-            raise self._error(name, "must be a string")
+            self._problem(name, "must be a string")
+            return "" if default in (_MISSING, None) else default
         if not value.strip() and not allow_empty:
-            raise self._error(name, "is empty")
+            self._problem(name, "is empty")
         return value
+
+    def code(self, name: str) -> str:
+        """A code kept as written ("000" keeps its zeros); a number is
+        accepted and sent as its digits."""
+        value = self._value(name, _MISSING)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if value is _MISSING:
+            return ""
+        if not isinstance(value, str):
+            self._problem(name, 'must be a string, such as "000"')
+            return ""
+        if not value.strip():
+            self._problem(name, "is empty: set it to the center's code")
+        return value.strip()
 
     def secret_file(self, name: str) -> str | None:
         """The first line of the file that `name` points at, for sites that keep
         secrets out of the JSON files."""
         path = self.text(name, default=None)
-        if path is None:
+        if not path:
             return None
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise self._error(name, f"cannot be read: {exc.strerror or exc}") from None
+            self._problem(name, f"cannot be read: {exc.strerror or exc}")
+            return None
         return lines[0].strip() if lines else ""
 
     def file_path(self, name: str) -> Path | None:
         value = self.text(name, default=None)
-        return None if value is None else Path(value)
-
-    def readable_by_others(self) -> bool:
-        try:
-            return bool(self.path.stat().st_mode & 0o044)
-        except OSError:
-            return False
+        return Path(value) if value else None
 
     def flag(self, name: str, default: bool) -> bool:
-        value = self.data.get(name, default)
+        value = self._value(name, default)
         if not isinstance(value, bool):
-            raise self._error(name, "must be true or false")
+            self._problem(name, "must be true or false")
+            return default
         return value
 
     def number(
         self, name: str, default: Any, minimum: float, maximum: float, integer: bool = True
     ) -> Any:
-        value = self.data.get(name, default)
+        value = self._value(name, default)
         if value is _MISSING:
-            raise self._error(name, "is missing")
+            return minimum
         # The original client kept numbers as strings ("3306"): accept both.
         if isinstance(value, str) and value.strip():
             try:
@@ -237,97 +309,131 @@ class _Fields:
                 pass
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise self._error(name, f"must be a number from {minimum:g} to {maximum:g}")
+            self._problem(name, f"must be a number from {minimum:g} to {maximum:g}")
+            return minimum if default is _MISSING else default
         if not minimum <= value <= maximum:
-            raise self._error(name, f"must be from {minimum:g} to {maximum:g}, not {value}")
+            self._problem(name, f"must be from {minimum:g} to {maximum:g}, not {value}")
+            return minimum if default is _MISSING else default
         return value
+
+    def unknown(self) -> list[str]:
+        """Fields nobody read: usually a typo, which would otherwise be
+        silently ignored (and the setting left at its default)."""
+        return [self.prefix + name for name in self.data if name not in self.read]
 
 
 def load_settings(config_path: Path, server_path: Path) -> Settings:
-    """Reads and checks both files; raises ConfigError naming file and field."""
-    db = _Fields(config_path)
-    server = _Fields(server_path)
+    """Reads and checks both files. A file that cannot be read or parsed
+    raises ConfigError; wrong fields are collected in Settings.problems."""
+    problems: list[ConfigError] = []
+    top = _Fields(config_path, _read_json_object(config_path), problems)
+    server = _Fields(server_path, _read_json_object(server_path), problems)
+    db = top.section("database")
 
-    # Secrets: the environment, then a file of their own, then the JSON file.
+    # Secrets: the environment, then a file of their own, then config.json.
     password = os.environ.get(ENV_DB_PASSWORD)
     if password is None:
         password = db.secret_file("password_file")
     if password is None:
         password = db.text("password", default="", allow_empty=True)
-    key = os.environ.get(ENV_KEY) or server.secret_file("key_file")
-    if not key:
-        key = server.text("key", default="", allow_empty=True)
-    if not key.strip():
-        raise ConfigError(
-            f"{server_path}: field 'key' is missing or empty (or set key_file, or {ENV_KEY})"
-        )
+    else:
+        db.ignore("password")
+    key = os.environ.get(ENV_KEY) or top.secret_file("key_file")
+    if key:
+        top.ignore("key")
+    else:
+        key = top.text("key", default="", allow_empty=True)
 
-    url = server.text("webservice_url")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"{server_path}: field 'webservice_url' must start with http:// or https://"
+    url = top.text("webservice_url")
+    if url and not url.startswith(("http://", "https://")):
+        problems.append(
+            ConfigError(
+                f"{config_path}: field 'webservice_url' must start with http:// or https://",
+                field="webservice_url",
+            )
         )
-    ca_bundle = server.text("ca_bundle", default=None)
+    ca_bundle = top.text("ca_bundle", default=None)
     if ca_bundle is not None and not Path(ca_bundle).is_file():
-        raise ConfigError(f"{server_path}: field 'ca_bundle': file not found: {ca_bundle}")
-
-    warnings = [
-        f"{fields.path} holds the {secret} and other users of this machine can read it;"
-        f" fix: chmod 600 {fields.path}"
-        for fields, secret, name in (
-            (db, "database password", "password"),
-            (server, "API key", "key"),
+        problems.append(
+            ConfigError(
+                f"{config_path}: field 'ca_bundle': file not found: {ca_bundle}",
+                field="ca_bundle",
+            )
         )
-        if fields.data.get(name) and fields.readable_by_others()
-    ]
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if url.startswith("http://") and not _is_loopback(host):
-        warnings.append(
-            f"webservice_url in {server_path} is http:// to {host}: the API key and patient"
-            " data travel unencrypted; use https:// unless this is a private network"
-        )
+    top.ignore("server")  # the original's placeholder: "see server.json"
 
-    return Settings(
+    settings = Settings(
         db_host=db.text("host", default="localhost"),
         db_port=db.number("port", default=3306, minimum=1, maximum=65535),
         db_user=db.text("user"),
         db_password=password,
-        db_name=db.text("database", default="pacsdb"),
+        db_name=db.text("name"),
         db_unix_socket=db.text("unix_socket", default=None),
-        page_size=db.number("page_size", default=1000, minimum=1, maximum=100000),
         webservice_url=url,
         key=key,
-        center=server.text("center"),
-        concurrency=server.number("concurrency", default=4, minimum=1, maximum=64),
-        connect_timeout_seconds=server.number(
+        center=server.code("server"),
+        page_size=top.number("page_size", default=1000, minimum=1, maximum=100000),
+        concurrency=top.number("concurrency", default=4, minimum=1, maximum=64),
+        connect_timeout_seconds=top.number(
             "connect_timeout_seconds", default=5, minimum=0.1, maximum=300, integer=False
         ),
-        read_timeout_seconds=server.number(
+        read_timeout_seconds=top.number(
             "read_timeout_seconds", default=30, minimum=0.1, maximum=3600, integer=False
         ),
-        max_retries=server.number("max_retries", default=3, minimum=0, maximum=20),
-        backoff_seconds=server.number(
+        max_retries=top.number("max_retries", default=3, minimum=0, maximum=20),
+        backoff_seconds=top.number(
             "backoff_seconds", default=1, minimum=0, maximum=60, integer=False
         ),
-        max_consecutive_failures=server.number(
+        max_consecutive_failures=top.number(
             "max_consecutive_failures", default=5, minimum=1, maximum=100000
         ),
         ca_bundle=ca_bundle,
-        send_deletes=server.flag("send_deletes", default=False),
-        stable_age_seconds=db.number("stable_age_seconds", default=0, minimum=0, maximum=86400),
-        reconcile_rows_per_second=db.number(
+        send_deletes=top.flag("send_deletes", default=False),
+        stable_age_seconds=top.number("stable_age_seconds", default=0, minimum=0, maximum=86400),
+        reconcile_rows_per_second=top.number(
             "reconcile_rows_per_second", default=2000, minimum=1, maximum=1000000
         ),
-        max_studies_per_second=db.number(
+        max_studies_per_second=top.number(
             "max_studies_per_second", default=0, minimum=0, maximum=1000000
         ),
-        nice=db.number("nice", default=10, minimum=0, maximum=19),
-        metrics_file=db.file_path("metrics_file"),
-        log_file=db.file_path("log_file"),
-        warnings=tuple(warnings),
+        nice=top.number("nice", default=10, minimum=0, maximum=19),
+        metrics_file=top.file_path("metrics_file"),
+        log_file=top.file_path("log_file"),
         config_path=config_path,
         server_path=server_path,
     )
+    warnings = [
+        f"{fields.path}: unknown field '{name}' ignored (misspelt?)"
+        for fields in (top, db, server)
+        for name in fields.unknown()
+    ]
+    secrets = [
+        secret
+        for secret, present in (
+            ("database password", db.data.get("password")),
+            ("API key", top.data.get("key")),
+        )
+        if present
+    ]
+    if secrets and _readable_by_others(config_path):
+        warnings.append(
+            f"{config_path} holds the {' and the '.join(secrets)} and other users of this"
+            f" machine can read it; fix: chmod 600 {config_path}"
+        )
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("http://") and not _is_loopback(host):
+        warnings.append(
+            f"webservice_url in {config_path} is http:// to {host}: the API key and patient"
+            " data travel unencrypted; use https:// unless this is a private network"
+        )
+    return dataclasses.replace(settings, warnings=tuple(warnings), problems=tuple(problems))
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o044)
+    except OSError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -895,8 +1001,8 @@ def study_document(row: Mapping[str, Any], center: str) -> dict[str, Any]:
         "study_datetime": _format_datetime(row["study_datetime"]),
         "study_description": _text(row["study_desc"]),
         "study_modality": _text(row["mods_in_study"]),
-        "study_num_series": row["num_series"],
-        "study_num_instances": row["num_instances"],
+        "study_series": row["num_series"],
+        "study_instances": row["num_instances"],
         "center": center,
     }
 
@@ -1225,7 +1331,7 @@ class _Delivery:
         elif outcome.wrong_url:
             report.stopped = (
                 f"the service answered {outcome.error} at {_safe_url(settings.webservice_url)}:"
-                f" check webservice_url in {settings.server_path}"
+                f" check webservice_url in {settings.config_path}"
             )
             report.exit_code = EXIT_DELIVERY
         elif outcome.rejected:
@@ -1688,60 +1794,91 @@ def _format_age(seconds: int) -> str:
 
 
 def run_check(settings: Settings) -> int:
-    """One line per check; registers nothing."""
-    results: list[tuple[bool, str]] = [
-        (True, f"configuration: {settings.config_path} and {settings.server_path} are valid")
-    ]
+    """One line per check, every problem found in one run; registers nothing."""
+    results: list[tuple[str, str, int]] = []  # (ok/FAILED/skipped, message, exit code)
+    problems = list(settings.problems)
+    key_problem = settings.key_problem()
+    if key_problem is not None:
+        problems.append(key_problem)
+    results += [("FAILED", f"configuration: {problem}", EXIT_CONFIG) for problem in problems]
+    if not problems:
+        results.append(
+            ("ok", f"configuration: {settings.config_path} and {settings.server_path} are valid", 0)
+        )
+    fields = {problem.field or "" for problem in problems}
+    if any(name.startswith("database") for name in fields):
+        results.append(("skipped", f"database: fix 'database' in {settings.config_path} first", 0))
+    else:
+        results += _check_database(settings)
+    if fields & {"webservice_url", "ca_bundle", "key", "key_file"}:
+        results.append(("skipped", "webservice: fix the fields above first", 0))
+    else:
+        sender = Sender(settings)
+        try:
+            ok, message = sender.probe()
+        finally:
+            sender.close()
+        code = EXIT_KEY_REFUSED if "refused the key" in message else EXIT_DELIVERY
+        results.append(("ok" if ok else "FAILED", f"webservice: {message}", code))
+    results += [("warning", warning, 0) for warning in settings.warnings]
+    for state, message, _ in results:
+        print(f"{state:<7} {message}")
+    failed = [code for state, _, code in results if state == "FAILED"]
+    return failed[0] if failed else EXIT_OK
+
+
+def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
     try:
         pacs = Pacs(settings)
     except DatabaseError as exc:
-        results.append((False, f"database: {exc}"))
-    else:
-        try:
-            version = pacs.query("SELECT VERSION() AS v")[0]["v"]
-            results.append(
-                (
-                    True,
-                    f"database: connected to {pacs.where} as {settings.db_user} (server {version})",
-                )
-            )
-            try:
-                pacs.check_installed()
-                results.append(
-                    (True, "study_service and indexer_process are installed and current")
-                )
-            except DatabaseError as exc:
-                results.append((False, f"indexer: {exc}"))
-        except pymysql.MySQLError as exc:
-            results.append((False, f"database: {_mysql_message(exc)}"))
-        finally:
-            pacs.close()
-    sender = Sender(settings)
+        return [("FAILED", f"database: {exc}", EXIT_DATABASE)]
+    results = []
     try:
-        ok, message = sender.probe()
+        version = pacs.query("SELECT VERSION() AS v")[0]["v"]
+        results.append(
+            (
+                "ok",
+                f"database: connected to {pacs.where} as {settings.db_user} (server {version})",
+                0,
+            )
+        )
+        try:
+            pacs.check_installed()
+            results.append(("ok", "study_service and indexer_process are installed and current", 0))
+        except DatabaseError as exc:
+            results.append(("FAILED", f"indexer: {exc}", EXIT_DATABASE))
+    except pymysql.MySQLError as exc:
+        results.append(("FAILED", f"database: {_mysql_message(exc)}", EXIT_DATABASE))
     finally:
-        sender.close()
-    results.append((ok, f"webservice: {message}"))
-    for ok, message in results:
-        print(f"{'ok' if ok else 'FAILED':<7} {message}")
-    failed = [message for ok, message in results if not ok]
-    if not failed:
-        return EXIT_OK
-    first = failed[0]
-    if first.startswith(("database", "indexer")):
-        return EXIT_DATABASE
-    return EXIT_KEY_REFUSED if "refused the key" in first else EXIT_DELIVERY
+        pacs.close()
+    return results
+
+
+# The README's "Códigos de salida", for --help.
+EXIT_CODE_HELP = (
+    (EXIT_OK, "everything pending was delivered"),
+    (2, "wrong command line"),
+    (EXIT_CONFIG, "configuration: a file or field is missing or wrong"),
+    (EXIT_DATABASE, "database: unreachable, refused the login, or indexer not installed"),
+    (EXIT_DELIVERY, "delivery failed: the service is down or failing; studies stay pending"),
+    (EXIT_REJECTED, "the service refused some studies (4xx): marked failed"),
+    (EXIT_KEY_REFUSED, "the service refused the API key (401/403)"),
+    (EXIT_LOCKED, "another run is working on the same database"),
+    (
+        EXIT_NO_PYTHON,
+        "this Python lacks PyMySQL or requests (or, from the cron script, is too old)",
+    ),
+    (EXIT_INTERRUPTED, "interrupted; what was acknowledged is recorded"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Registers the studies of a dcm4chee 2.x PACS with the central indexer.",
-        epilog=(
-            "exit codes: 0 ok, 2 usage, 3 configuration, 4 database, 5 delivery failed"
-            " (studies left pending), 6 studies refused by the service, 7 API key refused,"
-            " 8 another run is working"
-        ),
+        epilog="exit codes:\n"
+        + "".join(f"  {code:<4} {meaning}\n" for code, meaning in EXIT_CODE_HELP),
     )
     parser.add_argument(
         "command",
@@ -1759,13 +1896,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=HERE / "config.json",
-        help="database settings (default: beside client.py)",
+        help="database, webservice_url, key and settings (default: beside client.py)",
     )
     parser.add_argument(
         "--server",
         type=Path,
         default=HERE / "server.json",
-        help="webservice settings (default: beside client.py)",
+        help='the center\'s code, {"server": "000"} (default: beside client.py)',
     )
     parser.add_argument(
         "--dry-run",
@@ -1873,10 +2010,33 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
+# Imported by module name; the README's requirements.txt installs them.
+REQUIRED_PACKAGES = {"pymysql": "PyMySQL", "requests": "requests", "urllib3": "urllib3"}
+
+
+def missing_packages() -> list[str]:
+    """The required packages this Python cannot import (found without importing)."""
+    import importlib.util
+
+    return [
+        name for module, name in REQUIRED_PACKAGES.items() if not importlib.util.find_spec(module)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_packages()
+    if missing:
+        # Before logging is set up: this must reach cron's mail whatever -q says.
+        print(
+            f"client.py: {', '.join(missing)} not installed for {sys.executable}"
+            f" (Python {platform.python_version()}); run: {sys.executable} -m pip install"
+            f" -r {HERE / 'requirements.txt'}",
+            file=sys.stderr,
+        )
+        return EXIT_NO_PYTHON
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
     _setup_logging(args.verbose, args.quiet)
@@ -1885,12 +2045,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    sending = args.command in ("run", "initial", "retry-failed") and not args.dry_run
+    if args.command != "check":  # check lists every problem and warning itself
+        problems = list(settings.problems)
+        key_problem = settings.key_problem() if sending else None
+        if key_problem is not None:
+            problems.append(key_problem)
+        if problems:
+            more = len(problems) - 1
+            log.error("%s%s", problems[0], f" ({more} more: see client.py check)" if more else "")
+            return EXIT_CONFIG
     if settings.log_file:
         _add_log_file(settings.log_file, args.verbose)
-    for warning in settings.warnings:
-        log.warning("%s", warning)
+    if args.command != "check":
+        # Under cron (-q) a setup warning would be mailed every 5 minutes:
+        # it goes to log_file only; `check` and a run by hand show it.
+        for warning in settings.warnings:
+            (log.info if args.quiet else log.warning)("%s", warning)
     report = RunReport()
-    sending = args.command in ("run", "initial", "retry-failed") and not args.dry_run
     if (sending or args.command == "reconcile") and hasattr(os, "nice"):
         # On the PACS server, the PACS and its database come first: when the
         # CPU is short, the scheduler serves them before the indexer.

@@ -374,8 +374,8 @@ def reference_loop(url: str, count: int) -> float:
         "study_datetime": "2016-01-01 00:00:00",
         "study_description": "TC DE CEREBRO SIN CONTRASTE",
         "study_modality": "CT",
-        "study_num_series": 3,
-        "study_num_instances": 250,
+        "study_series": 3,
+        "study_instances": 250,
         "center": "BENCH",
     }
     headers = {"X-Api-Key": "bench-key"}
@@ -413,28 +413,25 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["database_server"] = cur.fetchone()[0]
         with tempfile.TemporaryDirectory() as tmp:
             config_dir = Path(tmp)
+            # The original client's shapes, as at every site.
             (config_dir / "config.json").write_text(
                 json.dumps(
                     {
-                        "host": args.host,
-                        "port": args.port,
-                        "user": args.user,
-                        "password": args.password,
-                        "database": name,
+                        "database": {
+                            "host": args.host,
+                            "port": args.port,
+                            "user": args.user,
+                            "password": args.password,
+                            "name": name,
+                        },
+                        "key": "bench-key",
+                        "webservice_url": receiver.url,
+                        "concurrency": args.concurrency,
                         "max_studies_per_second": args.max_studies_per_second,
                     }
                 )
             )
-            (config_dir / "server.json").write_text(
-                json.dumps(
-                    {
-                        "webservice_url": receiver.url,
-                        "key": "bench-key",
-                        "center": "BENCH",
-                        "concurrency": args.concurrency,
-                    }
-                )
-            )
+            (config_dir / "server.json").write_text(json.dumps({"server": "BENCH"}))
 
             for secret_file in ("config.json", "server.json"):
                 (config_dir / secret_file).chmod(0o600)

@@ -338,22 +338,39 @@ API_KEY = "test-key-5f4dcc3b5aa765d61d8327deb882cf99"
 DB_SECRET_MARK = "db-password-never-shown"
 
 
+CENTER = "007"  # a center code with leading zeros, which must survive
+
+
 def write_configs(
-    directory: Path, database: str, url: str, server_extra: dict | None = None, **db_extra: Any
+    directory: Path,
+    database: str,
+    url: str,
+    extra: dict | None = None,
+    database_extra: dict | None = None,
+    **more: Any,
 ) -> list[str]:
-    config = {
-        "host": DB_HOST,
-        "port": str(DB_PORT),
-        "user": INDEXER_USER,
-        "password": INDEXER_PASSWORD,
-        "database": database,
+    """config.json and server.json in the original client's shapes. `extra`
+    and `more` go beside "key" in config.json; `database_extra` inside
+    "database"."""
+    config: dict[str, Any] = {
+        "database": {
+            "host": DB_HOST,
+            "port": str(DB_PORT),
+            "user": INDEXER_USER,
+            "password": INDEXER_PASSWORD,
+            "name": database,
+            **(database_extra or {}),
+        },
+        "server": "No se usa, revisar: server.json",
+        "key": API_KEY,
+        "webservice_url": url,
+        # Fast retries: the behaviour is the same as with the defaults, only quicker.
+        "backoff_seconds": 0.01,
+        "connect_timeout_seconds": 2,
     }
-    config.update(db_extra)
-    server = {"webservice_url": url, "key": API_KEY, "center": "CL-HOSP-01"}
-    # Fast retries: the behaviour is the same as with the defaults, only quicker.
-    server.update({"backoff_seconds": 0.01, "connect_timeout_seconds": 2})
-    server.update(server_extra or {})
-    for name, data in (("config.json", config), ("server.json", server)):
+    config.update(extra or {})
+    config.update(more)
+    for name, data in (("config.json", config), ("server.json", {"server": CENTER})):
         (directory / name).write_text(json.dumps(data))
         (directory / name).chmod(0o600)  # as the README tells administrators
     return ["--config", str(directory / "config.json"), "--server", str(directory / "server.json")]

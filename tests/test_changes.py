@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import API_KEY, LONG_AGO, write_configs
+from conftest import API_KEY, CENTER, LONG_AGO, write_configs
 
 import client
 
@@ -69,7 +69,7 @@ def test_deleted_study_sends_delete_when_enabled(pacs, service, tmp_path):
     assert request.method == "DELETE"
     assert request.path == "/api/v1/register"
     assert request.headers["X-Api-Key"] == API_KEY
-    assert request.json == {"study_iuid": iuid, "study_pk": gone, "center": "CL-HOSP-01"}
+    assert request.json == {"study_iuid": iuid, "study_pk": gone, "center": CENTER}
     assert pacs.queue()[gone]["status"] == "deleted"
     assert pacs.queue()[keep]["status"] == "sent"
 
@@ -194,3 +194,43 @@ def test_status_json_counts_deletions(pacs, service, tmp_path, capsys):
     capsys.readouterr()
     client.main(["status", "--json", *args])
     assert json.loads(capsys.readouterr().out)["counts"]["deleting"] == 1
+
+
+def test_fingerprint_from_the_old_key_names_means_one_resend_then_quiet(
+    pacs, service, configs, capsys
+):
+    """Until 2.0 this client sent study_num_series / study_num_instances. A
+    study acknowledged under those names is re-sent once, by reconcile, with
+    the contract's names; never by every tick, and never skipped."""
+    pks = pacs.add_studies(3)
+    assert client.main(["initial", *configs]) == 0
+    row = pacs.query(
+        "SELECT s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
+        " s.mods_in_study, s.num_series, s.num_instances, p.pk AS patient_pk, p.pat_id,"
+        " p.pat_name FROM study s JOIN patient p ON p.pk = s.patient_fk WHERE s.pk = %s",
+        (pks[0],),
+    )[0]
+    renamed = {"study_series": "study_num_series", "study_instances": "study_num_instances"}
+    document = client.study_document(row, CENTER)
+    old = {renamed.get(key, key): value for key, value in document.items()}
+    old_version = client.document_version(client.encode_document(old))
+    pacs.execute(
+        "UPDATE study_service SET sent_version = %s WHERE study_pk = %s", (old_version, pks[0])
+    )
+    service.clear()
+
+    assert client.main(configs) == 0  # a tick: nothing changed in the PACS
+    assert service.attempts == []
+    capsys.readouterr()
+    assert client.main(["reconcile", *configs]) == 0
+    assert "1 changed and enqueued" in capsys.readouterr().err
+    assert client.main(configs) == 0
+    [document] = service.documents
+    assert (document["study_pk"], document["study_series"]) == (pks[0], 1)
+    assert "study_num_series" not in document
+
+    service.clear()
+    assert client.main(["reconcile", *configs]) == 0
+    assert "0 changed and enqueued" in capsys.readouterr().err
+    assert client.main(configs) == 0
+    assert service.attempts == []

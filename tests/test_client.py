@@ -6,7 +6,14 @@ import datetime
 import threading
 import time
 
-from conftest import API_KEY, LONG_AGO, create_database, drop_database, write_configs
+from conftest import (
+    API_KEY,
+    CENTER,
+    LONG_AGO,
+    create_database,
+    drop_database,
+    write_configs,
+)
 
 import client
 
@@ -30,9 +37,9 @@ def test_initial_sends_every_study_once_with_the_right_fields(pacs, service, con
         "study_datetime": "2019-03-04 10:00:00",
         "study_description": "TC CEREBRO",
         "study_modality": "CT",
-        "study_num_series": 1,
-        "study_num_instances": 10,
-        "center": "CL-HOSP-01",
+        "study_series": 1,
+        "study_instances": 10,
+        "center": CENTER,
     }
     assert list(first) == list(client.DOCUMENT_KEYS)
     assert pacs.statuses() == {"sent": 3000}
@@ -62,8 +69,8 @@ def test_tick_sends_new_and_grown_studies_then_nothing(pacs, service, configs):
     assert client.main(configs) == 0
     assert service.study_pks() == sorted([new, old[1]])
     grown = next(d for d in service.documents if d["study_pk"] == old[1])
-    assert grown["study_num_series"] == 2
-    assert grown["study_num_instances"] == 15
+    assert grown["study_series"] == 2
+    assert grown["study_instances"] == 15
     assert grown["study_modality"] == "CT\\SR"
     service.clear()
 
@@ -79,7 +86,7 @@ def test_rewrite_within_the_same_second_is_sent_again(pacs, service, configs):
     assert client.main(configs) == 0
     pacs.execute("UPDATE study SET num_instances = 2 WHERE pk = %s", (study,))  # same updated_time
     assert client.main(configs) == 0
-    assert [d["study_num_instances"] for d in service.documents] == [1, 2]
+    assert [d["study_instances"] for d in service.documents] == [1, 2]
 
 
 def test_row_visible_late_with_lower_pk_and_older_updated_time_is_not_missed(

@@ -13,6 +13,8 @@ import client
 
 
 def _write(tmp_path, configs, name, change):
+    """Changes one file: None deletes it, a str replaces its text, a dict sets
+    fields ('database.port' inside "database"; KeyError removes one)."""
     path = tmp_path / name
     if change is None:
         path.unlink()
@@ -22,33 +24,41 @@ def _write(tmp_path, configs, name, change):
         return path
     data = json.loads(path.read_text())
     for key, value in change.items():
+        target = data
+        if key.startswith("database."):
+            target, key = data["database"], key[len("database.") :]
         if value is KeyError:
-            data.pop(key, None)
+            target.pop(key, None)
         else:
-            data[key] = value
+            target[key] = value
     path.write_text(json.dumps(data))
     return path
 
 
 CASES = [
     ("config.json", None, "config.json: file not found"),
-    ("config.json", '{"host": "x",', "config.json: invalid JSON at line 1 column 14"),
+    ("config.json", '{"database": {"host": "x",', "config.json: invalid JSON at line 1 column 27"),
     ("config.json", "[1, 2]", "config.json: must hold a JSON object"),
-    ("config.json", {"user": KeyError}, "config.json: field 'user' is missing"),
-    ("config.json", {"port": "tres mil"}, "config.json: field 'port' must be a number"),
-    ("config.json", {"port": 70000}, "config.json: field 'port' must be from 1 to 65535"),
-    ("config.json", {"database": ""}, "config.json: field 'database' is empty"),
+    ("config.json", {"database": KeyError}, "config.json: field 'database' is missing"),
+    ("config.json", {"database": "pacsdb"}, "config.json: field 'database' must be a JSON object"),
+    ("config.json", {"database.user": KeyError}, "config.json: field 'database.user' is missing"),
+    ("config.json", {"database.name": KeyError}, "config.json: field 'database.name' is missing"),
+    ("config.json", {"database.name": ""}, "config.json: field 'database.name' is empty"),
+    ("config.json", {"database.port": "tres mil"}, "field 'database.port' must be a number"),
+    ("config.json", {"database.port": 70000}, "field 'database.port' must be from 1 to 65535"),
+    ("config.json", {"database.password_file": "/no/such/pw"}, "'database.password_file' cannot"),
+    ("config.json", {"key": KeyError}, "config.json: field 'key' is missing or empty"),
+    ("config.json", {"key": " "}, "config.json: field 'key' is missing or empty"),
+    ("config.json", {"key_file": "/no/such/key"}, "config.json: field 'key_file' cannot be read"),
+    ("config.json", {"webservice_url": KeyError}, "config.json: field 'webservice_url' is missing"),
+    ("config.json", {"webservice_url": "ftp://x"}, "field 'webservice_url' must start with http"),
+    ("config.json", {"send_deletes": "yes"}, "field 'send_deletes' must be true or false"),
+    ("config.json", {"concurrency": 0}, "config.json: field 'concurrency' must be from 1 to 64"),
+    ("config.json", {"ca_bundle": "/no/such/ca.pem"}, "field 'ca_bundle': file not found"),
     ("server.json", None, "server.json: file not found"),
-    ("server.json", {"key": KeyError}, "server.json: field 'key' is missing or empty"),
-    ("server.json", {"key": " "}, "server.json: field 'key' is missing or empty"),
-    ("server.json", {"key_file": "/no/such/key"}, "field 'key_file' cannot be read"),
-    ("config.json", {"password_file": "/no/such/pw"}, "field 'password_file' cannot be read"),
-    ("server.json", {"send_deletes": "yes"}, "field 'send_deletes' must be true or false"),
-    ("server.json", {"center": KeyError}, "server.json: field 'center' is missing"),
-    ("server.json", {"center": 12}, "server.json: field 'center' must be a string"),
-    ("server.json", {"webservice_url": "ftp://x"}, "field 'webservice_url' must start with http"),
-    ("server.json", {"concurrency": 0}, "server.json: field 'concurrency' must be from 1 to 64"),
-    ("server.json", {"ca_bundle": "/no/such/ca.pem"}, "field 'ca_bundle': file not found"),
+    ("server.json", {"server": KeyError}, "server.json: field 'server' is missing"),
+    ("server.json", {"server": ""}, "server.json: field 'server' is empty"),
+    ("server.json", {"server": ["000"]}, "server.json: field 'server' must be a string"),
 ]
 
 
@@ -67,16 +77,15 @@ def test_configuration_error_is_one_line_with_exit_code_3(
 
 def test_port_as_number_or_string(tmp_path, pacs, service, configs):
     pacs.add_study(pacs.add_patient())
-    _write(tmp_path, configs, "config.json", {"port": 3306})
+    _write(tmp_path, configs, "config.json", {"database.port": 3306})
     assert client.main(configs) == 0
-    _write(tmp_path, configs, "config.json", {"port": "3306"})
+    _write(tmp_path, configs, "config.json", {"database.port": "3306"})
     assert client.main(configs) == 0
 
 
 def test_key_and_password_from_environment(tmp_path, pacs, service, configs, monkeypatch):
     pacs.add_study(pacs.add_patient())
-    _write(tmp_path, configs, "server.json", {"key": KeyError})
-    _write(tmp_path, configs, "config.json", {"password": "wrong"})
+    _write(tmp_path, configs, "config.json", {"key": KeyError, "database.password": "wrong"})
     monkeypatch.setenv("DICOM_INDEXER_KEY", "from-env")
     monkeypatch.setenv("DICOM_INDEXER_DB_PASSWORD", INDEXER_PASSWORD)
     assert client.main(["initial", *configs]) == 0
@@ -86,7 +95,12 @@ def test_key_and_password_from_environment(tmp_path, pacs, service, configs, mon
 def test_wrong_db_password_is_a_database_error_without_the_password(
     tmp_path, pacs, service, configs, capsys
 ):
-    _write(tmp_path, configs, "config.json", {"user": "nobody", "password": "s3cr3t-pw"})
+    _write(
+        tmp_path,
+        configs,
+        "config.json",
+        {"database.user": "nobody", "database.password": "s3cr3t-pw"},
+    )
     assert client.main(configs) == client.EXIT_DATABASE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -113,8 +127,75 @@ def test_no_traceback_from_the_script(tmp_path):
     assert result.stderr.count("\n") == 1
 
 
-def test_every_command_has_help():
+def test_every_command_has_help_and_every_exit_code_a_line():
     text = client.build_parser().format_help()
     for command in ("run", "initial", "retry-failed", "status", "check"):
         assert command in text
-    assert "exit codes" in text
+    codes = text.split("exit codes:\n", 1)[1]
+    assert [line.split()[0] for line in codes.splitlines()] == [
+        "0", "2", "3", "4", "5", "6", "7", "8", "9", "130"
+    ]  # fmt: skip
+    assert codes.endswith("recorded\n")
+
+
+def test_check_reports_every_problem_in_one_run(tmp_path, pacs, service, configs, capsys):
+    _write(tmp_path, configs, "config.json", {"key": "", "database.name": KeyError})
+    _write(tmp_path, configs, "server.json", {"server": ""})
+    assert client.main(["check", *configs]) == client.EXIT_CONFIG
+    lines = capsys.readouterr().out.splitlines()
+    config, server = tmp_path / "config.json", tmp_path / "server.json"
+    assert lines == [
+        f"FAILED  configuration: {config}: field 'database.name' is missing",
+        f"FAILED  configuration: {server}: field 'server' is empty: set it to the center's code",
+        f"FAILED  configuration: {config}: field 'key' is missing or empty"
+        " (or set key_file, or DICOM_INDEXER_KEY)",
+        f"skipped database: fix 'database' in {config} first",
+        "skipped webservice: fix the fields above first",
+    ]
+    assert service.attempts == []
+
+
+def test_check_still_tries_the_database_when_only_the_key_is_missing(
+    tmp_path, pacs, service, configs, capsys
+):
+    _write(tmp_path, configs, "config.json", {"key": KeyError})
+    assert client.main(["check", *configs]) == client.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert "FAILED  configuration: " in out
+    assert f"ok      database: connected to database '{pacs.name}'" in out
+    assert "ok      study_service and indexer_process are installed" in out
+
+
+def test_a_run_names_the_first_problem_and_counts_the_rest(
+    tmp_path, pacs, service, configs, capsys
+):
+    _write(tmp_path, configs, "config.json", {"key": "", "database.name": KeyError})
+    assert client.main(configs) == client.EXIT_CONFIG
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("field 'database.name' is missing (1 more: see client.py check)")
+
+
+def test_dry_run_prints_documents_without_a_key(tmp_path, pacs, service, configs, capsys):
+    study = pacs.add_study(pacs.add_patient())
+    pacs.execute("CALL indexer_process()")
+    _write(tmp_path, configs, "config.json", {"key": KeyError})
+    assert client.main(["--dry-run", *configs]) == 0
+    [document] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert document["study_pk"] == study
+    assert service.attempts == []
+
+
+@pytest.mark.parametrize("code, sent", [("000", "000"), ("0042", "0042"), (17, "17")])
+def test_center_code_is_sent_as_a_string_as_written(tmp_path, pacs, service, configs, code, sent):
+    pacs.add_study(pacs.add_patient())
+    _write(tmp_path, configs, "server.json", {"server": code})
+    assert client.main(configs) == 0
+    assert [doc["center"] for doc in service.documents] == [sent]
+
+
+def test_misspelt_field_is_named_in_a_warning(tmp_path, pacs, service, configs, capsys):
+    _write(tmp_path, configs, "config.json", {"concurency": 8, "database.hots": "x"})
+    assert client.main(["--dry-run", *configs]) == 0
+    err = capsys.readouterr().err
+    assert "config.json: unknown field 'concurency' ignored (misspelt?)" in err
+    assert "config.json: unknown field 'database.hots' ignored (misspelt?)" in err

@@ -23,6 +23,31 @@ ROW = {
 }
 
 
+# The original client's README ("Formato JSON para INSERT (POST)"): the names
+# the central service reads. Written out here, not taken from client.py, so
+# that a rename in the client fails this test.
+CONTRACT_KEYS = [
+    "patient_pk",
+    "patient_id",
+    "patient_name",
+    "study_pk",
+    "study_iuid",
+    "study_datetime",
+    "study_description",
+    "study_modality",
+    "study_series",
+    "study_instances",
+    "center",
+]
+
+
+def test_document_has_exactly_the_original_contracts_keys():
+    document = client.study_document(ROW, "000")
+    assert list(document) == CONTRACT_KEYS
+    assert list(client.DOCUMENT_KEYS) == CONTRACT_KEYS
+    assert document["center"] == "000"
+
+
 @pytest.mark.parametrize(
     "change, key, expected",
     [
@@ -41,8 +66,8 @@ ROW = {
         ({"pat_name": b"PE\xc3\x91A^ANA"}, "patient_name", "PEÑA^ANA"),
         ({"pat_name": b"PE\xd1A^ANA"}, "patient_name", "PEÑA^ANA"),  # latin-1 bytes
         ({"patient_pk": None, "pat_id": None, "pat_name": None}, "patient_pk", None),
-        ({}, "study_num_series", 3),
-        ({}, "study_num_instances", 254),
+        ({}, "study_series", 3),
+        ({}, "study_instances", 254),
         ({}, "center", "CL-01"),
         (
             {"study_desc": 'COMILLAS "DOBLES" \\ Y\x01CONTROL'},

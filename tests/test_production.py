@@ -94,10 +94,12 @@ def test_config_readable_by_others_warns_with_the_fix(pacs, service, tmp_path, c
     assert client.main(["--dry-run", *args]) == 0
     [warning] = _warnings(capsys.readouterr().err)
     assert warning.endswith(
-        f"{config} holds the database password and other users of this machine can read it;"
+        f"{config} holds the database password and the API key and other users of this"
+        " machine can read it;"
         f" fix: chmod 600 {config}"
     )
     config.chmod(0o600)
+    (tmp_path / "server.json").chmod(0o644)  # the center's code is no secret
     assert client.main(["--dry-run", *args]) == 0
     assert _warnings(capsys.readouterr().err) == []
 
@@ -111,8 +113,7 @@ def test_key_and_password_from_files(pacs, service, tmp_path):
         pacs.name,
         service.url,
         {"key": "", "key_file": str(tmp_path / "key")},
-        password="",
-        password_file=str(tmp_path / "db-password"),
+        {"password": "", "password_file": str(tmp_path / "db-password")},
     )
     assert client.main(args) == 0
     assert service.received[0].headers["X-Api-Key"] == "key-from-file"
