@@ -37,7 +37,7 @@ try:
 except ImportError:  # main() says so in one line, with the fix
     pymysql = None  # type: ignore[assignment]
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 
 log = logging.getLogger("dicom_indexer")
 

@@ -5,7 +5,7 @@
 --
 --   $ mysql -u root -p pacsdb
 --   mysql> SET @indexer_password = 'a-long-random-password';
---   mysql> SOURCE /srv/dicom-indexer/extras/grant_indexer.sql
+--   mysql> SOURCE /srv/dicom_indexer/extras/grant_indexer.sql
 --
 -- Optionally, before SOURCE: SET @indexer_user = 'dicom_indexer';
 -- SET @indexer_host = 'localhost';  (the host the client connects from)

@@ -15,7 +15,7 @@ import client
 
 
 def test_client_finds_its_config_beside_itself_from_another_directory(pacs, service, tmp_path):
-    install_dir = tmp_path / "srv" / "dicom-indexer"
+    install_dir = tmp_path / "srv" / "dicom_indexer"
     shutil.copytree(ROOT / "extras", install_dir / "extras")
     shutil.copy(ROOT / "client.py", install_dir / "client.py")
     write_configs(install_dir, pacs.name, service.url)
