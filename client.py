@@ -24,6 +24,7 @@ import logging.handlers
 import os
 import platform
 import random
+import signal
 import sys
 import time
 import urllib.parse
@@ -53,6 +54,7 @@ EXIT_KEY_REFUSED = 7  # the service answered 401/403: the key is wrong
 EXIT_LOCKED = 8  # another run holds the lock on this database
 EXIT_NO_PYTHON = 9  # this Python lacks the packages (extras/dicom_indexer.sh: or is too old)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (systemd stop, kill): what was acknowledged is recorded
 
 ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
 ENV_KEY = "DICOM_INDEXER_KEY"
@@ -943,11 +945,36 @@ class Pacs:
         }
 
 
+# What a PACS administrator can make of the errors that end a run midway:
+# the server restarted (a nightly backup), a DBA killed the connection, or
+# dcm4chee held a row too long. Nothing is lost: the next run carries on.
+LOST_CONNECTION = "the connection to the database was lost (server restarted or connection killed)"
+MID_RUN_REASONS = {
+    0: LOST_CONNECTION,
+    2006: LOST_CONNECTION,
+    2013: LOST_CONNECTION,
+    2055: LOST_CONNECTION,
+    1053: "the database server is shutting down",
+    1927: "the connection was killed",
+    1205: "lock wait timeout: a PACS transaction held the rows",
+    1213: "deadlock with a PACS transaction",
+}
+
+
 def _mysql_message(exc: Exception) -> str:
-    """'(1045) Access denied ...' from a PyMySQL error; it never holds the password."""
+    """'(1045) Access denied ...' from a PyMySQL error; it never holds the
+    password. Errors that say little by themselves (a killed connection is
+    "(0) ") get the reason in words."""
     args = getattr(exc, "args", ())
-    if len(args) >= 2:
-        return f"({args[0]}) {args[1]}"
+    code = args[0] if args else None
+    text = " ".join(str(args[1]).split()) if len(args) >= 2 else ""
+    reason = MID_RUN_REASONS.get(code) if isinstance(code, int) else None
+    if reason and text:
+        return f"{reason} ({code}: {text})"
+    if reason:
+        return reason
+    if text:
+        return f"({code}) {text}"
     return str(exc) or type(exc).__name__
 
 
@@ -1212,6 +1239,43 @@ def _safe_url(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+# After SIGTERM, requests already in flight may finish for this long (their
+# answers are recorded); systemd's default stop timeout is 90 s, a shutdown's
+# patience often 10 s.
+TERMINATION_GRACE_SECONDS = 7.0
+
+
+class Termination:
+    """SIGTERM (systemd stop, kill) asks a run to end soon: it takes no new
+    study, lets the requests in flight finish for TERMINATION_GRACE_SECONDS,
+    records every acknowledgement it has and exits 143. The handler only sets
+    a flag: raising inside whatever the main thread was doing (writing
+    acknowledgements, say) could lose them."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.event = threading.Event()
+        self.at: float | None = None
+
+    def request(self, signum: int = 0, frame: Any = None) -> None:
+        self.at = time.monotonic()
+        self.event.set()
+
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def grace_over(self) -> bool:
+        return self.at is not None and time.monotonic() - self.at > TERMINATION_GRACE_SECONDS
+
+    def reset(self) -> None:
+        self.at = None
+        self.event.clear()
+
+
+TERMINATION = Termination()
+
+
 class RateCap:
     """Keeps a loop at or under `per_second` items per second on average
     (0: no cap): a light, steady load on the PACS instead of a burst."""
@@ -1432,11 +1496,35 @@ def deliver_pending(
                     stopping.set()
             block = False
 
+    def terminated() -> bool:
+        if TERMINATION.requested() and not report.stopped:
+            report.stopped = "terminated (SIGTERM): no new study taken"
+            report.exit_code = EXIT_TERMINATED
+            stopping.set()
+        return TERMINATION.requested()
+
+    def submit(job: tuple[Outcome, bytes]) -> bool:
+        """Hands a study to the workers; False if SIGTERM came while all
+        were busy (the study stays pending)."""
+        while True:
+            try:
+                jobs.put(job, timeout=ACK_FLUSH_SECONDS / 4)
+                return True
+            except queue.Full:
+                settle_answers()
+                delivery.flush()
+                if terminated():
+                    return False
+
+    def bounded_frontier(reached: int) -> int | None:
+        # After SIGTERM, stop waiting for the initial load's next page.
+        return None if frontier is None or TERMINATION.requested() else frontier(reached)
+
     submitted = 0
     cap = RateCap(settings.max_studies_per_second)
     try:
-        for row in pacs.pending_studies(frontier):
-            if report.stopped or (limit is not None and submitted >= limit):
+        for row in pacs.pending_studies(bounded_frontier if frontier else None):
+            if terminated() or report.stopped or (limit is not None and submitted >= limit):
                 break
             if row["study_pk"] is None:
                 # Deleted from dcm4chee after it was enqueued.
@@ -1459,7 +1547,8 @@ def deliver_pending(
                 delivery.skip_unchanged(row["study_pk"])
             else:
                 outcome = Outcome(row["study_pk"], version, row["study_iuid"])
-                jobs.put((outcome, body))
+                if not submit((outcome, body)):
+                    break
                 submitted += 1
                 cap.passed()
             settle_answers()
@@ -1474,6 +1563,10 @@ def deliver_pending(
         while any(worker.is_alive() for worker in workers):
             settle_answers(block=True)
             delivery.flush()
+            if terminated() and TERMINATION.grace_over():
+                # Still waiting on the service: those studies stay pending.
+                log.warning("requests still unanswered after SIGTERM: left pending")
+                break
         settle_answers()
         if dry_run_out is None and not report.stopped:
             _delete_gone(pacs, sender, delivery)
@@ -1694,7 +1787,7 @@ def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileRep
     bar = _progress_bar(pacs.count_studies, "reconciling")
     cap = RateCap(rate)
     try:
-        while limit is None or report.checked < limit:
+        while (limit is None or report.checked < limit) and not TERMINATION.requested():
             size = page_size if limit is None else min(page_size, limit - report.checked)
             page = pacs.reconcile_page(position, size)
             upto = page[-1]["study_pk"] if page else 2**63 - 1
@@ -1744,7 +1837,7 @@ def run_reconcile(settings: Settings, limit: int | None) -> int:
         result.untracked,
         "" if result.finished else "; the next reconcile carries on",
     )
-    return EXIT_OK
+    return EXIT_TERMINATED if TERMINATION.requested() else EXIT_OK
 
 
 def run_status(settings: Settings, as_json: bool) -> int:
@@ -1868,7 +1961,8 @@ EXIT_CODE_HELP = (
         EXIT_NO_PYTHON,
         "this Python lacks PyMySQL or requests (or, from the cron script, is too old)",
     ),
-    (EXIT_INTERRUPTED, "interrupted; what was acknowledged is recorded"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); what was acknowledged is recorded"),
+    (EXIT_TERMINATED, "terminated (SIGTERM); what was acknowledged is recorded"),
 )
 
 
@@ -1981,10 +2075,26 @@ LOG_FILE_BACKUPS = 5
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+class _LogFileHandler(logging.handlers.RotatingFileHandler):
+    """log_file, rotated by the logging library. When it cannot be written
+    midway (disk full, permissions changed), one warning on stderr instead of
+    logging's traceback for every line; the delivery goes on."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc
+        log.warning("cannot write log_file %s: %s; logging to it stops", self.baseFilename, reason)
+
+
 def _add_log_file(path: Path, verbose: bool) -> None:
     """Also log to a file, rotated by the logging library (10 MB x 5)."""
     try:
-        handler = logging.handlers.RotatingFileHandler(
+        handler = _LogFileHandler(
             path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
     except OSError as exc:
@@ -2070,6 +2180,9 @@ def main(argv: list[str] | None = None) -> int:
         if current < settings.nice:
             os.nice(settings.nice - current)
     exit_code = EXIT_OK
+    handles_sigterm = sending or args.command == "reconcile"
+    if handles_sigterm:
+        previous_handler = signal.signal(signal.SIGTERM, TERMINATION.request)
     try:
         if args.command == "status":
             exit_code = run_status(settings, args.json)
@@ -2090,6 +2203,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; what was acknowledged is recorded, the rest stays pending")
         exit_code = EXIT_INTERRUPTED
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous_handler)
+        TERMINATION.reset()
     if sending and settings.metrics_file:
         write_metrics(settings.metrics_file, report, exit_code)
     return exit_code

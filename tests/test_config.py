@@ -133,7 +133,7 @@ def test_every_command_has_help_and_every_exit_code_a_line():
         assert command in text
     codes = text.split("exit codes:\n", 1)[1]
     assert [line.split()[0] for line in codes.splitlines()] == [
-        "0", "2", "3", "4", "5", "6", "7", "8", "9", "130"
+        "0", "2", "3", "4", "5", "6", "7", "8", "9", "130", "143"
     ]  # fmt: skip
     assert codes.endswith("recorded\n")
 
