@@ -26,6 +26,7 @@ import platform
 import random
 import signal
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -521,6 +522,39 @@ RECORD_FAILURE = (
 MISSING_OBJECT_ERRORS = (1146, 1054, 1305, 1370, 1142, 1143)
 GRANT_HINT = "; if the indexer's own user lacks it, run extras/grant_indexer.sql (see README)"
 
+# What the indexer's user must be allowed (extras/grant_indexer.sql), each
+# probed by statements that touch no row.
+PRIVILEGE_PROBES = (
+    (
+        "SELECT on the columns of study it reads",
+        (
+            "SELECT pk, patient_fk, study_iuid, study_datetime, study_desc, mods_in_study,"
+            " num_series, num_instances, updated_time FROM study LIMIT 0",
+        ),
+    ),
+    (
+        "SELECT on the columns of patient it reads",
+        ("SELECT pk, pat_id, pat_name FROM patient LIMIT 0",),
+    ),
+    (
+        "SELECT, INSERT, UPDATE and DELETE on study_service",
+        (
+            "SELECT study_pk FROM study_service LIMIT 0",
+            "INSERT INTO study_service (study_pk) SELECT 0 FROM DUAL WHERE 1 = 0",
+            "UPDATE study_service SET attempts = attempts WHERE 1 = 0",
+            "DELETE FROM study_service WHERE 1 = 0",
+        ),
+    ),
+)
+# Must match recent_rows in indexer_process (extras/add_indexer.sql).
+RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
+# What indexer_process reads on each tick without study_updated, for `check`
+# to measure.
+TIME_RECENT_STUDIES = (
+    "SELECT COUNT(DISTINCT " + STUDY_VERSION_SQL + ") AS n FROM study s"
+    " WHERE s.pk > (SELECT IFNULL(MAX(pk), 0) FROM study) - %s"
+)
+
 # reconcile: a page of the archive with what its documents need and what the
 # service acknowledged for each; then the queue rows of that pk range whose
 # study is gone.
@@ -641,6 +675,49 @@ class Pacs:
         )
         if not procedures[0]["n"]:
             raise DatabaseError(f"procedure indexer_process is missing in {self.where}; {fix}")
+
+    def privilege_problems(self) -> list[str]:
+        """What the tick needs and this user may not do, found by statements
+        that touch no row (the server checks privileges before rows)."""
+        user = self.settings.db_user
+        problems = []
+        for what, statements in PRIVILEGE_PROBES:
+            for sql in statements:
+                try:
+                    self.query(sql)
+                except pymysql.MySQLError as exc:
+                    if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
+                        problems.append(f"user '{user}' lacks {what}: {_mysql_message(exc)}")
+                        break
+                    raise
+        return problems
+
+    def time_index(self) -> tuple[bool, str]:
+        """How indexer_process finds changed studies in this database: through
+        dcm4chee's study_updated index, or without it by re-reading the
+        newest studies (see extras/add_indexer.sql)."""
+        rows = self.query(
+            "SELECT INDEX_NAME AS name FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study'"
+            " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'updated_time'"
+        )
+        names = sorted({row["name"] for row in rows})
+        if "study_updated" in names:
+            return True, (
+                "index study_updated on study(updated_time): each tick reads only"
+                " the studies that changed"
+            )
+        started = time.monotonic()
+        self.query(TIME_RECENT_STUDIES, (RECENT_ROWS_WITHOUT_TIME_INDEX,))
+        cost_ms = (time.monotonic() - started) * 1000
+        other = f" (an index on it exists as '{names[0]}', another name)" if names else ""
+        return False, (
+            f"index study_updated on study(updated_time) is missing{other}: each tick"
+            f" re-reads the {RECENT_ROWS_WITHOUT_TIME_INDEX:,} newest studies"
+            f" ({cost_ms:.0f} ms here) and finds changes to older ones only with the nightly"
+            " `client.py reconcile`; to read only what changed, if your DBA agrees:"
+            " CREATE INDEX study_updated ON study (updated_time)"
+        )
 
     def explain(self, exc: pymysql.MySQLError) -> DatabaseError:
         """One line for a database error met mid-run. A missing table, column
@@ -1253,8 +1330,6 @@ class Termination:
     acknowledgements, say) could lose them."""
 
     def __init__(self) -> None:
-        import threading
-
         self.event = threading.Event()
         self.at: float | None = None
 
@@ -1450,7 +1525,6 @@ def deliver_pending(
     crash, at most max_resent_after_crash() studies are posted again.
     """
     import queue
-    import threading
 
     delivery = _Delivery(pacs, settings, report, total)
     # Plain queues rather than futures: the per-study overhead is what limits
@@ -1611,8 +1685,6 @@ class _InitialLoad:
     and paced by the sending: at most INITIAL_LEAD_PAGES pages ahead of it."""
 
     def __init__(self, settings: Settings) -> None:
-        import threading
-
         self.pacs = Pacs(settings)
         self.position = 0
         self.enqueued = 0
@@ -1940,6 +2012,14 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
             results.append(("ok", "study_service and indexer_process are installed and current", 0))
         except DatabaseError as exc:
             results.append(("FAILED", f"indexer: {exc}", EXIT_DATABASE))
+        else:
+            problems = pacs.privilege_problems()
+            fix = "; fix: run extras/grant_indexer.sql (see README)"
+            results += [("FAILED", f"privileges: {p}{fix}", EXIT_DATABASE) for p in problems]
+            if not problems:
+                results.append(("ok", f"privileges: {settings.db_user} may do what a run does", 0))
+        fast, message = pacs.time_index()
+        results.append(("ok" if fast else "warning", message, 0))
     except pymysql.MySQLError as exc:
         results.append(("FAILED", f"database: {_mysql_message(exc)}", EXIT_DATABASE))
     finally:
@@ -2180,7 +2260,10 @@ def main(argv: list[str] | None = None) -> int:
         if current < settings.nice:
             os.nice(settings.nice - current)
     exit_code = EXIT_OK
-    handles_sigterm = sending or args.command == "reconcile"
+    # Python takes signals in the main thread only (tests call main() elsewhere).
+    handles_sigterm = (sending or args.command == "reconcile") and (
+        threading.current_thread() is threading.main_thread()
+    )
     if handles_sigterm:
         previous_handler = signal.signal(signal.SIGTERM, TERMINATION.request)
     try:

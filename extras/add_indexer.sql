@@ -95,6 +95,13 @@ BEGIN
   -- Each call re-reads this many seconds: longer than any dcm4chee
   -- transaction plus the drift between the PACS's and the database's clocks.
   DECLARE safety_window_seconds INT DEFAULT 300;
+  -- Without dcm4chee's study_updated index (dropped by a DBA, or renamed),
+  -- rewrites cannot be found by time without scanning the table: each call
+  -- re-reads this many of the newest studies by primary key instead (where
+  -- series keep arriving), and `client.py reconcile` finds older rewrites.
+  -- `client.py check` reports which way this database is read.
+  DECLARE recent_rows INT DEFAULT 5000;
+  DECLARE has_time_index INT DEFAULT 0;
   DECLARE last_call DATETIME DEFAULT NULL;
   DECLARE now_time DATETIME DEFAULT NOW();
   DECLARE watermark DATETIME DEFAULT NULL;
@@ -107,6 +114,9 @@ BEGIN
   DECLARE known_version BINARY(16);
   DECLARE enqueued INT DEFAULT 0;
   DECLARE done INT DEFAULT 0;
+  -- A zero updated_time ('0000-00-00', from years of a permissive sql_mode)
+  -- is read as NULL: under a strict sql_mode, fetching it into a DATETIME
+  -- variable fails, and every call with it.
   -- Plain (non-locking) reads of study, so dcm4chee's writes never wait on
   -- this procedure. The version covers every study column the document
   -- carries plus updated_time: updated_time has second precision, and two
@@ -115,7 +125,7 @@ BEGIN
     -- STRAIGHT_JOIN and the forced indexes keep the plan O(changes) whatever
     -- the statistics say (after a burst of rewrites they lag): the few
     -- touched pks first, then each study and queue row by primary key.
-    SELECT STRAIGHT_JOIN s.pk, s.updated_time,
+    SELECT STRAIGHT_JOIN s.pk, IF(s.updated_time >= '1000-01-01', s.updated_time, NULL),
            UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series,
                s.num_instances, IFNULL(s.mods_in_study, ''),
                IFNULL(s.patient_fk, ''), s.study_iuid,
@@ -132,7 +142,28 @@ BEGIN
       JOIN study s ON s.pk = touched.pk
       LEFT JOIN study_service q ON q.study_pk = s.pk
     HAVING NOT (enqueued_version <=> version);
+  -- The same rows and version, for a study table without study_updated, but
+  -- looked for among the newest studies only, by primary key. (A cursor
+  -- naming a missing index fails only when opened, so both can be declared.)
+  DECLARE recent_studies CURSOR FOR
+    SELECT STRAIGHT_JOIN s.pk, IF(s.updated_time >= '1000-01-01', s.updated_time, NULL),
+           UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series,
+               s.num_instances, IFNULL(s.mods_in_study, ''),
+               IFNULL(s.patient_fk, ''), s.study_iuid,
+               IFNULL(s.study_datetime, ''),
+               IFNULL(s.study_desc, '')))) AS version,
+           q.study_version AS enqueued_version
+      FROM study s FORCE INDEX (PRIMARY)
+      LEFT JOIN study_service q ON q.study_pk = s.pk
+     WHERE s.pk > scan_from_pk
+       AND (s.updated_time >= scan_from_time OR s.pk > highest_pk)
+    HAVING NOT (enqueued_version <=> version);
   DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1;
+
+  SELECT COUNT(*) INTO has_time_index FROM information_schema.STATISTICS
+   WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study'
+     AND INDEX_NAME = 'study_updated' AND SEQ_IN_INDEX = 1
+     AND COLUMN_NAME = 'updated_time';
 
   START TRANSACTION;
   -- FOR UPDATE serialises two calls at once (two servers on one database).
@@ -163,9 +194,18 @@ BEGIN
                        - INTERVAL safety_window_seconds SECOND;
   SET scan_from_pk = highest_pk;
 
-  OPEN changed_studies;
+  IF has_time_index THEN
+    OPEN changed_studies;
+  ELSE
+    SET scan_from_pk = GREATEST(highest_pk - recent_rows, 0);
+    OPEN recent_studies;
+  END IF;
   read_loop: LOOP
-    FETCH changed_studies INTO row_pk, row_updated, row_version, known_version;
+    IF has_time_index THEN
+      FETCH changed_studies INTO row_pk, row_updated, row_version, known_version;
+    ELSE
+      FETCH recent_studies INTO row_pk, row_updated, row_version, known_version;
+    END IF;
     IF done THEN
       LEAVE read_loop;
     END IF;
@@ -185,7 +225,11 @@ BEGIN
       SET highest_pk = row_pk;
     END IF;
   END LOOP;
-  CLOSE changed_studies;
+  IF has_time_index THEN
+    CLOSE changed_studies;
+  ELSE
+    CLOSE recent_studies;
+  END IF;
 
   UPDATE study_service
      SET study_updated_time = watermark, cursor_pk = highest_pk, enqueued_at = now_time

@@ -149,17 +149,21 @@ def test_sql_is_portable_and_names_no_database():
 # --------------------------------------------------------------------------
 
 
-def _procedure_cursor_select() -> str:
-    match = re.search(r"DECLARE changed_studies CURSOR FOR\s+(.*?);", SQL_TEXT, re.S)
-    assert match, "the cursor of indexer_process was not found"
+def _procedure_cursor_select(cursor: str) -> str:
+    match = re.search(rf"DECLARE {cursor} CURSOR FOR\s+(.*?);", SQL_TEXT, re.S)
+    assert match, f"the cursor {cursor} of indexer_process was not found"
     select = re.sub(r"--[^\n]*", "", match.group(1))
-    return select.replace("scan_from_time", "NOW() - INTERVAL 600 SECOND").replace(
-        "scan_from_pk", "(SELECT MAX(pk) FROM study)"
+    return (
+        select.replace("scan_from_time", "NOW() - INTERVAL 600 SECOND")
+        .replace("scan_from_pk", "(SELECT MAX(pk) - 5000 FROM study)")
+        .replace("highest_pk", "(SELECT MAX(pk) FROM study)")
     )
 
 
 TICK_QUERIES = {
-    "indexer_process cursor": (_procedure_cursor_select(), None),
+    "indexer_process cursor": (_procedure_cursor_select("changed_studies"), None),
+    # Without the study_updated index (see tests/test_variants.py).
+    "indexer_process recent cursor": (_procedure_cursor_select("recent_studies"), None),
     "indexer_process watermark": (
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
