@@ -1,0 +1,779 @@
+#!/usr/bin/env python3
+"""The storm: proves that the central index converges to what the PACS holds,
+whatever fails along the way.
+
+A dcm4chee-like writer keeps storing (new studies, more series, patient edits
+and merges, deletions, some of it committed late) into a private MariaDB
+server made for the run, while `client.py` ticks every few seconds as cron
+would, and faults are injected at random, each several times:
+
+  sigkill, sigterm     the tick killed (kill -9) or stopped (systemd) mid-run
+  db_restart           the database server shut down and started again
+  kill_connection      the client's connections killed (KILL <id>)
+  service_down         the central service refusing connections
+  service_503          ... answering 503
+  service_slow         ... answering after the client's read timeout
+  service_cut          ... closing connections before answering
+  reconcile_beside     `client.py reconcile` started beside a tick
+
+Then the faults stop; one `client.py reconcile` and one `client.py` run (with
+send_deletes), and every study is compared: the last document the service
+accepted must equal the one built from the database now, every deleted study
+must have been DELETEd, nothing else may be in the index, and every
+study_service row must say sent or deleted.
+
+    python extras/storm.py --seconds 1800          # the long run
+    python extras/storm.py --seconds 90 --json storm.json
+
+Needs mariadbd and mariadb-install-db (the MariaDB server package) and the
+mariadb (or mysql) command-line client; it runs as the user it is started by.
+tests/test_storm.py runs a bounded storm in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import http.server
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema.sql"
+INDEXER_SQL = ROOT / "extras" / "add_indexer.sql"
+CLIENT = ROOT / "client.py"
+
+FAULTS = (
+    "sigkill",
+    "sigterm",
+    "db_restart",
+    "kill_connection",
+    "service_down",
+    "service_503",
+    "service_slow",
+    "service_cut",
+    "reconcile_beside",
+)
+TICK_INTERVAL_SECONDS = 2.0
+READ_TIMEOUT_SECONDS = 1.0  # the client's; service_slow answers later than this
+SERVICE_FAULT_SECONDS = (2.0, 5.0)  # how long a service fault lasts
+LATE_COMMIT_SECONDS = (1.0, 6.0)  # how long a late transaction stays open
+ARCHIVE_STUDIES = 400  # stored before the indexer is installed: sent by `initial`
+CENTER = "007"
+DATABASE = "storm_pacs"
+INDEXER_USER, INDEXER_PASSWORD = "storm_indexer", "storm-indexer-pw"
+PACS_USER, PACS_PASSWORD = "storm_pacs", "storm-pacs-pw"
+MYSQL_CLIENT = shutil.which("mariadb") or shutil.which("mysql") or "mysql"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# A private MariaDB server, so that restarting it touches nothing else
+# --------------------------------------------------------------------------
+
+
+class PrivateMariaDB:
+    """mariadbd on its own port, socket and data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.datadir = directory / "data"
+        self.socket = directory / "mysqld.sock"
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log = directory / "mariadbd.log"
+
+    def install(self) -> None:
+        installer = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+        if installer is None:
+            raise RuntimeError("mariadb-install-db not found (MariaDB server package)")
+        subprocess.run(
+            [
+                installer,
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--user=" + _os_user(),
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        daemon = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+        self.process = subprocess.Popen(
+            [
+                daemon,
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                f"--socket={self.socket}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                "--user=" + _os_user(),
+                f"--pid-file={self.directory / 'mariadbd.pid'}",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-log-file-size=32M",
+                "--skip-log-bin",
+                "--max-connections=200",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),  # noqa: SIM115 (closed with the process)
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.admin("SELECT 1")
+                return
+            except (pymysql.MySQLError, OSError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mariadbd did not start; see {self.log}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """A clean shutdown, as a service manager does for a nightly backup."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self, down_seconds: float) -> None:
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+    def admin(self, sql: str, args: Any = None, database: str | None = None) -> list[dict]:
+        conn = pymysql.connect(
+            unix_socket=str(self.socket),
+            user="root",
+            database=database,
+            autocommit=True,
+            cursorclass=pymysql.cursors.DictCursor,
+            connect_timeout=2,
+        )
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def run_file(self, database: str, path: Path) -> None:
+        with open(path, "rb") as stdin:
+            subprocess.run(
+                [MYSQL_CLIENT, f"--socket={self.socket}", "-uroot", database],
+                stdin=stdin,
+                check=True,
+                capture_output=True,
+            )
+
+    def connect(self, user: str, password: str) -> Any:
+        return pymysql.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=user,
+            password=password,
+            database=DATABASE,
+            charset="utf8mb4",
+            autocommit=True,
+            cursorclass=pymysql.cursors.DictCursor,
+            connect_timeout=2,
+            read_timeout=30,
+            write_timeout=30,
+        )
+
+
+def _os_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+# --------------------------------------------------------------------------
+# The central service, on loopback, with faults on demand
+# --------------------------------------------------------------------------
+
+
+class CentralIndex:
+    """What the central service holds: the last document accepted per study.
+
+    A request is recorded when it is received, before the answer is written:
+    a service commits, then answers; an answer lost on the way (a cut, a
+    timeout) does not undo what it stored."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.documents: dict[int, dict] = {}
+        self.posts: collections.Counter = collections.Counter()
+        self.deletes: collections.Counter = collections.Counter()
+        self.mode = "ok"
+        self.port = free_port()
+        self.server: http.server.ThreadingHTTPServer | None = None
+        self.open()
+
+    def open(self) -> None:
+        index = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self, status: int, extra: dict | None = None) -> None:
+                self.send_response(status)
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                mode = index.mode
+                if self.command == "GET":
+                    self._answer(200)
+                    return
+                if mode == "503":
+                    self._answer(503, {"Retry-After": "1"})
+                    return
+                document = json.loads(body)
+                with index.lock:
+                    pk = document["study_pk"]
+                    if self.command == "POST":
+                        index.documents[pk] = document
+                        index.posts[pk] += 1
+                    else:
+                        index.documents.pop(pk, None)
+                        index.deletes[pk] += 1
+                if mode == "cut":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if mode == "slow":
+                    time.sleep(READ_TIMEOUT_SECONDS + 0.5)
+                with contextlib.suppress(OSError):
+                    self._answer(201)
+
+            do_POST = do_DELETE = do_GET = _handle
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def set_mode(self, mode: str) -> None:
+        if mode == "down" and self.server is not None:
+            self.close()
+        elif mode != "down" and self.server is None:
+            self.open()
+        self.mode = mode
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1/register"
+
+
+# --------------------------------------------------------------------------
+# dcm4chee: what it does to its tables while images arrive
+# --------------------------------------------------------------------------
+
+
+class Dcm4cheeWriter(threading.Thread):
+    """Stores, edits, merges and deletes as dcm4chee does, until stopped; a
+    database that is down is waited for, as dcm4chee's own pool would."""
+
+    def __init__(self, db: PrivateMariaDB, rng: random.Random) -> None:
+        super().__init__(name="dcm4chee-writer", daemon=True)
+        self.db = db
+        self.rng = rng
+        self.stopping = threading.Event()
+        self.counts: collections.Counter = collections.Counter()
+        self.late: list[threading.Thread] = []
+        self.uid = 0
+
+    def run(self) -> None:
+        conn = None
+        while not self.stopping.is_set():
+            try:
+                if conn is None:
+                    conn = self.db.connect(PACS_USER, PACS_PASSWORD)
+                self.act(conn)
+            except (pymysql.MySQLError, OSError):
+                self.counts["failed while the database was away"] += 1
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+                time.sleep(0.2)
+            time.sleep(self.rng.uniform(0.01, 0.05))
+        with contextlib.suppress(Exception):
+            conn.close()
+        for thread in self.late:
+            thread.join()
+
+    def next_uid(self) -> str:
+        self.uid += 1
+        return f"1.2.826.0.1.3680043.9.{os.getpid()}.{self.uid}"
+
+    def act(self, conn: Any) -> None:
+        roll = self.rng.random()
+        if roll < 0.45:
+            self.store_study(conn, late=self.rng.random() < 0.1)
+        elif roll < 0.80:
+            self.store_series(conn, late=self.rng.random() < 0.1)
+        elif roll < 0.88:
+            self.edit_patient(conn)
+        elif roll < 0.93:
+            self.merge_patients(conn)
+        elif roll < 0.97:
+            self.delete_study(conn)
+
+    def _pick(self, conn: Any, table: str) -> int | None:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT MAX(pk) AS m FROM {table}")
+            top = cur.fetchone()["m"]
+            if not top:
+                return None
+            # Recent rows more often, as in a PACS: series arrive for recent studies.
+            low = max(1, top - 200) if self.rng.random() < 0.8 else 1
+            cur.execute(
+                f"SELECT pk FROM {table} WHERE pk >= %s ORDER BY pk LIMIT 1",
+                (self.rng.randint(low, top),),
+            )
+            row = cur.fetchone()
+            return row["pk"] if row else None
+
+    def _late(self, work: Any) -> None:
+        """Runs work(cursor) in a transaction that stays open a few seconds:
+        its updated_time is older than rows committed meanwhile."""
+
+        def run() -> None:
+            try:
+                conn = self.db.connect(PACS_USER, PACS_PASSWORD)
+                with conn:
+                    conn.begin()
+                    with conn.cursor() as cur:
+                        work(cur)
+                    time.sleep(self.rng.uniform(*LATE_COMMIT_SECONDS))
+                    conn.commit()
+                self.counts["late commits"] += 1
+            except (pymysql.MySQLError, OSError):
+                self.counts["late commits lost to a restart"] += 1
+
+        thread = threading.Thread(target=run, daemon=True)
+        self.late.append(thread)
+        thread.start()
+
+    def store_study(self, conn: Any, late: bool) -> None:
+        patient = self._pick(conn, "patient") if self.rng.random() < 0.5 else None
+
+        def work(cur: Any) -> None:
+            nonlocal patient
+            if patient is None:
+                n = self.rng.randint(1, 10**7)
+                cur.execute(
+                    "INSERT INTO patient (pat_id, pat_name, created_time, updated_time)"
+                    " VALUES (%s, %s, NOW(), NOW())",
+                    (f"{n}-{n % 10}", f"PACIENTE^NÚMERO{n}^ÑANDÚ"),
+                )
+                patient = cur.lastrowid
+            cur.execute(
+                "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
+                " mods_in_study, num_series, num_instances, availability, study_status,"
+                " created_time, updated_time) VALUES (%s, %s, NOW(), 'TC CEREBRO', 'CT',"
+                " 1, %s, 0, 0, NOW(), NOW())",
+                (patient, self.next_uid(), self.rng.randint(1, 300)),
+            )
+
+        if late:
+            self._late(work)
+        else:
+            with conn.cursor() as cur:
+                work(cur)
+        self.counts["studies stored"] += 1
+
+    def store_series(self, conn: Any, late: bool) -> None:
+        study = self._pick(conn, "study")
+        if study is None:
+            return
+
+        def work(cur: Any) -> None:
+            cur.execute(
+                "UPDATE study SET num_series = num_series + 1, num_instances = num_instances + %s,"
+                " mods_in_study = %s, updated_time = NOW() WHERE pk = %s",
+                (self.rng.randint(1, 50), self.rng.choice(["CT\\SR", "MR", "CT\\PR"]), study),
+            )
+
+        if late:
+            self._late(work)
+        else:
+            with conn.cursor() as cur:
+                work(cur)
+        self.counts["series stored"] += 1
+
+    def edit_patient(self, conn: Any) -> None:
+        patient = self._pick(conn, "patient")
+        if patient is not None:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "UPDATE patient SET pat_name = %s, updated_time = NOW() WHERE pk = %s",
+                    (f"CORREGIDO^{self.rng.randint(1, 999)}^JOSÉ", patient),
+                )
+            self.counts["patient edits"] += 1
+
+    def merge_patients(self, conn: Any) -> None:
+        prior, dominant = self._pick(conn, "patient"), self._pick(conn, "patient")
+        if prior is None or dominant is None or prior == dominant:
+            return
+        conn.begin()
+        with conn.cursor() as cur:
+            # Moves the studies; their updated_time is left as it was (the
+            # worst case: only reconcile can see the move).
+            cur.execute("UPDATE study SET patient_fk = %s WHERE patient_fk = %s", (dominant, prior))
+            cur.execute("UPDATE patient SET merge_fk = %s WHERE pk = %s", (dominant, prior))
+        conn.commit()
+        self.counts["patient merges"] += 1
+
+    def delete_study(self, conn: Any) -> None:
+        study = self._pick(conn, "study")
+        if study is not None:
+            with conn.cursor() as cur:
+                cur.execute("DELETE FROM study WHERE pk = %s", (study,))
+            self.counts["studies deleted"] += 1
+
+
+# --------------------------------------------------------------------------
+# The storm
+# --------------------------------------------------------------------------
+
+
+class Storm:
+    def __init__(self, directory: Path, seconds: float, seed: int, repeats: int) -> None:
+        self.directory = directory
+        self.seconds = seconds
+        self.rng = random.Random(seed)
+        self.repeats = repeats
+        self.db = PrivateMariaDB(directory / "mariadb")
+        self.index = CentralIndex()
+        self.ticks: list[subprocess.Popen] = []
+        self.exit_codes: collections.Counter = collections.Counter()
+        self.faults: collections.Counter = collections.Counter()
+        self.service_fault_until = 0.0
+        self.log_lines: list[str] = []
+
+    # -- set-up -------------------------------------------------------------
+
+    def prepare(self) -> None:
+        (self.directory / "mariadb").mkdir(parents=True, exist_ok=True)
+        self.db.install()
+        self.db.start()
+        self.db.admin(f"CREATE DATABASE {DATABASE} CHARACTER SET latin1")
+        self.db.run_file(DATABASE, SCHEMA_SQL)
+        for user, password in ((INDEXER_USER, INDEXER_PASSWORD), (PACS_USER, PACS_PASSWORD)):
+            self.db.admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+            self.db.admin(f"GRANT ALL ON {DATABASE}.* TO '{user}'@'%'")
+        # An archive from before the install, for `initial`.
+        conn = self.db.connect(PACS_USER, PACS_PASSWORD)
+        with conn, conn.cursor() as cur:
+            for i in range(ARCHIVE_STUDIES):
+                if i % 2 == 0:
+                    cur.execute(
+                        "INSERT INTO patient (pat_id, pat_name, created_time, updated_time)"
+                        " VALUES (%s, %s, '2019-03-04', '2019-03-04')",
+                        (f"{10000000 + i}-{i % 10}", f"ARCHIVO^{i}"),
+                    )
+                    patient = cur.lastrowid
+                cur.execute(
+                    "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
+                    " mods_in_study, num_series, num_instances, availability, study_status,"
+                    " created_time, updated_time) VALUES (%s, %s, '2019-03-04 10:00:00',"
+                    " 'RX TORAX', 'CR', 1, 2, 0, 0, '2019-03-04', '2019-03-04')",
+                    (patient, f"1.2.3.archive.{i}"),
+                )
+        self.db.run_file(DATABASE, INDEXER_SQL)
+        config = {
+            "database": {
+                "host": "127.0.0.1",
+                "port": self.db.port,
+                "user": INDEXER_USER,
+                "password": INDEXER_PASSWORD,
+                "name": DATABASE,
+            },
+            "key": "storm-key",
+            "webservice_url": self.index.url,
+            "send_deletes": True,
+            "concurrency": 4,
+            "page_size": 100,
+            "read_timeout_seconds": READ_TIMEOUT_SECONDS,
+            "connect_timeout_seconds": 1,
+            "max_retries": 1,
+            "backoff_seconds": 0.05,
+            "reconcile_rows_per_second": 20000,
+            "nice": 0,
+        }
+        (self.directory / "config.json").write_text(json.dumps(config))
+        (self.directory / "server.json").write_text(json.dumps({"server": CENTER}))
+        for name in ("config.json", "server.json"):
+            (self.directory / name).chmod(0o600)
+
+    def client(self, *command: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(CLIENT),
+                *command,
+                "-q",
+                "--config",
+                str(self.directory / "config.json"),
+                "--server",
+                str(self.directory / "server.json"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def say(self, text: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {text}"
+        self.log_lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    # -- the storm ----------------------------------------------------------
+
+    def reap(self) -> None:
+        for process in list(self.ticks):
+            code = process.poll()
+            if code is not None:
+                _, err = process.communicate()
+                self.exit_codes[code] += 1
+                self.ticks.remove(process)
+                # -9: killed; -15: SIGTERM before the client set its handler
+                # (still importing), with nothing started.
+                if code not in (0, 4, 5, 8, 143, -9, -15) or "Traceback" in err:
+                    self.say(f"unexpected: exit {code}: {err.strip()[-500:]}")
+                    self.exit_codes["unexpected"] += 1
+
+    def running_tick(self) -> subprocess.Popen:
+        if not self.ticks:
+            self.ticks.append(self.client())
+            time.sleep(self.rng.uniform(0.5, 1.5))  # mid-run, mostly
+        return self.ticks[-1]
+
+    def inject(self, fault: str) -> None:
+        self.faults[fault] += 1
+        self.say(f"fault: {fault}")
+        if fault in ("sigkill", "sigterm"):
+            tick = self.running_tick()
+            tick.send_signal(signal.SIGKILL if fault == "sigkill" else signal.SIGTERM)
+        elif fault == "db_restart":
+            self.running_tick()
+            self.db.restart(down_seconds=self.rng.uniform(0.5, 3.0))
+        elif fault == "kill_connection":
+            self.running_tick()
+            with contextlib.suppress(pymysql.MySQLError):
+                for row in self.db.admin(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s",
+                    (INDEXER_USER,),
+                ):
+                    with contextlib.suppress(pymysql.MySQLError):
+                        self.db.admin(f"KILL {int(row['ID'])}")
+        elif fault.startswith("service_"):
+            self.index.set_mode(fault[len("service_") :])
+            self.service_fault_until = time.monotonic() + self.rng.uniform(*SERVICE_FAULT_SECONDS)
+        elif fault == "reconcile_beside":
+            self.running_tick()
+            self.ticks.append(self.client("reconcile"))
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self.prepare()
+        writer = Dcm4cheeWriter(self.db, self.rng)
+        writer.start()
+        self.ticks.append(self.client("initial"))
+        schedule = sorted(
+            (self.rng.uniform(0.05, 0.95) * self.seconds, fault)
+            for fault in FAULTS
+            for _ in range(self.repeats)
+        )
+        storm_started = time.monotonic()
+        last_tick = storm_started
+        while time.monotonic() - storm_started < self.seconds or schedule:
+            now = time.monotonic() - storm_started
+            self.reap()
+            if self.service_fault_until and time.monotonic() > self.service_fault_until:
+                self.index.set_mode("ok")
+                self.service_fault_until = 0.0
+            if schedule and schedule[0][0] <= now and not self.service_fault_until:
+                self.inject(schedule.pop(0)[1])
+            if not self.ticks and time.monotonic() - last_tick >= TICK_INTERVAL_SECONDS:
+                self.ticks.append(self.client())  # cron
+                last_tick = time.monotonic()
+            time.sleep(0.05)
+        self.say("faults stop")
+        writer.stopping.set()
+        writer.join()
+        self.index.set_mode("ok")
+        for process in self.ticks:
+            process.wait()
+        self.reap()
+        storm_seconds = time.monotonic() - storm_started
+
+        final_codes = []
+        for command in (("reconcile",), ()):
+            process = self.client(*command)
+            _, err = process.communicate()
+            final_codes.append(process.returncode)
+            if process.returncode != 0:
+                self.say(f"final {' '.join(command) or 'run'}: exit {process.returncode}: {err}")
+        differences = self.compare()
+        posts = sum(self.index.posts.values())
+        db_studies = len(self.expected_documents())
+        result = {
+            "seconds": round(storm_seconds, 1),
+            "total_seconds": round(time.monotonic() - started, 1),
+            "faults": dict(sorted(self.faults.items())),
+            "tick_exit_codes": {str(k): v for k, v in sorted(self.exit_codes.items(), key=str)},
+            "writer": dict(sorted(writer.counts.items())),
+            "studies_in_pacs": db_studies,
+            "posts": posts,
+            "studies_posted": len(self.index.posts),
+            "posts_per_study": round(posts / max(1, len(self.index.posts)), 2),
+            "max_posts_one_study": max(self.index.posts.values(), default=0),
+            "deletes": sum(self.index.deletes.values()),
+            "final_exit_codes": final_codes,
+            "differences": differences,
+        }
+        return result
+
+    # -- the verdict --------------------------------------------------------
+
+    def expected_documents(self) -> dict[int, dict]:
+        rows = self.db.admin(
+            "SELECT s.pk, s.study_iuid, s.study_datetime, s.study_desc, s.mods_in_study,"
+            " s.num_series, s.num_instances, p.pk AS patient_pk, p.pat_id, p.pat_name"
+            " FROM study s LEFT JOIN patient p ON p.pk = s.patient_fk",
+            database=DATABASE,
+        )
+        return {
+            row["pk"]: {
+                "patient_pk": row["patient_pk"],
+                "patient_id": _text(row["pat_id"]),
+                "patient_name": _text(row["pat_name"]),
+                "study_pk": row["pk"],
+                "study_iuid": _text(row["study_iuid"]),
+                "study_datetime": row["study_datetime"].strftime("%Y-%m-%d %H:%M:%S")
+                if row["study_datetime"]
+                else None,
+                "study_description": _text(row["study_desc"]),
+                "study_modality": _text(row["mods_in_study"]),
+                "study_series": row["num_series"],
+                "study_instances": row["num_instances"],
+                "center": CENTER,
+            }
+            for row in rows
+        }
+
+    def compare(self) -> list[str]:
+        expected = self.expected_documents()
+        differences = []
+        for pk, document in expected.items():
+            held = self.index.documents.get(pk)
+            if held != document:
+                differences.append(f"study {pk}: index holds {held}, PACS has {document}")
+        for pk in sorted(set(self.index.documents) - set(expected)):
+            differences.append(f"study {pk}: deleted from the PACS, still in the index")
+        rows = self.db.admin(
+            "SELECT study_pk, status FROM study_service WHERE study_pk > 0"
+            " AND status NOT IN ('sent', 'deleted')",
+            database=DATABASE,
+        )
+        differences += [f"study_service {r['study_pk']}: status {r['status']}" for r in rows]
+        rows = self.db.admin(
+            "SELECT study_pk FROM study_service WHERE study_pk < 0", database=DATABASE
+        )
+        differences += [f"study_service bookkeeping row {r['study_pk']} left" for r in rows]
+        missing = set(expected) - {
+            r["study_pk"]
+            for r in self.db.admin("SELECT study_pk FROM study_service", database=DATABASE)
+        }
+        differences += [f"study {pk}: no study_service row" for pk in sorted(missing)]
+        return differences
+
+    def close(self) -> None:
+        for process in self.ticks:
+            with contextlib.suppress(OSError):
+                process.kill()
+        self.index.close()
+        self.db.stop()
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
+
+def run_storm(seconds: float, seed: int, repeats: int, keep: Path | None = None) -> dict:
+    """One storm in a temporary directory (or `keep`); returns its report."""
+    directory = keep or Path(tempfile.mkdtemp(prefix="dicom-indexer-storm-"))
+    storm = Storm(directory, seconds, seed, repeats)
+    try:
+        result = storm.run()
+        result["seed"] = seed
+        return result
+    finally:
+        storm.close()
+        if keep is None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=1800, help="how long faults go on")
+    parser.add_argument("--repeats", type=int, default=0, help="each fault at least this often")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(10**6)
+    # By default, about one fault every 20 s on a long run, at least 3 each.
+    repeats = args.repeats or max(3, int(args.seconds / 20 / len(FAULTS)))
+    result = run_storm(args.seconds, seed, repeats, args.keep)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0 if not result["differences"] and result["final_exit_codes"] == [0, 0] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The storm, bounded for CI: a dcm4chee-like writer, ticks every 2 s and
+every fault injected three times (extras/storm.py); then one reconcile and
+one run, and the central index must equal the PACS, study by study."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "extras"))
+import storm  # noqa: E402
+
+STORM_SECONDS = 75
+REPEATS = 3
+
+
+@pytest.mark.skipif(
+    not (shutil.which("mariadbd") or shutil.which("/usr/sbin/mariadbd"))
+    or not shutil.which("mariadb-install-db"),
+    reason="the storm needs a private MariaDB server (mariadbd, mariadb-install-db)",
+)
+def test_storm_ends_with_the_index_equal_to_the_pacs(capsys):
+    result = storm.run_storm(STORM_SECONDS, seed=20261128, repeats=REPEATS)
+    with capsys.disabled():
+        print(
+            f"\nstorm: {result['seconds']} s, faults {result['faults']},"
+            f" ticks {result['tick_exit_codes']}, writer {result['writer']},"
+            f" {result['studies_in_pacs']} studies in the PACS, {result['posts']} posts"
+            f" ({result['posts_per_study']} per study, at most {result['max_posts_one_study']}),"
+            f" {result['deletes']} deletes, differences {len(result['differences'])}"
+        )
+    assert result["differences"] == []
+    assert result["final_exit_codes"] == [0, 0]
+    assert all(result["faults"][fault] >= REPEATS for fault in storm.FAULTS)
+    assert "unexpected" not in result["tick_exit_codes"]
+    # The writer did each kind of thing, and the faults did bite.
+    for kind in ("studies stored", "series stored", "patient edits", "patient merges"):
+        assert result["writer"][kind] > 0, kind
+    assert result["writer"]["studies deleted"] > 0 and result["deletes"] > 0
+    assert result["writer"].get("late commits", 0) > 0
