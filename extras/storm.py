@@ -490,6 +490,7 @@ class Storm:
         self.exit_codes: collections.Counter = collections.Counter()
         self.faults: collections.Counter = collections.Counter()
         self.service_fault_until = 0.0
+        self.current = ""  # the fault being injected
         self.log_lines: list[str] = []
 
     # -- set-up -------------------------------------------------------------
@@ -584,18 +585,36 @@ class Storm:
                     self.say(f"unexpected: exit {code}: {err.strip()[-500:]}")
                     self.exit_codes["unexpected"] += 1
 
-    def running_tick(self) -> subprocess.Popen:
-        if not self.ticks:
-            self.ticks.append(self.client())
-            time.sleep(self.rng.uniform(0.5, 1.5))  # mid-run, mostly
-        return self.ticks[-1]
+    def running_tick(self) -> subprocess.Popen | None:
+        """A tick caught sending: a fault that should bite mid-run waits for
+        the service to receive a study after the tick started (a tick with
+        little to do lasts a fraction of a second)."""
+        self.reap()
+        live = [p for p in self.ticks if p.poll() is None and p.args[2:3] != ["reconcile"]]
+        tick = live[-1] if live else None
+        if tick is None:
+            tick = self.client()
+            self.ticks.append(tick)
+        posts = sum(self.index.posts.values())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and tick.poll() is None:
+            if sum(self.index.posts.values()) > posts:
+                time.sleep(self.rng.uniform(0, 0.05))
+                break
+            time.sleep(0.005)
+        if tick.poll() is None:
+            self.faults[self.current + " (mid-run)"] += 1
+            return tick
+        return None
 
     def inject(self, fault: str) -> None:
         self.faults[fault] += 1
+        self.current = fault
         self.say(f"fault: {fault}")
         if fault in ("sigkill", "sigterm"):
             tick = self.running_tick()
-            tick.send_signal(signal.SIGKILL if fault == "sigkill" else signal.SIGTERM)
+            if tick is not None:
+                tick.send_signal(signal.SIGKILL if fault == "sigkill" else signal.SIGTERM)
         elif fault == "db_restart":
             self.running_tick()
             self.db.restart(down_seconds=self.rng.uniform(0.5, 3.0))

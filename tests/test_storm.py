@@ -36,6 +36,10 @@ def test_storm_ends_with_the_index_equal_to_the_pacs(capsys):
     assert result["final_exit_codes"] == [0, 0]
     assert all(result["faults"][fault] >= REPEATS for fault in storm.FAULTS)
     assert "unexpected" not in result["tick_exit_codes"]
+    for fault in ("sigkill", "sigterm", "kill_connection", "db_restart"):
+        assert result["faults"].get(f"{fault} (mid-run)", 0) >= 1, fault
+    assert result["tick_exit_codes"].get("143", 0) >= 1  # SIGTERM handled mid-run
+    assert result["tick_exit_codes"].get("-9", 0) >= 1
     # The writer did each kind of thing, and the faults did bite.
     for kind in ("studies stored", "series stored", "patient edits", "patient merges"):
         assert result["writer"][kind] > 0, kind
