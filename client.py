@@ -157,6 +157,7 @@ class Settings:
     center: str
     config_path: Path = Path("config.json")
     server_path: Path = Path("server.json")
+    db_engine: str = "mysql"  # or "postgresql": PACS_ENGINES
     db_unix_socket: str | None = None
     page_size: int = 1000
     concurrency: int = 4
@@ -189,6 +190,7 @@ class Settings:
 
 
 _MISSING = object()
+DEFAULT_PORTS = {"mysql": 3306, "postgresql": 5432}
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -291,6 +293,13 @@ class _Fields:
         value = self.text(name, default=None)
         return Path(value) if value else None
 
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._value(name, default)
+        if value not in choices:
+            self._problem(name, "must be " + " or ".join(f'"{c}"' for c in choices))
+            return default
+        return value
+
     def flag(self, name: str, default: bool) -> bool:
         value = self._value(name, default)
         if not isinstance(value, bool):
@@ -365,9 +374,11 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         )
     top.ignore("server")  # the original's placeholder: "see server.json"
 
+    engine = db.choice("engine", default="mysql", choices=("mysql", "postgresql"))
     settings = Settings(
+        db_engine=engine,
         db_host=db.text("host", default="localhost"),
-        db_port=db.number("port", default=3306, minimum=1, maximum=65535),
+        db_port=db.number("port", default=DEFAULT_PORTS[engine], minimum=1, maximum=65535),
         db_user=db.text("user"),
         db_password=password,
         db_name=db.text("name"),
@@ -450,142 +461,12 @@ def _is_loopback(host: str) -> bool:
 
 # --------------------------------------------------------------------------
 # PACS: the dcm4chee database and the study_service queue
+#
+# Pacs holds what a run does with the database; each engine's subclass holds
+# the SQL text, the connection, the lock and the translation of its errors.
+# Delivery, mapping, configuration and the commands see only Pacs. A second
+# schema (dcm4chee-arc-light) is another subclass, not a set of branches.
 # --------------------------------------------------------------------------
-
-# Must stay the same expression as in indexer_process (extras/add_indexer.sql):
-# a study enqueued by `initial` is then not enqueued again by the next tick.
-STUDY_VERSION_SQL = (
-    "UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series, s.num_instances,"
-    " IFNULL(s.mods_in_study, ''), IFNULL(s.patient_fk, ''), s.study_iuid,"
-    " IFNULL(s.study_datetime, ''), IFNULL(s.study_desc, ''))))"
-)
-
-# One page of the archive, by primary key: a plain read, so it takes no lock
-# that dcm4chee's writes would wait for.
-SELECT_STUDY_PAGE = (
-    "SELECT s.pk, s.updated_time, " + STUDY_VERSION_SQL + " AS version"
-    " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-)
-
-# `initial` marks every study pending, except those the service acknowledged
-# since this initial load began (@indexer_initial_started): an interrupted
-# load carries on instead of starting over.
-ENQUEUE_FOR_INITIAL = (
-    "INSERT INTO study_service"
-    " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at)"
-    " VALUES (%s, 'pending', 0, %s, %s, NOW())"
-    " ON DUPLICATE KEY UPDATE"
-    " status = IF(sent_at >= @indexer_initial_started, status, 'pending'),"
-    " attempts = IF(sent_at >= @indexer_initial_started, attempts, 0),"
-    " sent_version = IF(sent_at >= @indexer_initial_started, sent_version, NULL),"
-    " study_updated_time = VALUES(study_updated_time),"
-    " study_version = VALUES(study_version), enqueued_at = NOW()"
-)
-
-# Pending studies with what their documents need, a page at a time in pk
-# order. The index is forced: ordered by pk, the optimizer may otherwise walk
-# the primary key through every sent study to find the few pending ones.
-# LEFT JOINs: a study gone from dcm4chee comes back with s.pk NULL; one whose
-# patient row is missing, with p.* NULL.
-SELECT_PENDING_PAGE = (
-    "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
-    " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc, s.updated_time,"
-    " s.mods_in_study, s.num_series, s.num_instances,"
-    " p.pk AS patient_pk, p.pat_id, p.pat_name"
-    " FROM study_service q FORCE INDEX (study_service_status)"
-    " LEFT JOIN study s ON s.pk = q.study_pk"
-    " LEFT JOIN patient p ON p.pk = s.patient_fk"
-    " WHERE q.status = 'pending' AND q.study_pk > %s AND q.study_pk <= %s"
-    " ORDER BY q.study_pk LIMIT %s"
-)
-
-# Acknowledgements, many rows per statement (PyMySQL batches INSERT ... VALUES).
-RECORD_SENT = (
-    "INSERT INTO study_service (study_pk, status, attempts, sent_version, sent_at, study_iuid)"
-    " VALUES (%s, 'sent', 1, %s, NOW(6), %s)"
-    " ON DUPLICATE KEY UPDATE status = 'sent', attempts = attempts + 1,"
-    " last_error = NULL, sent_version = VALUES(sent_version), sent_at = NOW(6),"
-    " study_iuid = VALUES(study_iuid)"
-)
-RECORD_DELETED = (
-    "UPDATE study_service SET status = 'deleted', attempts = attempts + 1, last_error = NULL,"
-    " sent_at = NOW(6) WHERE study_pk = %s"
-)
-RECORD_UNCHANGED = "UPDATE study_service SET status = 'sent', last_error = NULL WHERE study_pk = %s"
-RECORD_FAILURE = (
-    "UPDATE study_service SET status = %s, attempts = attempts + 1, last_error = %s"
-    " WHERE study_pk = %s"
-)
-
-# Table, column or procedure missing (or not granted): add_indexer.sql or
-# grant_indexer.sql was not (re)run here.
-MISSING_OBJECT_ERRORS = (1146, 1054, 1305, 1370, 1142, 1143)
-GRANT_HINT = "; if the indexer's own user lacks it, run extras/grant_indexer.sql (see README)"
-
-# What the indexer's user must be allowed (extras/grant_indexer.sql), each
-# probed by statements that touch no row.
-PRIVILEGE_PROBES = (
-    (
-        "SELECT on the columns of study it reads",
-        (
-            "SELECT pk, patient_fk, study_iuid, study_datetime, study_desc, mods_in_study,"
-            " num_series, num_instances, updated_time FROM study LIMIT 0",
-        ),
-    ),
-    (
-        "SELECT on the columns of patient it reads",
-        ("SELECT pk, pat_id, pat_name FROM patient LIMIT 0",),
-    ),
-    (
-        "SELECT, INSERT, UPDATE and DELETE on study_service",
-        (
-            "SELECT study_pk FROM study_service LIMIT 0",
-            "INSERT INTO study_service (study_pk) SELECT 0 FROM DUAL WHERE 1 = 0",
-            "UPDATE study_service SET attempts = attempts WHERE 1 = 0",
-            "DELETE FROM study_service WHERE 1 = 0",
-        ),
-    ),
-)
-# Must match recent_rows in indexer_process (extras/add_indexer.sql).
-RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
-# What indexer_process reads on each tick without study_updated, for `check`
-# to measure.
-TIME_RECENT_STUDIES = (
-    "SELECT COUNT(DISTINCT " + STUDY_VERSION_SQL + ") AS n FROM study s"
-    " WHERE s.pk > (SELECT IFNULL(MAX(pk), 0) FROM study) - %s"
-)
-
-# reconcile: a page of the archive with what its documents need and what the
-# service acknowledged for each; then the queue rows of that pk range whose
-# study is gone.
-SELECT_RECONCILE_PAGE = (
-    "SELECT s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
-    " s.mods_in_study, s.num_series, s.num_instances,"
-    " p.pk AS patient_pk, p.pat_id, p.pat_name, q.status, q.sent_version"
-    " FROM study s"
-    " LEFT JOIN patient p ON p.pk = s.patient_fk"
-    " LEFT JOIN study_service q ON q.study_pk = s.pk"
-    " WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-)
-SELECT_GONE_IN_RANGE = (
-    "SELECT q.study_pk, q.study_iuid FROM study_service q"
-    " LEFT JOIN study s ON s.pk = q.study_pk"
-    " WHERE q.study_pk > %s AND q.study_pk <= %s"
-    " AND q.status IN ('pending', 'sent', 'failed') AND s.pk IS NULL"
-)
-# sent_version is assigned first: MySQL evaluates SET left to right, and a
-# study back from the trash (deleted) must be sent again as new.
-ENQUEUE_CHANGED = (
-    "UPDATE study_service SET"
-    " sent_version = IF(status IN ('deleted', 'deleting'), NULL, sent_version),"
-    " status = 'pending', attempts = 0, last_error = NULL, enqueued_at = NOW(6)"
-    " WHERE study_pk = %s"
-)
-
-COUNT_BY_STATUS = (
-    "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
-)
-COUNT_PENDING = "SELECT COUNT(*) AS n FROM study_service WHERE status IN ('pending', 'deleting')"
 
 
 @dataclass
@@ -622,72 +503,393 @@ class Outcome:
         )
 
 
+# Without dcm4chee's study_updated index, indexer_process re-reads this many
+# of the newest studies on each call (recent_rows in the install scripts).
+RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
+GRANT_HINT = "; if the indexer's own user lacks it, run the grant_indexer script (see README)"
+# What a PACS administrator can make of the errors that end a run midway:
+# the server restarted (a nightly backup), a DBA killed the connection, or
+# dcm4chee held a row too long. Nothing is lost: the next run carries on.
+LOST_CONNECTION = "the connection to the database was lost (server restarted or connection killed)"
+LOCK_TIMEOUT = "lock wait timeout: a PACS transaction held the rows"
+DEADLOCK = "deadlock with a PACS transaction"
+
+
+class MySQLStatements:
+    """dcm4chee 2.x on MySQL/MariaDB (extras/add_indexer.sql)."""
+
+    # Must stay the same expression as in indexer_process: a study enqueued
+    # by `initial` is then not enqueued again by the next tick.
+    STUDY_VERSION = (
+        "UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series, s.num_instances,"
+        " IFNULL(s.mods_in_study, ''), IFNULL(s.patient_fk, ''), s.study_iuid,"
+        " IFNULL(s.study_datetime, ''), IFNULL(s.study_desc, ''))))"
+    )
+    # One page of the archive, by primary key: a plain read, so it takes no
+    # lock that dcm4chee's writes would wait for.
+    SELECT_STUDY_PAGE = (
+        "SELECT s.pk, s.updated_time, " + STUDY_VERSION + " AS version"
+        " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+    )
+    # `initial` marks every study pending, except those the service
+    # acknowledged since this initial load began (SET_INITIAL_STARTED): an
+    # interrupted load carries on instead of starting over.
+    SET_INITIAL_STARTED = "SET @indexer_initial_started = %s"
+    ENQUEUE_FOR_INITIAL = (
+        "INSERT INTO study_service"
+        " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at)"
+        " VALUES (%s, 'pending', 0, %s, %s, NOW())"
+        " ON DUPLICATE KEY UPDATE"
+        " status = IF(sent_at >= @indexer_initial_started, status, 'pending'),"
+        " attempts = IF(sent_at >= @indexer_initial_started, attempts, 0),"
+        " sent_version = IF(sent_at >= @indexer_initial_started, sent_version, NULL),"
+        " study_updated_time = VALUES(study_updated_time),"
+        " study_version = VALUES(study_version), enqueued_at = NOW()"
+    )
+    START_BOOKKEEPING = (
+        "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
+        " VALUES (%s, %s, NOW(6), 0)"
+    )
+    # Pending studies with what their documents need, a page at a time in pk
+    # order. The index is forced: ordered by pk, the optimizer may otherwise
+    # walk the primary key through every sent study to find the few pending.
+    # LEFT JOINs: a study gone from dcm4chee comes back with s.pk NULL; one
+    # whose patient row is missing, with p.* NULL.
+    SELECT_PENDING_PAGE = (
+        "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
+        " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc, s.updated_time,"
+        " s.mods_in_study, s.num_series, s.num_instances,"
+        " p.pk AS patient_pk, p.pat_id, p.pat_name"
+        " FROM study_service q FORCE INDEX (study_service_status)"
+        " LEFT JOIN study s ON s.pk = q.study_pk"
+        " LEFT JOIN patient p ON p.pk = s.patient_fk"
+        " WHERE q.status = 'pending' AND q.study_pk > %s AND q.study_pk <= %s"
+        " ORDER BY q.study_pk LIMIT %s"
+    )
+    SELECT_DELETING_PAGE = (
+        "SELECT study_pk, study_iuid FROM study_service FORCE INDEX (study_service_status)"
+        " WHERE status = 'deleting' AND study_pk > %s ORDER BY study_pk LIMIT %s"
+    )
+    # Acknowledgements, many rows per statement (PyMySQL batches INSERT ... VALUES).
+    RECORD_SENT = (
+        "INSERT INTO study_service (study_pk, status, attempts, sent_version, sent_at, study_iuid)"
+        " VALUES (%s, 'sent', 1, %s, NOW(6), %s)"
+        " ON DUPLICATE KEY UPDATE status = 'sent', attempts = attempts + 1,"
+        " last_error = NULL, sent_version = VALUES(sent_version), sent_at = NOW(6),"
+        " study_iuid = VALUES(study_iuid)"
+    )
+    RECORD_DELETED = (
+        "UPDATE study_service SET status = 'deleted', attempts = attempts + 1,"
+        " last_error = NULL, sent_at = NOW(6) WHERE study_pk = %s"
+    )
+    # sent_version is assigned first: MySQL evaluates SET left to right, and
+    # a study back from the trash (deleted) must be sent again as new.
+    ENQUEUE_CHANGED = (
+        "UPDATE study_service SET"
+        " sent_version = IF(status IN ('deleted', 'deleting'), NULL, sent_version),"
+        " status = 'pending', attempts = 0, last_error = NULL, enqueued_at = NOW(6)"
+        " WHERE study_pk = %s"
+    )
+    STABILITY_CUTOFF = "SELECT NOW() - INTERVAL %s SECOND AS t"
+    OLDEST_PENDING_SECONDS = (
+        "SELECT TIMESTAMPDIFF(SECOND, MIN(enqueued_at), NOW(6)) AS age"
+        " FROM study_service WHERE status IN ('pending', 'deleting')"
+    )
+    CALL_INDEXER_PROCESS = "CALL indexer_process()"
+    STUDY_SERVICE_COLUMNS = (
+        "SELECT COLUMN_NAME AS name FROM information_schema.COLUMNS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study_service'"
+    )
+    INDEXER_PROCESS_COUNT = (
+        "SELECT COUNT(*) AS n FROM information_schema.ROUTINES"
+        " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME = 'indexer_process'"
+        " AND ROUTINE_TYPE = 'PROCEDURE'"
+    )
+    # Indexes of study whose first column is updated_time.
+    TIME_INDEXES = (
+        "SELECT INDEX_NAME AS name FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study'"
+        " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'updated_time'"
+    )
+    SERVER_VERSION = "SELECT VERSION() AS v"
+    # What the indexer's user must be allowed (extras/grant_indexer.sql),
+    # each probed by statements that touch no row.
+    PRIVILEGE_PROBES = (
+        (
+            "SELECT on the columns of study it reads",
+            (
+                "SELECT pk, patient_fk, study_iuid, study_datetime, study_desc, mods_in_study,"
+                " num_series, num_instances, updated_time FROM study LIMIT 0",
+            ),
+        ),
+        (
+            "SELECT on the columns of patient it reads",
+            ("SELECT pk, pat_id, pat_name FROM patient LIMIT 0",),
+        ),
+        (
+            "SELECT, INSERT, UPDATE and DELETE on study_service",
+            (
+                "SELECT study_pk FROM study_service LIMIT 0",
+                "INSERT INTO study_service (study_pk) SELECT 0 FROM DUAL WHERE 1 = 0",
+                "UPDATE study_service SET attempts = attempts WHERE 1 = 0",
+                "DELETE FROM study_service WHERE 1 = 0",
+            ),
+        ),
+    )
+
+
+# The statements both engines write alike.
+for _name, _sql in {
+    # reconcile: a page of the archive with what its documents need and
+    # what the service acknowledged for each; then the queue rows of that pk
+    # range whose study is gone.
+    "SELECT_RECONCILE_PAGE": (
+        "SELECT s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc,"
+        " s.mods_in_study, s.num_series, s.num_instances,"
+        " p.pk AS patient_pk, p.pat_id, p.pat_name, q.status, q.sent_version"
+        " FROM study s"
+        " LEFT JOIN patient p ON p.pk = s.patient_fk"
+        " LEFT JOIN study_service q ON q.study_pk = s.pk"
+        " WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+    ),
+    "SELECT_GONE_IN_RANGE": (
+        "SELECT q.study_pk, q.study_iuid FROM study_service q"
+        " LEFT JOIN study s ON s.pk = q.study_pk"
+        " WHERE q.study_pk > %s AND q.study_pk <= %s"
+        " AND q.status IN ('pending', 'sent', 'failed') AND s.pk IS NULL"
+    ),
+    "RECORD_UNCHANGED": (
+        "UPDATE study_service SET status = 'sent', last_error = NULL WHERE study_pk = %s"
+    ),
+    "RECORD_FAILURE": (
+        "UPDATE study_service SET status = %s, attempts = attempts + 1, last_error = %s"
+        " WHERE study_pk = %s"
+    ),
+    "MARK_GONE": (
+        "UPDATE study_service SET status = %s, attempts = 0,"
+        " last_error = 'study no longer in the PACS' WHERE study_pk = %s"
+    ),
+    "RETRY_FAILED": (
+        "UPDATE study_service SET status = 'pending', attempts = 0 WHERE status = 'failed'"
+    ),
+    "SET_CURSOR": "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s",
+    "RAISE_CURSOR": (
+        "UPDATE study_service SET cursor_pk = GREATEST(COALESCE(cursor_pk, 0), %s)"
+        " WHERE study_pk = %s"
+    ),
+    "SET_STATUS": "UPDATE study_service SET status = %s WHERE study_pk = %s",
+    "DELETE_ROW": "DELETE FROM study_service WHERE study_pk = %s",
+    "SELECT_BOOKKEEPING": (
+        "SELECT enqueued_at AS started, cursor_pk AS position, status"
+        " FROM study_service WHERE study_pk = %s"
+    ),
+    "COUNT_STUDIES": "SELECT COUNT(*) AS n FROM study",
+    "COUNT_BY_STATUS": (
+        "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
+    ),
+    "COUNT_PENDING": (
+        "SELECT COUNT(*) AS n FROM study_service WHERE status IN ('pending', 'deleting')"
+    ),
+    "LAST_SENT": "SELECT MAX(sent_at) AS t FROM study_service",
+    "RECENT_ERRORS": (
+        "SELECT study_pk, status, attempts, last_error FROM study_service"
+        " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
+        " ORDER BY enqueued_at DESC LIMIT 5"
+    ),
+}.items():
+    setattr(MySQLStatements, _name, _sql)
+
+
+class PostgreSQLStatements(MySQLStatements):
+    """dcm4chee 2.x on PostgreSQL (extras/add_indexer_postgresql.sql). What
+    is not here is written alike for both engines."""
+
+    # Must stay the same expression as in indexer_process. Timestamps are
+    # formatted explicitly: concat_ws would follow the session's DateStyle.
+    STUDY_VERSION = (
+        "decode(md5(concat_ws('|', to_char(s.updated_time, 'YYYY-MM-DD HH24:MI:SS.US'),"
+        " s.num_series, s.num_instances, COALESCE(s.mods_in_study, ''),"
+        " COALESCE(s.patient_fk::text, ''), s.study_iuid,"
+        " COALESCE(to_char(s.study_datetime, 'YYYY-MM-DD HH24:MI:SS.US'), ''),"
+        " COALESCE(s.study_desc, ''))), 'hex')"
+    )
+    SELECT_STUDY_PAGE = (
+        "SELECT s.pk, s.updated_time, " + STUDY_VERSION + " AS version"
+        " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+    )
+    SET_INITIAL_STARTED = "SELECT set_config('dicom_indexer.initial_started', %s, false)"
+    ENQUEUE_FOR_INITIAL = (
+        "INSERT INTO study_service AS q"
+        " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at)"
+        " VALUES (%s, 'pending', 0, %s, %s, LOCALTIMESTAMP)"
+        " ON CONFLICT (study_pk) DO UPDATE SET"
+        " status = CASE WHEN q.sent_at >= current_setting('dicom_indexer.initial_started')"
+        "::timestamp THEN q.status ELSE 'pending' END,"
+        " attempts = CASE WHEN q.sent_at >= current_setting('dicom_indexer.initial_started')"
+        "::timestamp THEN q.attempts ELSE 0 END,"
+        " sent_version = CASE WHEN q.sent_at >="
+        " current_setting('dicom_indexer.initial_started')::timestamp"
+        " THEN q.sent_version ELSE NULL END,"
+        " study_updated_time = EXCLUDED.study_updated_time,"
+        " study_version = EXCLUDED.study_version, enqueued_at = LOCALTIMESTAMP"
+    )
+    START_BOOKKEEPING = (
+        "INSERT INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
+        " VALUES (%s, %s, LOCALTIMESTAMP, 0) ON CONFLICT (study_pk) DO NOTHING"
+    )
+    # PostgreSQL has no index hints; its planner takes study_service_status
+    # for the pending range by itself (tests/test_install.py checks the plan).
+    SELECT_PENDING_PAGE = MySQLStatements.SELECT_PENDING_PAGE.replace(
+        " FORCE INDEX (study_service_status)", ""
+    )
+    SELECT_DELETING_PAGE = MySQLStatements.SELECT_DELETING_PAGE.replace(
+        " FORCE INDEX (study_service_status)", ""
+    )
+    RECORD_SENT = (
+        "INSERT INTO study_service AS q"
+        " (study_pk, status, attempts, sent_version, sent_at, study_iuid)"
+        " VALUES (%s, 'sent', 1, %s, LOCALTIMESTAMP, %s)"
+        " ON CONFLICT (study_pk) DO UPDATE SET status = 'sent', attempts = q.attempts + 1,"
+        " last_error = NULL, sent_version = EXCLUDED.sent_version, sent_at = LOCALTIMESTAMP,"
+        " study_iuid = EXCLUDED.study_iuid"
+    )
+    RECORD_DELETED = MySQLStatements.RECORD_DELETED.replace("NOW(6)", "LOCALTIMESTAMP")
+    # PostgreSQL evaluates every SET expression on the old row.
+    ENQUEUE_CHANGED = (
+        "UPDATE study_service SET"
+        " sent_version = CASE WHEN status IN ('deleted', 'deleting') THEN NULL"
+        " ELSE sent_version END,"
+        " status = 'pending', attempts = 0, last_error = NULL, enqueued_at = LOCALTIMESTAMP"
+        " WHERE study_pk = %s"
+    )
+    STABILITY_CUTOFF = "SELECT LOCALTIMESTAMP(0) - make_interval(secs => %s) AS t"
+    OLDEST_PENDING_SECONDS = (
+        "SELECT EXTRACT(EPOCH FROM LOCALTIMESTAMP - MIN(enqueued_at)) AS age"
+        " FROM study_service WHERE status IN ('pending', 'deleting')"
+    )
+    CALL_INDEXER_PROCESS = "SELECT indexer_process() AS enqueued"
+    STUDY_SERVICE_COLUMNS = (
+        "SELECT column_name AS name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = 'study_service'"
+    )
+    INDEXER_PROCESS_COUNT = (
+        "SELECT COUNT(*) AS n FROM pg_proc"
+        " WHERE proname = 'indexer_process' AND pronamespace = current_schema()::regnamespace"
+    )
+    TIME_INDEXES = (
+        "SELECT c.relname AS name FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+        " WHERE i.indrelid = 'study'::regclass AND a.attname = 'updated_time'"
+    )
+    SERVER_VERSION = "SELECT version() AS v"
+    PRIVILEGE_PROBES = tuple(
+        (what, tuple(sql.replace(" FROM DUAL", "") for sql in statements))
+        for what, statements in MySQLStatements.PRIVILEGE_PROBES
+    )
+
+
 class Pacs:
-    """The dcm4chee database: reads studies and keeps study_service."""
+    """A dcm4chee database, read for the documents, and its study_service
+    queue. Subclasses connect, hold the SQL (`SQL`), lock, and translate
+    errors; `Error` is what their driver raises."""
+
+    ENGINE = ""
+    SQL: type[MySQLStatements] = MySQLStatements
+    Error: tuple[type[BaseException], ...] = ()
+    INSTALL_SCRIPT = ""
+    GRANT_SCRIPT = ""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.where = f"database '{settings.db_name}' on {settings.db_host}:{settings.db_port}"
         try:
-            self.conn = pymysql.connect(
-                host=settings.db_host,
-                port=settings.db_port,
-                user=settings.db_user,
-                password=settings.db_password,
-                database=settings.db_name,
-                unix_socket=settings.db_unix_socket,
-                # Decodes latin1 and utf8 columns alike into correct Unicode.
-                charset="utf8mb4",
-                autocommit=True,
-                connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
-                cursorclass=pymysql.cursors.DictCursor,
-            )
-        except pymysql.MySQLError as exc:
-            raise DatabaseError(f"cannot connect to {self.where}: {_mysql_message(exc)}") from None
+            self.conn = self._connect()
+        except self.Error as exc:
+            raise DatabaseError(f"cannot connect to {self.where}: {self.describe(exc)}") from None
+
+    # -- what each engine provides -----------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        """Runs one statement (autocommit, or inside begin()); rows as dicts."""
+        raise NotImplementedError
+
+    def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def rollback(self) -> None:
+        raise NotImplementedError
+
+    def error_code(self, exc: BaseException) -> Any:
+        raise NotImplementedError
+
+    def describe(self, exc: BaseException) -> str:
+        """One line for a driver error; it never holds the password."""
+        raise NotImplementedError
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        """A table, column or function missing, or not granted."""
+        raise NotImplementedError
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        """A deadlock or lock wait timeout: worth running the transaction again."""
+        raise NotImplementedError
+
+    def try_run_lock(self, name: str) -> bool:
+        raise NotImplementedError
 
     def close(self) -> None:
         try:
             self.conn.close()
-        except pymysql.MySQLError:
+        except Exception:  # closing a dead connection: nothing left to do
             pass
 
-    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
+    # -- installation and privileges ----------------------------------------
+
+    @property
+    def install_fix(self) -> str:
+        return f"run: {self.INSTALL_SCRIPT.replace('DBNAME', self.settings.db_name)}"
 
     def check_installed(self) -> None:
-        """Fails with the fix when add_indexer.sql was not (re)run here."""
-        fix = f"run: mysql {self.settings.db_name} < extras/add_indexer.sql"
-        columns = self.query(
-            "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study_service'"
-        )
-        names = {row["COLUMN_NAME"] for row in columns}
+        """Fails with the fix when the install script was not (re)run here."""
+        names = {row["name"] for row in self.query(self.SQL.STUDY_SERVICE_COLUMNS)}
         if not names:
-            raise DatabaseError(f"table study_service is missing in {self.where}; {fix}")
+            raise DatabaseError(
+                f"table study_service is missing in {self.where}; {self.install_fix}"
+            )
         if "cursor_pk" not in names:
-            raise DatabaseError(f"table study_service in {self.where} is out of date; {fix}")
-        procedures = self.query(
-            "SELECT COUNT(*) AS n FROM information_schema.ROUTINES"
-            " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME = 'indexer_process'"
-            " AND ROUTINE_TYPE = 'PROCEDURE'"
-        )
-        if not procedures[0]["n"]:
-            raise DatabaseError(f"procedure indexer_process is missing in {self.where}; {fix}")
+            raise DatabaseError(
+                f"table study_service in {self.where} is out of date; {self.install_fix}"
+            )
+        if not self.query(self.SQL.INDEXER_PROCESS_COUNT)[0]["n"]:
+            raise DatabaseError(
+                f"procedure indexer_process is missing in {self.where}; {self.install_fix}"
+            )
+
+    def server_version(self) -> str:
+        return str(self.query(self.SQL.SERVER_VERSION)[0]["v"])
 
     def privilege_problems(self) -> list[str]:
-        """What the tick needs and this user may not do, found by statements
+        """What a run needs and this user may not do, found by statements
         that touch no row (the server checks privileges before rows)."""
         user = self.settings.db_user
         problems = []
-        for what, statements in PRIVILEGE_PROBES:
+        for what, statements in self.SQL.PRIVILEGE_PROBES:
             for sql in statements:
                 try:
                     self.query(sql)
-                except pymysql.MySQLError as exc:
-                    if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
-                        problems.append(f"user '{user}' lacks {what}: {_mysql_message(exc)}")
+                except self.Error as exc:
+                    if self.is_missing_object(exc):
+                        problems.append(f"user '{user}' lacks {what}: {self.describe(exc)}")
                         break
                     raise
         return problems
@@ -695,20 +897,19 @@ class Pacs:
     def time_index(self) -> tuple[bool, str]:
         """How indexer_process finds changed studies in this database: through
         dcm4chee's study_updated index, or without it by re-reading the
-        newest studies (see extras/add_indexer.sql)."""
-        rows = self.query(
-            "SELECT INDEX_NAME AS name FROM information_schema.STATISTICS"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study'"
-            " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'updated_time'"
-        )
-        names = sorted({row["name"] for row in rows})
-        if "study_updated" in names:
+        newest studies."""
+        names = sorted({row["name"] for row in self.query(self.SQL.TIME_INDEXES)})
+        if self.uses_time_index(names):
             return True, (
-                "index study_updated on study(updated_time): each tick reads only"
+                f"index {names[0]} on study(updated_time): each tick reads only"
                 " the studies that changed"
             )
         started = time.monotonic()
-        self.query(TIME_RECENT_STUDIES, (RECENT_ROWS_WITHOUT_TIME_INDEX,))
+        self.query(
+            "SELECT COUNT(DISTINCT " + self.SQL.STUDY_VERSION + ") AS n FROM study s"
+            " WHERE s.pk > (SELECT COALESCE(MAX(pk), 0) FROM study) - %s",
+            (RECENT_ROWS_WITHOUT_TIME_INDEX,),
+        )
         cost_ms = (time.monotonic() - started) * 1000
         other = f" (an index on it exists as '{names[0]}', another name)" if names else ""
         return False, (
@@ -719,51 +920,48 @@ class Pacs:
             " CREATE INDEX study_updated ON study (updated_time)"
         )
 
-    def explain(self, exc: pymysql.MySQLError) -> DatabaseError:
+    def uses_time_index(self, names: list[str]) -> bool:
+        """Whether indexer_process can use one of these indexes."""
+        return "study_updated" in names
+
+    def explain(self, exc: BaseException) -> DatabaseError:
         """One line for a database error met mid-run. A missing table, column
         or procedure raises check_installed()'s error, which names the fix;
-        a missing privilege points at grant_indexer.sql."""
-        message = f"database error on {self.where}: {_mysql_message(exc)}"
-        if exc.args and exc.args[0] in MISSING_OBJECT_ERRORS:
-            self.check_installed()
+        a missing privilege points at the grant script."""
+        message = f"database error on {self.where}: {self.describe(exc)}"
+        if self.is_missing_object(exc):
+            try:
+                self.check_installed()
+            except self.Error:
+                pass
             return DatabaseError(message + GRANT_HINT)
         return DatabaseError(message)
 
     def acquire_run_lock(self) -> None:
-        """One run at a time per database, across hosts: a MySQL named lock,
-        released by the server when this connection ends, even on kill -9."""
-        name = ("dicom_indexer." + self.settings.db_name)[:64]
-        got = self.query("SELECT GET_LOCK(%s, 0) AS got", (name,))[0]["got"]
-        if got != 1:
+        """One run at a time per database, across hosts: a lock the server
+        releases when this connection ends, even on kill -9."""
+        if not self.try_run_lock(("dicom_indexer." + self.settings.db_name)[:64]):
             raise LockedError(
                 f"another dicom-indexer run is working on {self.where}; this run stands aside"
             )
 
     def enqueue_changes(self) -> int:
         """Calls indexer_process: enqueues studies new or changed since its last call."""
-        return int(self.query("CALL indexer_process()")[0]["enqueued"])
+        return int(self.query(self.SQL.CALL_INDEXER_PROCESS)[0]["enqueued"])
 
     # -- the initial load ---------------------------------------------------
 
     def initial_state(self) -> dict[str, Any] | None:
         """The unfinished initial load, if any: when it began and how far it got."""
-        rows = self.query(
-            "SELECT enqueued_at AS started, cursor_pk AS position, status"
-            " FROM study_service WHERE study_pk = %s",
-            (INITIAL_ROW_PK,),
-        )
+        rows = self.query(self.SQL.SELECT_BOOKKEEPING, (INITIAL_ROW_PK,))
         return rows[0] if rows else None
 
     def start_initial(self) -> None:
         """Records that an initial load began, unless one is already unfinished."""
-        self.query(
-            "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
-            " VALUES (%s, 'initial', NOW(6), 0)",
-            (INITIAL_ROW_PK,),
-        )
+        self.query(self.SQL.START_BOOKKEEPING, (INITIAL_ROW_PK, "initial"))
 
     def count_studies(self) -> int:
-        return int(self.query("SELECT COUNT(*) AS n FROM study")[0]["n"])
+        return int(self.query(self.SQL.COUNT_STUDIES)[0]["n"])
 
     def enqueue_initial(
         self, on_page: Callable[[int, int], None], keep_going: Callable[[], bool]
@@ -777,11 +975,11 @@ class Pacs:
             return 0
         position = int(state["position"] or 0)
         total = 0
-        self.query("SET @indexer_initial_started = %s", (state["started"],))
+        self.query(self.SQL.SET_INITIAL_STARTED, (str(state["started"]),))
         while True:
             if not keep_going():
                 return total  # still 'initial': the next run carries on from here
-            page = self.query(SELECT_STUDY_PAGE, (position, self.settings.page_size))
+            page = self.query(self.SQL.SELECT_STUDY_PAGE, (position, self.settings.page_size))
             if not page:
                 break
             position = page[-1]["pk"]
@@ -789,42 +987,31 @@ class Pacs:
                 (row["pk"], _datetime_or_none(row["updated_time"]), row["version"]) for row in page
             ]
             self._in_transaction(
-                lambda cur, rows=rows, position=position: (
-                    cur.executemany(ENQUEUE_FOR_INITIAL, rows),
-                    cur.execute(
-                        "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s",
-                        (position, INITIAL_ROW_PK),
-                    ),
+                lambda rows=rows, position=position: (
+                    self.execute_many(self.SQL.ENQUEUE_FOR_INITIAL, rows),
+                    self.query(self.SQL.SET_CURSOR, (position, INITIAL_ROW_PK)),
                 )
             )
             total += len(page)
             on_page(len(page), position)
         # Every study up to here is enqueued: the tick need not re-read them
         # by pk (late rows with lower pks are still caught by its time window).
-        self.query(
-            "UPDATE study_service SET cursor_pk = GREATEST(IFNULL(cursor_pk, 0), %s)"
-            " WHERE study_pk = %s",
-            (position, CURSOR_ROW_PK),
-        )
-        self.query(
-            "UPDATE study_service SET status = 'initial-sending' WHERE study_pk = %s",
-            (INITIAL_ROW_PK,),
-        )
+        self.query(self.SQL.RAISE_CURSOR, (position, CURSOR_ROW_PK))
+        self.query(self.SQL.SET_STATUS, ("initial-sending", INITIAL_ROW_PK))
         return total
 
-    def _in_transaction(self, work: Callable[[Any], Any]) -> None:
-        """Runs work(cursor) in one transaction, again if InnoDB chose it as a
+    def _in_transaction(self, work: Callable[[], Any]) -> None:
+        """Runs work() in one transaction, again if the server chose it as a
         deadlock victim: the initial load writes while acknowledgements do."""
         for attempt in range(DEADLOCK_RETRIES + 1):
-            self.conn.begin()
+            self.begin()
             try:
-                with self.conn.cursor() as cur:
-                    work(cur)
-                self.conn.commit()
+                work()
+                self.commit()
                 return
-            except pymysql.err.OperationalError as exc:
-                self.conn.rollback()
-                if exc.args[0] not in (1213, 1205) or attempt == DEADLOCK_RETRIES:
+            except self.Error as exc:
+                self.rollback()
+                if not self.is_conflict(exc) or attempt == DEADLOCK_RETRIES:
                     raise
                 time.sleep(0.1 * (attempt + 1))
 
@@ -833,7 +1020,7 @@ class Pacs:
         state = self.initial_state()
         if state is None or state["status"] != "initial-sending" or self.count_pending():
             return False
-        self.query("DELETE FROM study_service WHERE study_pk = %s", (INITIAL_ROW_PK,))
+        self.query(self.SQL.DELETE_ROW, (INITIAL_ROW_PK,))
         return True
 
     # -- delivery bookkeeping ------------------------------------------------
@@ -852,7 +1039,7 @@ class Pacs:
         while True:
             bound = frontier(after) if frontier else None
             page = self.query(
-                SELECT_PENDING_PAGE,
+                self.SQL.SELECT_PENDING_PAGE,
                 (after, MAX_PK if bound is None else bound, self.settings.page_size),
             )
             if page:
@@ -875,7 +1062,7 @@ class Pacs:
             for o in outcomes
             if o.delivered and not o.deletion
         ]
-        deleted = [o.study_pk for o in outcomes if o.delivered and o.deletion]
+        deleted = [(o.study_pk,) for o in outcomes if o.delivered and o.deletion]
         failures = [
             (
                 FAILED if o.rejected else DELETING if o.deletion else PENDING,
@@ -885,17 +1072,16 @@ class Pacs:
             for o in outcomes
             if not o.delivered
         ]
-        self.conn.begin()
-        with self.conn.cursor() as cur:
-            if sent:
-                cur.executemany(RECORD_SENT, sent)
-            if deleted:
-                cur.executemany(RECORD_DELETED, [(pk,) for pk in deleted])
-            if failures:
-                cur.executemany(RECORD_FAILURE, failures)
-            if unchanged:
-                cur.executemany(RECORD_UNCHANGED, [(pk,) for pk in unchanged])
-        self.conn.commit()
+        self.begin()
+        for sql, rows in (
+            (self.SQL.RECORD_SENT, sent),
+            (self.SQL.RECORD_DELETED, deleted),
+            (self.SQL.RECORD_FAILURE, failures),
+            (self.SQL.RECORD_UNCHANGED, [(pk,) for pk in unchanged]),
+        ):
+            if rows:
+                self.execute_many(sql, rows)
+        self.commit()
 
     def mark_gone(self, gone: list[tuple[int, str | None]]) -> None:
         """Studies deleted from dcm4chee: to be DELETEd from the central index
@@ -904,101 +1090,72 @@ class Pacs:
             (DELETING if self.settings.send_deletes and iuid else DELETED, pk) for pk, iuid in gone
         ]
         if rows:
-            with self.conn.cursor() as cur:
-                cur.executemany(
-                    "UPDATE study_service SET status = %s, attempts = 0,"
-                    " last_error = 'study no longer in the PACS' WHERE study_pk = %s",
-                    rows,
-                )
+            self.execute_many(self.SQL.MARK_GONE, rows)
 
     def deleting_studies(self) -> Iterator[dict[str, Any]]:
         """Studies whose DELETE is still due, page by page."""
         after = 0
         while True:
-            page = self.query(
-                "SELECT study_pk, study_iuid FROM study_service"
-                " FORCE INDEX (study_service_status)"
-                " WHERE status = 'deleting' AND study_pk > %s ORDER BY study_pk LIMIT %s",
-                (after, self.settings.page_size),
-            )
+            page = self.query(self.SQL.SELECT_DELETING_PAGE, (after, self.settings.page_size))
             if not page:
                 return
             yield from page
             after = page[-1]["study_pk"]
 
     def retry_failed(self) -> int:
-        with self.conn.cursor() as cur:
-            return cur.execute(
-                "UPDATE study_service SET status = 'pending', attempts = 0 WHERE status = 'failed'"
-            )
+        return self.rowcount(self.SQL.RETRY_FAILED)
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        raise NotImplementedError
 
     def stability_cutoff(self) -> datetime.datetime | None:
         """Studies updated after this are still receiving images (stable_age_seconds)."""
         if not self.settings.stable_age_seconds:
             return None
-        return self.query(
-            "SELECT NOW() - INTERVAL %s SECOND AS t", (self.settings.stable_age_seconds,)
-        )[0]["t"]
+        return self.query(self.SQL.STABILITY_CUTOFF, (self.settings.stable_age_seconds,))[0]["t"]
 
     # -- reconcile --------------------------------------------------------
 
     def reconcile_position(self) -> int:
         """Where an interrupted reconcile stopped (0: start a new sweep)."""
-        self.query(
-            "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
-            " VALUES (%s, 'reconcile', NOW(6), 0)",
-            (RECONCILE_ROW_PK,),
-        )
-        rows = self.query(
-            "SELECT cursor_pk FROM study_service WHERE study_pk = %s", (RECONCILE_ROW_PK,)
-        )
-        return int(rows[0]["cursor_pk"] or 0)
+        self.query(self.SQL.START_BOOKKEEPING, (RECONCILE_ROW_PK, "reconcile"))
+        rows = self.query(self.SQL.SELECT_BOOKKEEPING, (RECONCILE_ROW_PK,))
+        return int(rows[0]["position"] or 0)
 
     def reconcile_page(self, after: int, size: int) -> list[dict[str, Any]]:
-        return self.query(SELECT_RECONCILE_PAGE, (after, size))
+        return self.query(self.SQL.SELECT_RECONCILE_PAGE, (after, size))
 
     def gone_between(self, after: int, upto: int) -> list[tuple[int, str | None]]:
-        rows = self.query(SELECT_GONE_IN_RANGE, (after, upto))
+        rows = self.query(self.SQL.SELECT_GONE_IN_RANGE, (after, upto))
         return [(row["study_pk"], row["study_iuid"]) for row in rows]
 
     def record_reconciled(
         self, changed: list[int], gone: list[tuple[int, str | None]], position: int
     ) -> None:
         """One page's findings and the new position, in one transaction."""
-        self.conn.begin()
-        with self.conn.cursor() as cur:
-            if changed:
-                cur.executemany(ENQUEUE_CHANGED, [(pk,) for pk in changed])
-            cur.execute(
-                "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s",
-                (position, RECONCILE_ROW_PK),
-            )
+        self.begin()
+        if changed:
+            self.execute_many(self.SQL.ENQUEUE_CHANGED, [(pk,) for pk in changed])
+        self.query(self.SQL.SET_CURSOR, (position, RECONCILE_ROW_PK))
         self.mark_gone(gone)
-        self.conn.commit()
+        self.commit()
 
     def finish_reconcile(self) -> None:
-        self.query("DELETE FROM study_service WHERE study_pk = %s", (RECONCILE_ROW_PK,))
+        self.query(self.SQL.DELETE_ROW, (RECONCILE_ROW_PK,))
 
     def oldest_pending_seconds(self) -> int | None:
-        age = self.query(
-            "SELECT TIMESTAMPDIFF(SECOND, MIN(enqueued_at), NOW(6)) AS age"
-            " FROM study_service WHERE status IN ('pending', 'deleting')"
-        )[0]["age"]
+        age = self.query(self.SQL.OLDEST_PENDING_SECONDS)[0]["age"]
         return None if age is None else int(age)
 
     def count_pending(self) -> int:
-        return int(self.query(COUNT_PENDING)[0]["n"])
+        return int(self.query(self.SQL.COUNT_PENDING)[0]["n"])
 
     def status_report(self) -> dict[str, Any]:
         counts = dict.fromkeys((PENDING, SENT, FAILED, DELETING, DELETED), 0)
-        for row in self.query(COUNT_BY_STATUS):
+        for row in self.query(self.SQL.COUNT_BY_STATUS):
             counts[row["status"]] = int(row["n"])
-        last_sent = self.query("SELECT MAX(sent_at) AS t FROM study_service")[0]["t"]
-        errors = self.query(
-            "SELECT study_pk, status, attempts, last_error FROM study_service"
-            " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
-            " ORDER BY enqueued_at DESC LIMIT 5"
-        )
+        last_sent = self.query(self.SQL.LAST_SENT)[0]["t"]
+        errors = self.query(self.SQL.RECENT_ERRORS)
         initial = self.initial_state()
         return {
             "counts": counts,
@@ -1022,30 +1179,210 @@ class Pacs:
         }
 
 
-# What a PACS administrator can make of the errors that end a run midway:
-# the server restarted (a nightly backup), a DBA killed the connection, or
-# dcm4chee held a row too long. Nothing is lost: the next run carries on.
-LOST_CONNECTION = "the connection to the database was lost (server restarted or connection killed)"
-MID_RUN_REASONS = {
-    0: LOST_CONNECTION,
-    2006: LOST_CONNECTION,
-    2013: LOST_CONNECTION,
-    2055: LOST_CONNECTION,
-    1053: "the database server is shutting down",
-    1927: "the connection was killed",
-    1205: "lock wait timeout: a PACS transaction held the rows",
-    1213: "deadlock with a PACS transaction",
-}
+class MySQLPacs(Pacs):
+    """dcm4chee 2.x on MySQL 5.6 to 8 or MariaDB 10.x, through PyMySQL."""
+
+    ENGINE = "mysql"
+    SQL = MySQLStatements
+    Error = (pymysql.MySQLError,) if pymysql else ()
+    INSTALL_SCRIPT = "mysql DBNAME < extras/add_indexer.sql"
+    GRANT_SCRIPT = "extras/grant_indexer.sql"
+    # Table, column or procedure missing (or not granted).
+    MISSING_OBJECT_ERRORS = (1146, 1054, 1305, 1370, 1142, 1143)
+    REASONS = {
+        0: LOST_CONNECTION,
+        2006: LOST_CONNECTION,
+        2013: LOST_CONNECTION,
+        2055: LOST_CONNECTION,
+        1053: "the database server is shutting down",
+        1927: "the connection was killed",
+        1205: LOCK_TIMEOUT,
+        1213: DEADLOCK,
+    }
+
+    def _connect(self) -> Any:
+        settings = self.settings
+        return pymysql.connect(
+            host=settings.db_host,
+            port=settings.db_port,
+            user=settings.db_user,
+            password=settings.db_password,
+            database=settings.db_name,
+            unix_socket=settings.db_unix_socket,
+            # Decodes latin1 and utf8 columns alike into correct Unicode.
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
+            cursorclass=pymysql.cursors.DictCursor,
+        )
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        with self.conn.cursor() as cur:
+            return cur.execute(sql, args)
+
+    def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql, rows)
+
+    def begin(self) -> None:
+        self.conn.begin()
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def error_code(self, exc: BaseException) -> Any:
+        return exc.args[0] if exc.args else None
+
+    def describe(self, exc: BaseException) -> str:
+        return _mysql_message(exc, self.REASONS)
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in self.MISSING_OBJECT_ERRORS
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in (1213, 1205)
+
+    def try_run_lock(self, name: str) -> bool:
+        return self.query("SELECT GET_LOCK(%s, 0) AS got", (name,))[0]["got"] == 1
 
 
-def _mysql_message(exc: Exception) -> str:
+class PostgreSQLPacs(Pacs):
+    """dcm4chee 2.x on PostgreSQL 9.6 and later, through pg8000 (pure Python,
+    installed only where needed: requirements-postgresql.txt)."""
+
+    ENGINE = "postgresql"
+    SQL = PostgreSQLStatements
+    INSTALL_SCRIPT = "psql -d DBNAME -f extras/add_indexer_postgresql.sql"
+    GRANT_SCRIPT = "extras/grant_indexer_postgresql.sql"
+    # SQLSTATEs: undefined table, column or function; insufficient privilege.
+    MISSING_OBJECT_ERRORS = ("42P01", "42703", "42883", "42501")
+    REASONS = {
+        "57P01": "the database server is shutting down or the connection was killed",
+        "57P02": "the database server is shutting down",
+        "57P03": "the database server is starting up",
+        "55P03": LOCK_TIMEOUT,
+        "57014": "the statement was cancelled (statement_timeout)",
+        "40P01": DEADLOCK,
+        "40001": "serialization failure with a PACS transaction",
+    }
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            import pg8000.dbapi
+        except ImportError:
+            raise DatabaseError(
+                'config.json says database.engine "postgresql" but its driver is not'
+                f" installed: run {sys.executable} -m pip install -r"
+                f" {HERE / 'requirements-postgresql.txt'}"
+            ) from None
+        self.driver = pg8000.dbapi
+        self.Error = (pg8000.dbapi.Error,)
+        super().__init__(settings)
+
+    def _connect(self) -> Any:
+        settings = self.settings
+        conn = self.driver.connect(
+            user=settings.db_user,
+            password=settings.db_password or None,
+            host=settings.db_host if not settings.db_unix_socket else None,
+            port=settings.db_port,
+            database=settings.db_name,
+            unix_sock=settings.db_unix_socket,
+            timeout=DB_CONNECT_TIMEOUT_SECONDS,
+            application_name="dicom-indexer",
+        )
+        conn.autocommit = True
+        return conn
+
+    def _run(self, sql: str, args: Any) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(sql, args if args is not None else ())
+        return cur
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        cur = self._run(sql, args)
+        if cur.description is None:
+            return []
+        names = [column[0] for column in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        return int(self._run(sql, args).rowcount)
+
+    def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        cur = self.conn.cursor()
+        for row in rows:
+            cur.execute(sql, row)
+
+    def begin(self) -> None:
+        self._run("BEGIN", None)
+
+    def commit(self) -> None:
+        self._run("COMMIT", None)
+
+    def rollback(self) -> None:
+        try:
+            self._run("ROLLBACK", None)
+        except self.Error:
+            pass  # the connection is gone: the server rolled back
+
+    def error_code(self, exc: BaseException) -> Any:
+        detail = exc.args[0] if exc.args else None
+        return detail.get("C") if isinstance(detail, dict) else None
+
+    def describe(self, exc: BaseException) -> str:
+        code = self.error_code(exc)
+        if code is None:
+            # Network errors come as InterfaceError with a plain text.
+            text = " ".join(str(exc).split())
+            lost = ("network error", "connection", "closed", "broken pipe", "reset", "eof")
+            if not text or any(word in text.lower() for word in lost):
+                return f"{LOST_CONNECTION} ({text})" if text else LOST_CONNECTION
+            return text
+        text = " ".join(str(exc.args[0].get("M", "")).split())
+        reason = self.REASONS.get(code)
+        return f"{reason} ({code}: {text})" if reason else f"({code}) {text}"
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in self.MISSING_OBJECT_ERRORS
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in ("40P01", "55P03", "40001")
+
+    def try_run_lock(self, name: str) -> bool:
+        rows = self.query("SELECT pg_try_advisory_lock(hashtext(%s)) AS got", (name,))
+        return bool(rows[0]["got"])
+
+    def uses_time_index(self, names: list[str]) -> bool:
+        # No index hints: the planner takes any index on updated_time.
+        return bool(names)
+
+
+PACS_ENGINES: dict[str, type[Pacs]] = {"mysql": MySQLPacs, "postgresql": PostgreSQLPacs}
+
+
+def open_pacs(settings: Settings) -> Pacs:
+    """The PACS database that config.json names, on its engine."""
+    return PACS_ENGINES[settings.db_engine](settings)
+
+
+def _mysql_message(exc: Exception, reasons: Mapping[Any, str] | None = None) -> str:
     """'(1045) Access denied ...' from a PyMySQL error; it never holds the
     password. Errors that say little by themselves (a killed connection is
     "(0) ") get the reason in words."""
     args = getattr(exc, "args", ())
     code = args[0] if args else None
     text = " ".join(str(args[1]).split()) if len(args) >= 2 else ""
-    reason = MID_RUN_REASONS.get(code) if isinstance(code, int) else None
+    reasons = MySQLPacs.REASONS if reasons is None else reasons
+    reason = reasons.get(code) if isinstance(code, int) else None
     if reason and text:
         return f"{reason} ({code}: {text})"
     if reason:
@@ -1685,7 +2022,7 @@ class _InitialLoad:
     and paced by the sending: at most INITIAL_LEAD_PAGES pages ahead of it."""
 
     def __init__(self, settings: Settings) -> None:
-        self.pacs = Pacs(settings)
+        self.pacs = open_pacs(settings)
         self.position = 0
         self.enqueued = 0
         self.error: BaseException | None = None
@@ -1748,7 +2085,7 @@ def run_send(
     settings: Settings, command: str, limit: int | None, dry_run: bool, report: RunReport
 ) -> int:
     """`client.py` (tick), `initial` and `retry-failed`."""
-    pacs = Pacs(settings)
+    pacs = open_pacs(settings)
     sender: Sender | None = None
     loader: _InitialLoad | None = None
     try:
@@ -1798,7 +2135,7 @@ def run_send(
         report.oldest_pending_seconds = pacs.oldest_pending_seconds() if pending else None
         if pacs.finish_initial():
             log.info("initial load complete")
-    except pymysql.MySQLError as exc:
+    except pacs.Error as exc:
         raise pacs.explain(exc) from None
     finally:
         if loader is not None:  # leaving on an error: stop reading the archive
@@ -1888,11 +2225,11 @@ def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileRep
 
 
 def run_reconcile(settings: Settings, limit: int | None) -> int:
-    pacs = Pacs(settings)
+    pacs = open_pacs(settings)
     try:
         pacs.acquire_run_lock()
         result = reconcile(pacs, settings, limit)
-    except pymysql.MySQLError as exc:
+    except pacs.Error as exc:
         raise pacs.explain(exc) from None
     finally:
         pacs.close()
@@ -1913,11 +2250,11 @@ def run_reconcile(settings: Settings, limit: int | None) -> int:
 
 
 def run_status(settings: Settings, as_json: bool) -> int:
-    pacs = Pacs(settings)
+    pacs = open_pacs(settings)
     try:
         pacs.check_installed()
         status = pacs.status_report()
-    except pymysql.MySQLError as exc:
+    except pacs.Error as exc:
         raise pacs.explain(exc) from None
     finally:
         pacs.close()
@@ -1994,12 +2331,12 @@ def run_check(settings: Settings) -> int:
 
 def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
     try:
-        pacs = Pacs(settings)
+        pacs = open_pacs(settings)
     except DatabaseError as exc:
         return [("FAILED", f"database: {exc}", EXIT_DATABASE)]
     results = []
     try:
-        version = pacs.query("SELECT VERSION() AS v")[0]["v"]
+        version = pacs.server_version()
         results.append(
             (
                 "ok",
@@ -2020,8 +2357,8 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
                 results.append(("ok", f"privileges: {settings.db_user} may do what a run does", 0))
         fast, message = pacs.time_index()
         results.append(("ok" if fast else "warning", message, 0))
-    except pymysql.MySQLError as exc:
-        results.append(("FAILED", f"database: {_mysql_message(exc)}", EXIT_DATABASE))
+    except pacs.Error as exc:
+        results.append(("FAILED", f"database: {pacs.describe(exc)}", EXIT_DATABASE))
     finally:
         pacs.close()
     return results

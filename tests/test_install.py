@@ -168,8 +168,8 @@ TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": (client.SELECT_PENDING_PAGE, (0, client.MAX_PK, 1000)),
-    "pending count": (client.COUNT_PENDING, None),
+    "pending page": (client.MySQLStatements.SELECT_PENDING_PAGE, (0, client.MAX_PK, 1000)),
+    "pending count": (client.MySQLStatements.COUNT_PENDING, None),
     "initial state": (
         "SELECT enqueued_at AS started, cursor_pk AS position, status"
         " FROM study_service WHERE study_pk = %s",
