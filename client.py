@@ -61,6 +61,7 @@ ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
 ENV_KEY = "DICOM_INDEXER_KEY"
 
 DB_CONNECT_TIMEOUT_SECONDS = 10
+PG_LOCK_TIMEOUT_SECONDS = 50  # as MySQL's innodb_lock_wait_timeout default
 DEADLOCK_RETRIES = 5
 # How often the sending loop looks again while the initial load is enqueueing.
 ENQUEUE_POLL_SECONDS = 0.05
@@ -528,23 +529,26 @@ class MySQLStatements:
     # One page of the archive, by primary key: a plain read, so it takes no
     # lock that dcm4chee's writes would wait for.
     SELECT_STUDY_PAGE = (
-        "SELECT s.pk, s.updated_time, " + STUDY_VERSION + " AS version"
+        "SELECT s.pk, s.updated_time, " + STUDY_VERSION + " AS version, s.study_iuid"
         " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
     )
     # `initial` marks every study pending, except those the service
     # acknowledged since this initial load began (SET_INITIAL_STARTED): an
     # interrupted load carries on instead of starting over.
     SET_INITIAL_STARTED = "SET @indexer_initial_started = %s"
+    # study_iuid from the moment a study is enqueued (see add_indexer.sql).
     ENQUEUE_FOR_INITIAL = (
         "INSERT INTO study_service"
-        " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at)"
-        " VALUES (%s, 'pending', 0, %s, %s, NOW())"
+        " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at,"
+        " study_iuid)"
+        " VALUES (%s, 'pending', 0, %s, %s, NOW(), %s)"
         " ON DUPLICATE KEY UPDATE"
         " status = IF(sent_at >= @indexer_initial_started, status, 'pending'),"
         " attempts = IF(sent_at >= @indexer_initial_started, attempts, 0),"
         " sent_version = IF(sent_at >= @indexer_initial_started, sent_version, NULL),"
         " study_updated_time = VALUES(study_updated_time),"
-        " study_version = VALUES(study_version), enqueued_at = NOW()"
+        " study_version = VALUES(study_version), enqueued_at = NOW(),"
+        " study_iuid = VALUES(study_iuid)"
     )
     START_BOOKKEEPING = (
         "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
@@ -714,14 +718,15 @@ class PostgreSQLStatements(MySQLStatements):
         " COALESCE(s.study_desc, ''))), 'hex')"
     )
     SELECT_STUDY_PAGE = (
-        "SELECT s.pk, s.updated_time, " + STUDY_VERSION + " AS version"
+        "SELECT s.pk, s.updated_time, " + STUDY_VERSION + " AS version, s.study_iuid"
         " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
     )
     SET_INITIAL_STARTED = "SELECT set_config('dicom_indexer.initial_started', %s, false)"
     ENQUEUE_FOR_INITIAL = (
         "INSERT INTO study_service AS q"
-        " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at)"
-        " VALUES (%s, 'pending', 0, %s, %s, LOCALTIMESTAMP)"
+        " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at,"
+        " study_iuid)"
+        " VALUES (%s, 'pending', 0, %s, %s, LOCALTIMESTAMP, %s)"
         " ON CONFLICT (study_pk) DO UPDATE SET"
         " status = CASE WHEN q.sent_at >= current_setting('dicom_indexer.initial_started')"
         "::timestamp THEN q.status ELSE 'pending' END,"
@@ -731,7 +736,8 @@ class PostgreSQLStatements(MySQLStatements):
         " current_setting('dicom_indexer.initial_started')::timestamp"
         " THEN q.sent_version ELSE NULL END,"
         " study_updated_time = EXCLUDED.study_updated_time,"
-        " study_version = EXCLUDED.study_version, enqueued_at = LOCALTIMESTAMP"
+        " study_version = EXCLUDED.study_version, enqueued_at = LOCALTIMESTAMP,"
+        " study_iuid = EXCLUDED.study_iuid"
     )
     START_BOOKKEEPING = (
         "INSERT INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
@@ -783,6 +789,31 @@ class PostgreSQLStatements(MySQLStatements):
         " WHERE i.indrelid = 'study'::regclass AND a.attname = 'updated_time'"
     )
     SERVER_VERSION = "SELECT version() AS v"
+    # pg8000 runs executemany() one statement per row: the statements run
+    # many rows at a time take them as arrays instead, one statement for all
+    # (rows are transposed into one array per column).
+    ENQUEUE_FOR_INITIAL_ROWS = ENQUEUE_FOR_INITIAL.replace(
+        "VALUES (%s, 'pending', 0, %s, %s, LOCALTIMESTAMP, %s)",
+        "SELECT pk, 'pending', 0, updated, version, LOCALTIMESTAMP, iuid"
+        " FROM unnest(%s::bigint[], %s::timestamp[], %s::bytea[], %s::text[])"
+        " AS r(pk, updated, version, iuid)",
+    )
+    RECORD_SENT_ROWS = RECORD_SENT.replace(
+        "VALUES (%s, 'sent', 1, %s, LOCALTIMESTAMP, %s)",
+        "SELECT pk, 'sent', 1, version, LOCALTIMESTAMP, iuid"
+        " FROM unnest(%s::bigint[], %s::bytea[], %s::text[]) AS r(pk, version, iuid)",
+    )
+    RECORD_FAILURE_ROWS = (
+        "UPDATE study_service q SET status = r.status, attempts = q.attempts + 1,"
+        " last_error = r.error FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+        " AS r(status, error, pk) WHERE q.study_pk = r.pk"
+    )
+    MARK_GONE_ROWS = (
+        "UPDATE study_service q SET status = r.status, attempts = 0,"
+        " last_error = 'study no longer in the PACS'"
+        " FROM unnest(%s::text[], %s::bigint[]) AS r(status, pk) WHERE q.study_pk = r.pk"
+    )
+
     PRIVILEGE_PROBES = tuple(
         (what, tuple(sql.replace(" FROM DUAL", "") for sql in statements))
         for what, statements in MySQLStatements.PRIVILEGE_PROBES
@@ -984,7 +1015,13 @@ class Pacs:
                 break
             position = page[-1]["pk"]
             rows = [
-                (row["pk"], _datetime_or_none(row["updated_time"]), row["version"]) for row in page
+                (
+                    row["pk"],
+                    _datetime_or_none(row["updated_time"]),
+                    row["version"],
+                    _text(row["study_iuid"]),
+                )
+                for row in page
             ]
             self._in_transaction(
                 lambda rows=rows, position=position: (
@@ -1260,12 +1297,13 @@ class PostgreSQLPacs(Pacs):
 
     ENGINE = "postgresql"
     SQL = PostgreSQLStatements
+    BATCHED: dict[str, str] = {}  # per-row statement -> its array form, below the class
     INSTALL_SCRIPT = "psql -d DBNAME -f extras/add_indexer_postgresql.sql"
     GRANT_SCRIPT = "extras/grant_indexer_postgresql.sql"
     # SQLSTATEs: undefined table, column or function; insufficient privilege.
     MISSING_OBJECT_ERRORS = ("42P01", "42703", "42883", "42501")
     REASONS = {
-        "57P01": "the database server is shutting down or the connection was killed",
+        "57P01": LOST_CONNECTION,  # pg_terminate_backend, or a fast shutdown
         "57P02": "the database server is shutting down",
         "57P03": "the database server is starting up",
         "55P03": LOCK_TIMEOUT,
@@ -1300,6 +1338,14 @@ class PostgreSQLPacs(Pacs):
             application_name="dicom-indexer",
         )
         conn.autocommit = True
+        # MySQL gives up on a lock after 50 s (innodb_lock_wait_timeout);
+        # PostgreSQL would wait forever on a transaction left open. A
+        # lock_timeout set for the role or database is kept.
+        conn.cursor().execute(
+            "SELECT set_config('lock_timeout', %s, false)"
+            " WHERE current_setting('lock_timeout') = '0'",
+            (f"{PG_LOCK_TIMEOUT_SECONDS}s",),
+        )
         return conn
 
     def _run(self, sql: str, args: Any) -> Any:
@@ -1318,9 +1364,17 @@ class PostgreSQLPacs(Pacs):
         return int(self._run(sql, args).rowcount)
 
     def execute_many(self, sql: str, rows: list[tuple]) -> None:
-        cur = self.conn.cursor()
-        for row in rows:
-            cur.execute(sql, row)
+        batched = self.BATCHED.get(sql)
+        if batched is not None:
+            self._run(batched, [list(column) for column in zip(*rows)])
+        elif sql.endswith("WHERE study_pk = %s") and all(len(row) == 1 for row in rows):
+            # One column, the pk: the whole batch by = ANY(array).
+            self._run(sql.replace("study_pk = %s", "study_pk = ANY(%s::bigint[])"),
+                      ([row[0] for row in rows],))  # fmt: skip
+        else:
+            cur = self.conn.cursor()
+            for row in rows:
+                cur.execute(sql, row)
 
     def begin(self) -> None:
         self._run("BEGIN", None)
@@ -1365,6 +1419,13 @@ class PostgreSQLPacs(Pacs):
         # No index hints: the planner takes any index on updated_time.
         return bool(names)
 
+
+PostgreSQLPacs.BATCHED = {
+    PostgreSQLStatements.ENQUEUE_FOR_INITIAL: PostgreSQLStatements.ENQUEUE_FOR_INITIAL_ROWS,
+    PostgreSQLStatements.RECORD_SENT: PostgreSQLStatements.RECORD_SENT_ROWS,
+    PostgreSQLStatements.RECORD_FAILURE: PostgreSQLStatements.RECORD_FAILURE_ROWS,
+    PostgreSQLStatements.MARK_GONE: PostgreSQLStatements.MARK_GONE_ROWS,
+}
 
 PACS_ENGINES: dict[str, type[Pacs]] = {"mysql": MySQLPacs, "postgresql": PostgreSQLPacs}
 

@@ -261,7 +261,11 @@ class CentralIndex:
                 if mode == "503":
                     self._answer(503, {"Retry-After": "1"})
                     return
-                document = json.loads(body)
+                try:
+                    document = json.loads(body)
+                except ValueError:  # a client killed mid-request: nothing to store
+                    self.close_connection = True
+                    return
                 with index.lock:
                     pk = document["study_pk"]
                     if self.command == "POST":

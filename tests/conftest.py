@@ -36,7 +36,24 @@ DB_PASSWORD = os.environ.get("DICOM_INDEXER_TEST_DB_PASSWORD", "")
 LONG_AGO = datetime.datetime(2019, 3, 4, 10, 0, 0)
 
 
+PG_HOST = os.environ.get("DICOM_INDEXER_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("DICOM_INDEXER_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("DICOM_INDEXER_TEST_PG_USER", "postgres")
+PG_PASSWORD = os.environ.get("DICOM_INDEXER_TEST_PG_PASSWORD", "")
+PG_SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema_postgresql.sql"
+PG_INDEXER_SQL = ROOT / "extras" / "add_indexer_postgresql.sql"
+PG_GRANT_SQL = ROOT / "extras" / "grant_indexer_postgresql.sql"
+
+# Every database test runs on each engine (DICOM_INDEXER_TEST_ENGINES=mysql
+# to run one only).
+ENGINES = os.environ.get("DICOM_INDEXER_TEST_ENGINES", "mysql,postgresql").split(",")
+# The engine of each database the tests made, so that helpers taking a
+# database name (write_configs, install, PacsDb) need not be told.
+ENGINE_OF: dict[str, str] = {}
+
+
 def connect(database: str | None = None, **extra: Any) -> pymysql.connections.Connection:
+    """A MySQL/MariaDB connection as the administrator."""
     return pymysql.connect(
         host=DB_HOST,
         port=DB_PORT,
@@ -48,6 +65,74 @@ def connect(database: str | None = None, **extra: Any) -> pymysql.connections.Co
         cursorclass=pymysql.cursors.DictCursor,
         **extra,
     )
+
+
+class _PgCursor:
+    """Enough of a DB-API cursor with dict rows, as PyMySQL's DictCursor."""
+
+    def __init__(self, conn: Any) -> None:
+        self.cur = conn.cursor()
+        self.lastrowid = None
+
+    def __enter__(self) -> _PgCursor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def execute(self, sql: str, args: Any = None) -> int:
+        self.cur.execute(sql, args if args is not None else ())
+        return self.cur.rowcount
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+    def fetchall(self) -> list[dict[str, Any]]:
+        if self.cur.description is None:
+            return []
+        names = [column[0] for column in self.cur.description]
+        return [dict(zip(names, row)) for row in self.cur.fetchall()]
+
+    def fetchone(self) -> dict[str, Any] | None:
+        rows = self.fetchall()
+        return rows[0] if rows else None
+
+
+class _PgConnection:
+    def __init__(self, database: str) -> None:
+        import pg8000.dbapi
+
+        self.conn = pg8000.dbapi.connect(
+            host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD or None,
+            database=database,
+        )  # fmt: skip
+        self.conn.autocommit = True
+
+    def cursor(self) -> _PgCursor:
+        return _PgCursor(self.conn)
+
+    def begin(self) -> None:
+        self.cursor().execute("BEGIN")
+
+    def commit(self) -> None:
+        self.cursor().execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.cursor().execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> _PgConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def pg_connect(database: str = "postgres") -> _PgConnection:
+    return _PgConnection(database)
 
 
 def mysql_client() -> str:
@@ -68,8 +153,20 @@ def run_sql_file(database: str, path: Path, init: str | None = None) -> subproce
         return subprocess.run(command, stdin=stdin, capture_output=True, env=env, check=False)
 
 
-def install(database: str, path: Path = INDEXER_SQL) -> None:
-    result = run_sql_file(database, path)
+def run_psql_file(database: str, path: Path, *variables: str) -> subprocess.CompletedProcess:
+    """`psql -d DBNAME -f file`, exactly as the README tells an administrator."""
+    env = dict(os.environ, PGPASSWORD=PG_PASSWORD)
+    command = ["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", database]
+    command += ["-v", "ON_ERROR_STOP=1", "-q", *variables, "-f", str(path)]
+    return subprocess.run(command, capture_output=True, env=env, check=False)
+
+
+def install(database: str, path: Path | None = None) -> None:
+    """The engine's install script (or `path`) into `database`."""
+    if ENGINE_OF.get(database, "mysql") == "postgresql":
+        result = run_psql_file(database, path or PG_INDEXER_SQL)
+    else:
+        result = run_sql_file(database, path or INDEXER_SQL)
     assert result.returncode == 0, result.stderr.decode()
 
 
@@ -78,8 +175,13 @@ class PacsDb:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.conn = connect(name)
+        self.engine = ENGINE_OF.get(name, "mysql")
+        self.conn = pg_connect(name) if self.engine == "postgresql" else connect(name)
         self._uid = 0
+
+    @property
+    def postgresql(self) -> bool:
+        return self.engine == "postgresql"
 
     def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
         with self.conn.cursor() as cur:
@@ -90,16 +192,22 @@ class PacsDb:
         with self.conn.cursor() as cur:
             return cur.execute(sql, args)
 
+    def _insert(self, sql: str, args: Any) -> int:
+        """INSERT returning the new row's pk, on either engine."""
+        if self.postgresql:
+            return self.query(sql + " RETURNING pk", args)[0]["pk"]
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.lastrowid
+
     def add_patient(
         self, name: str | None = "PEREZ^JUAN", pat_id: str | None = "12345678-5"
     ) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO patient (pat_id, pat_name, pat_birthdate, pat_sex, created_time,"
-                " updated_time) VALUES (%s, %s, '19700101', 'M', %s, %s)",
-                (pat_id, name, LONG_AGO, LONG_AGO),
-            )
-            return cur.lastrowid
+        return self._insert(
+            "INSERT INTO patient (pat_id, pat_name, pat_birthdate, pat_sex, created_time,"
+            " updated_time) VALUES (%s, %s, '19700101', 'M', %s, %s)",
+            (pat_id, name, LONG_AGO, LONG_AGO),
+        )
 
     def add_study(
         self,
@@ -113,29 +221,29 @@ class PacsDb:
         updated_time: Any = None,
         iuid: str | None = None,
     ) -> int:
-        """A study as dcm4chee stores it; updated_time defaults to the server's NOW()."""
+        """A study as dcm4chee stores it; updated_time defaults to the server's now."""
         self._uid += 1
         iuid = iuid or f"1.2.840.113619.2.{uuid.uuid4().int % 10**12}.{self._uid}"
-        with self.conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
-                " mods_in_study, num_series, num_instances, availability, study_status,"
-                " created_time, updated_time, study_attrs)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, 0, IFNULL(%s, NOW()), IFNULL(%s, NOW()),"
-                " 'attrs')",
-                (
-                    patient_pk,
-                    iuid,
-                    study_datetime,
-                    desc,
-                    mods,
-                    num_series,
-                    num_instances,
-                    updated_time,
-                    updated_time,
-                ),
-            )
-            return cur.lastrowid
+        now = "LOCALTIMESTAMP(0)" if self.postgresql else "NOW()"
+        return self._insert(
+            "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
+            " mods_in_study, num_series, num_instances, availability, study_status,"
+            " created_time, updated_time, study_attrs)"
+            f" VALUES (%s, %s, %s, %s, %s, %s, %s, 0, 0, COALESCE(%s, {now}),"
+            f" COALESCE(%s, {now}), %s)",
+            (
+                patient_pk,
+                iuid,
+                study_datetime,
+                desc,
+                mods,
+                num_series,
+                num_instances,
+                updated_time,
+                updated_time,
+                b"attrs",
+            ),
+        )
 
     def add_studies(self, count: int, updated_time: Any = LONG_AGO) -> list[int]:
         """Many studies at once, two per patient."""
@@ -146,20 +254,61 @@ class PacsDb:
             pks.append(self.add_study(patient, updated_time=updated_time))
         return pks
 
+    def now(self) -> str:
+        """The SQL for the server's local time, to the second, as dcm4chee stamps."""
+        return "LOCALTIMESTAMP(0)" if self.postgresql else "NOW()"
+
+    def ago(self, seconds: int) -> str:
+        """The SQL for that many seconds before now."""
+        if self.postgresql:
+            return f"(LOCALTIMESTAMP(0) - INTERVAL '{int(seconds)} seconds')"
+        return f"(NOW() - INTERVAL {int(seconds)} SECOND)"
+
     def store_series(self, study_pk: int, mods: str = "CT\\SR", instances: int = 5) -> None:
         """What dcm4chee does when a new series arrives: derived fields change."""
         self.execute(
             "UPDATE study SET num_series = num_series + 1, num_instances = num_instances + %s,"
-            " mods_in_study = %s, updated_time = NOW() WHERE pk = %s",
+            f" mods_in_study = %s, updated_time = {self.now()} WHERE pk = %s",
             (instances, mods, study_pk),
         )
 
+    def call_indexer_process(self) -> int:
+        """A tick's first step, as the client runs it."""
+        sql = (
+            "SELECT indexer_process() AS enqueued" if self.postgresql else "CALL indexer_process()"
+        )
+        return int(self.query(sql)[0]["enqueued"])
+
+    def drop_indexer_process(self) -> None:
+        if self.postgresql:
+            self.execute("DROP FUNCTION indexer_process()")
+        else:
+            self.execute("DROP PROCEDURE indexer_process")
+
+    def run_lock(self, take: bool) -> None:
+        """Takes (or gives back) the lock that a run holds on this database."""
+        name = f"dicom_indexer.{self.name}"
+        if self.postgresql:
+            verb = "pg_try_advisory_lock" if take else "pg_advisory_unlock"
+            self.query(f"SELECT {verb}(hashtext(%s))", (name,))
+        else:
+            self.query("SELECT GET_LOCK(%s, 0)" if take else "SELECT RELEASE_LOCK(%s)", (name,))
+
+    def run_lock_free(self) -> bool:
+        name = f"dicom_indexer.{self.name}"
+        if not self.postgresql:
+            return self.query("SELECT IS_FREE_LOCK(%s) AS f", (name,))[0]["f"] == 1
+        if self.query("SELECT pg_try_advisory_lock(hashtext(%s)) AS f", (name,))[0]["f"]:
+            self.query("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
+            return True
+        return False
+
     def archive_predates_install(self) -> None:
-        """As add_indexer.sql leaves a site whose studies were there before it:
+        """As the install script leaves a site whose studies were there before it:
         the tick's cursor past them, so only `initial` sends them."""
         self.execute(
             "UPDATE study_service SET cursor_pk = (SELECT MAX(pk) FROM study),"
-            " study_updated_time = NOW() WHERE study_pk = 0"
+            f" study_updated_time = {self.now()} WHERE study_pk = 0"
         )
 
     def queue(self) -> dict[int, dict[str, Any]]:
@@ -176,59 +325,102 @@ class PacsDb:
         self.conn.close()
 
 
-def create_database(charset: str = "utf8") -> str:
+def create_database(charset: str = "utf8", engine: str = "mysql") -> str:
+    """A throwaway dcm4chee database with the indexer installed and granted.
+    PostgreSQL databases are UTF8 whatever `charset` says (dcm4chee's too)."""
     name = f"dicom_indexer_test_{uuid.uuid4().hex[:10]}"
     assert name != "pacsdb"
-    with connect() as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET {charset}")
-    install(name, SCHEMA_SQL)
+    ENGINE_OF[name] = engine
+    if engine == "postgresql":
+        with pg_connect() as conn:
+            conn.cursor().execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+        install(name, PG_SCHEMA_SQL)
+    else:
+        with connect() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET {charset}")
+        install(name, SCHEMA_SQL)
     install(name)
     grant_indexer_user(name)
     return name
 
 
 def drop_database(name: str) -> None:
+    if ENGINE_OF.get(name) == "postgresql":
+        with pg_connect() as conn:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        return
     with connect() as conn, conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
-# The client runs as the least-privilege user that extras/grant_indexer.sql
-# creates, so a privilege the script forgot fails a test. One user per test
-# session, with access to the session's databases only.
+# The client runs as the least-privilege user that the grant script creates,
+# so a privilege the script forgot fails a test. One user per test session,
+# with access to the session's databases only.
 INDEXER_USER = f"dit_{uuid.uuid4().hex[:10]}"
 INDEXER_PASSWORD = f"pw-{uuid.uuid4().hex}"
 
 
 def grant_indexer_user(database: str) -> None:
-    init = (
-        f"SET @indexer_user = '{INDEXER_USER}', @indexer_host = '%',"
-        f" @indexer_password = '{INDEXER_PASSWORD}'"
-    )
-    result = run_sql_file(database, GRANT_SQL, init=init)
+    if ENGINE_OF.get(database) == "postgresql":
+        result = run_psql_file(
+            database,
+            PG_GRANT_SQL,
+            "-v",
+            f"indexer_password={INDEXER_PASSWORD}",
+            "-v",
+            f"indexer_role={INDEXER_USER}",
+        )
+    else:
+        init = (
+            f"SET @indexer_user = '{INDEXER_USER}', @indexer_host = '%',"
+            f" @indexer_password = '{INDEXER_PASSWORD}'"
+        )
+        result = run_sql_file(database, GRANT_SQL, init=init)
     assert result.returncode == 0, result.stderr.decode()
 
 
-@pytest.fixture(scope="session")
-def database_name() -> Any:
+def _server_or_exit(engine: str) -> None:
     try:
-        connect().close()
-    except pymysql.MySQLError as exc:
-        pytest.exit(f"no MySQL/MariaDB server at {DB_HOST}:{DB_PORT}: {exc}", returncode=3)
-    name = create_database("utf8")
+        (pg_connect() if engine == "postgresql" else connect()).close()
+    except Exception as exc:
+        where = f"{PG_HOST}:{PG_PORT}" if engine == "postgresql" else f"{DB_HOST}:{DB_PORT}"
+        pytest.exit(f"no {engine} server at {where}: {exc}", returncode=3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _indexer_users_dropped_at_the_end() -> Any:
+    """Set up first, so torn down last: after every database that names them."""
+    yield
+    for name in [n for n in ENGINE_OF if ENGINE_OF[n]]:
+        drop_database(name)  # any a failed test left behind
+    if "postgresql" in ENGINES and "postgresql" in ENGINE_OF.values():
+        with pg_connect() as conn:
+            conn.cursor().execute(f"DROP ROLE IF EXISTS {INDEXER_USER}")
+    if "mysql" in ENGINE_OF.values():
+        with connect() as conn, conn.cursor() as cur:
+            cur.execute(f"DROP USER IF EXISTS '{INDEXER_USER}'@'%'")
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def database_name(request: Any) -> Any:
+    engine = request.param
+    _server_or_exit(engine)
+    name = create_database("utf8", engine)
     yield name
     drop_database(name)
-    with connect() as conn, conn.cursor() as cur:
-        cur.execute(f"DROP USER IF EXISTS '{INDEXER_USER}'@'%'")
 
 
 @pytest.fixture
 def pacs(database_name: str) -> Any:
     """The session's database, emptied and with a fresh indexer install."""
     db = PacsDb(database_name)
-    db.execute("SET FOREIGN_KEY_CHECKS = 0")
-    for table in ("study_service", "series", "study", "patient"):
-        db.execute(f"TRUNCATE TABLE {table}")
-    db.execute("SET FOREIGN_KEY_CHECKS = 1")
+    if db.postgresql:
+        db.execute("TRUNCATE study_service, series, study, patient RESTART IDENTITY")
+    else:
+        db.execute("SET FOREIGN_KEY_CHECKS = 0")
+        for table in ("study_service", "series", "study", "patient"):
+            db.execute(f"TRUNCATE TABLE {table}")
+        db.execute("SET FOREIGN_KEY_CHECKS = 1")
     install(database_name)
     grant_indexer_user(database_name)  # some tests drop the procedure, and its grant
     yield db
@@ -352,10 +544,15 @@ def write_configs(
     """config.json and server.json in the original client's shapes. `extra`
     and `more` go beside "key" in config.json; `database_extra` inside
     "database"."""
+    postgresql = ENGINE_OF.get(database) == "postgresql"
+    connection = (
+        {"engine": "postgresql", "host": PG_HOST, "port": PG_PORT}
+        if postgresql
+        else {"host": DB_HOST, "port": str(DB_PORT)}  # a string, as the original client's
+    )
     config: dict[str, Any] = {
         "database": {
-            "host": DB_HOST,
-            "port": str(DB_PORT),
+            **connection,
             "user": INDEXER_USER,
             "password": INDEXER_PASSWORD,
             "name": database,

@@ -77,9 +77,10 @@ def test_configuration_error_is_one_line_with_exit_code_3(
 
 def test_port_as_number_or_string(tmp_path, pacs, service, configs):
     pacs.add_study(pacs.add_patient())
-    _write(tmp_path, configs, "config.json", {"database.port": 3306})
+    port = json.loads((tmp_path / "config.json").read_text())["database"]["port"]
+    _write(tmp_path, configs, "config.json", {"database.port": int(port)})
     assert client.main(configs) == 0
-    _write(tmp_path, configs, "config.json", {"database.port": "3306"})
+    _write(tmp_path, configs, "config.json", {"database.port": str(port)})
     assert client.main(configs) == 0
 
 
@@ -109,11 +110,14 @@ def test_wrong_db_password_is_a_database_error_without_the_password(
 
 
 def test_database_without_indexer_says_how_to_install(tmp_path, pacs, service, configs, capsys):
-    pacs.execute("DROP PROCEDURE indexer_process")
+    pacs.drop_indexer_process()
     assert client.main(configs) == client.EXIT_DATABASE
     err = capsys.readouterr().err
     assert "procedure indexer_process is missing" in err
-    assert f"run: mysql {pacs.name} < extras/add_indexer.sql" in err
+    if pacs.postgresql:
+        assert f"run: psql -d {pacs.name} -f extras/add_indexer_postgresql.sql" in err
+    else:
+        assert f"run: mysql {pacs.name} < extras/add_indexer.sql" in err
 
 
 def test_no_traceback_from_the_script(tmp_path):
@@ -177,7 +181,7 @@ def test_a_run_names_the_first_problem_and_counts_the_rest(
 
 def test_dry_run_prints_documents_without_a_key(tmp_path, pacs, service, configs, capsys):
     study = pacs.add_study(pacs.add_patient())
-    pacs.execute("CALL indexer_process()")
+    pacs.call_indexer_process()
     _write(tmp_path, configs, "config.json", {"key": KeyError})
     assert client.main(["--dry-run", *configs]) == 0
     [document] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

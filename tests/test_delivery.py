@@ -163,8 +163,7 @@ def test_kill_9_mid_run_is_completed_by_the_next_run(pacs, service, configs):
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The server frees the run lock when it notices the dead connection.
-    lock = f"dicom_indexer.{pacs.name}"
-    _wait_until(lambda: pacs.query("SELECT IS_FREE_LOCK(%s) AS f", (lock,))[0]["f"] == 1)
+    _wait_until(pacs.run_lock_free)
     service.delay_seconds = 0
     assert client.main(configs) == 0
     received = service.study_pks()
@@ -221,7 +220,7 @@ def test_check_reports_each_part_and_registers_nothing(pacs, service, configs, c
     assert client.main(["check", *configs]) == client.EXIT_KEY_REFUSED
     assert "FAILED  webservice: the service refused the key (HTTP 403)" in capsys.readouterr().out
 
-    pacs.execute("DROP PROCEDURE indexer_process")
+    pacs.drop_indexer_process()
     assert client.main(["check", *configs]) == client.EXIT_DATABASE
     assert "FAILED  indexer: procedure indexer_process is missing" in capsys.readouterr().out
     assert service.documents == []
@@ -229,7 +228,7 @@ def test_check_reports_each_part_and_registers_nothing(pacs, service, configs, c
 
 def test_dry_run_prints_documents_and_changes_nothing(pacs, service, configs, capsys):
     pks = pacs.add_studies(3)
-    pacs.execute("CALL indexer_process()")
+    pacs.call_indexer_process()
     before = pacs.queue()
     assert client.main(["--dry-run", *configs]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -91,3 +91,47 @@ def test_body_is_ascii_json_that_round_trips():
         client.encode_document(dict(document))
     )
     assert len(client.document_version(body)) == 16
+
+
+def test_the_same_rows_give_the_same_bytes_on_both_engines(tmp_path):
+    """A site moving from MySQL to PostgreSQL (or the other way) sends the same
+    bodies: the central service cannot tell the engines apart."""
+    from conftest import (
+        ENGINES,
+        LONG_AGO,
+        CentralService,
+        PacsDb,
+        create_database,
+        drop_database,
+        write_configs,
+    )
+
+    if set(ENGINES) != {"mysql", "postgresql"}:
+        pytest.skip("needs both engines")
+    bodies = {}
+    for engine in ("mysql", "postgresql"):
+        name = create_database("utf8", engine)
+        db, service = PacsDb(name), CentralService()
+        try:
+            patient = db.add_patient("MUÑOZ^JOSÉ^ÁNGEL", "12.345.678-K")
+            db.add_study(
+                patient, desc='TC "CEREBRO" \\ SIN CONTRASTE', mods="CT\\SR", iuid="1.2.3.1"
+            )
+            db.add_study(patient, desc=None, mods=None, study_datetime=None, iuid="1.2.3.2")
+            db.add_study(
+                None, study_datetime=datetime.datetime(2024, 5, 17, 9, 42, 10), iuid="1.2.3.3"
+            )
+            db.add_study(
+                db.add_patient(None, None), num_series=12, num_instances=2000, iuid="1.2.3.4"
+            )
+            db.execute("UPDATE study SET updated_time = %s", (LONG_AGO,))
+            (tmp_path / engine).mkdir()
+            args = write_configs(tmp_path / engine, name, service.url)
+            assert client.main(["initial", *args]) == 0
+            bodies[engine] = sorted(r.body for r in service.received)
+        finally:
+            service.stop()
+            db.close()
+            drop_database(name)
+    assert len(bodies["mysql"]) == 4
+    assert bodies["mysql"] == bodies["postgresql"]

@@ -163,17 +163,14 @@ def test_log_file_keeps_the_summary_even_when_quiet(pacs, service, tmp_path, cap
 
 
 def test_lock_conflict_is_silent_with_quiet(pacs, service, configs, capsys):
-    holder = pacs.conn
-    with holder.cursor() as cur:
-        cur.execute("SELECT GET_LOCK(%s, 0)", (f"dicom_indexer.{pacs.name}",))
+    pacs.run_lock(take=True)
     try:
         assert client.main(["-q", *configs]) == client.EXIT_LOCKED
         assert capsys.readouterr().err == ""
         assert client.main(configs) == client.EXIT_LOCKED
         assert "this run stands aside" in capsys.readouterr().err
     finally:
-        with holder.cursor() as cur:
-            cur.execute("SELECT RELEASE_LOCK(%s)", (f"dicom_indexer.{pacs.name}",))
+        pacs.run_lock(take=False)
 
 
 def test_systemd_units_run_the_quiet_client_every_five_minutes():

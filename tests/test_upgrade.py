@@ -59,6 +59,8 @@ def original_files(site: Path, database: str, url: str) -> None:
 
 
 def test_original_clients_config_json_and_server_json_work_unchanged(pacs, service, tmp_path):
+    if pacs.postgresql:
+        pytest.skip("the original client ran on MySQL only: its files name no engine")
     archive = pacs.add_studies(5)
     original_files(tmp_path, pacs.name, service.url)
     files = ["--config", str(tmp_path / "config.json"), "--server", str(tmp_path / "server.json")]

@@ -5,6 +5,7 @@ found, and runs deliver."""
 
 from __future__ import annotations
 
+import conftest
 import pytest
 from conftest import (
     INDEXER_SQL,
@@ -148,3 +149,44 @@ def test_zero_dates_written_permissively_read_under_a_strict_sql_mode(
     assert client.main(["status", *args]) == 0
     code, lines = _check_lines(capsys, args)
     assert code == 0, lines
+
+
+def test_postgresql_without_an_updated_time_index_reads_the_newest_studies(
+    service, tmp_path, capsys
+):
+    if "postgresql" not in conftest.ENGINES:
+        pytest.skip("PostgreSQL tests not selected")
+    name = create_database("utf8", "postgresql")
+    db = PacsDb(name)
+    try:
+        args = write_configs(tmp_path, name, service.url)
+        db.execute("DROP INDEX study_updated")
+        install(name)
+        patient = db.add_patient()
+        db.execute(
+            "INSERT INTO study (patient_fk, study_iuid, num_series, num_instances, availability,"
+            " study_status, created_time, updated_time)"
+            " SELECT %s, '1.2.9.' || i, 1, 1, 0, 0, %s, %s FROM generate_series(1, 8000) AS i",
+            (patient, LONG_AGO, LONG_AGO),
+        )
+        db.archive_predates_install()
+        code, lines = _check_lines(capsys, args)
+        assert code == 0
+        [warning] = [line for line in lines if line.startswith("warning")]
+        assert "index study_updated on study(updated_time) is missing" in warning
+
+        newest = db.query("SELECT MAX(pk) AS pk FROM study")[0]["pk"]
+        new = db.add_study(patient)
+        db.store_series(newest)
+        db.store_series(1)  # ten years old: left to reconcile
+        assert client.main(args) == 0
+        assert service.study_pks() == sorted([newest, new])
+
+        # PostgreSQL has no index hints: an index on updated_time under any
+        # name serves, and check says so.
+        db.execute("CREATE INDEX idx_study_upd ON study (updated_time)")
+        code, lines = _check_lines(capsys, args)
+        assert "ok      index idx_study_upd on study(updated_time)" in "\n".join(lines)
+    finally:
+        db.close()
+        drop_database(name)
