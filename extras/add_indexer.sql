@@ -112,6 +112,7 @@ BEGIN
   DECLARE row_updated DATETIME;
   DECLARE row_version BINARY(16);
   DECLARE known_version BINARY(16);
+  DECLARE row_iuid VARCHAR(250) CHARACTER SET utf8mb4;
   DECLARE enqueued INT DEFAULT 0;
   DECLARE done INT DEFAULT 0;
   -- A zero updated_time ('0000-00-00', from years of a permissive sql_mode)
@@ -131,7 +132,7 @@ BEGIN
                IFNULL(s.patient_fk, ''), s.study_iuid,
                IFNULL(s.study_datetime, ''),
                IFNULL(s.study_desc, '')))) AS version,
-           q.study_version AS enqueued_version
+           q.study_version AS enqueued_version, s.study_iuid
       FROM (SELECT pk FROM study FORCE INDEX (study_updated)
              WHERE updated_time >= scan_from_time
             UNION
@@ -152,7 +153,7 @@ BEGIN
                IFNULL(s.patient_fk, ''), s.study_iuid,
                IFNULL(s.study_datetime, ''),
                IFNULL(s.study_desc, '')))) AS version,
-           q.study_version AS enqueued_version
+           q.study_version AS enqueued_version, s.study_iuid
       FROM study s FORCE INDEX (PRIMARY)
       LEFT JOIN study_service q ON q.study_pk = s.pk
      WHERE s.pk > scan_from_pk
@@ -202,21 +203,24 @@ BEGIN
   END IF;
   read_loop: LOOP
     IF has_time_index THEN
-      FETCH changed_studies INTO row_pk, row_updated, row_version, known_version;
+      FETCH changed_studies INTO row_pk, row_updated, row_version, known_version, row_iuid;
     ELSE
-      FETCH recent_studies INTO row_pk, row_updated, row_version, known_version;
+      FETCH recent_studies INTO row_pk, row_updated, row_version, known_version, row_iuid;
     END IF;
     IF done THEN
       LEAVE read_loop;
     END IF;
+    -- study_iuid from the moment a study is enqueued: a POST may reach the
+    -- service and its answer be lost (a cut, a crash); if the study is then
+    -- deleted, its DELETE needs the UID, which no acknowledgement recorded.
     INSERT INTO study_service
       (study_pk, status, attempts, last_error, study_updated_time,
-       study_version, enqueued_at)
-    VALUES (row_pk, 'pending', 0, NULL, row_updated, row_version, now_time)
+       study_version, enqueued_at, study_iuid)
+    VALUES (row_pk, 'pending', 0, NULL, row_updated, row_version, now_time, row_iuid)
     ON DUPLICATE KEY UPDATE
       status = 'pending', attempts = 0, last_error = NULL,
       study_updated_time = row_updated, study_version = row_version,
-      enqueued_at = now_time;
+      enqueued_at = now_time, study_iuid = row_iuid;
     SET enqueued = enqueued + 1;
     IF row_updated > watermark AND row_updated <= now_time THEN
       SET watermark = row_updated;

@@ -119,7 +119,7 @@ def test_rewrite_that_changes_no_field_sends_nothing(pacs, service, configs, cap
     assert client.main(configs) == 0
     service.clear()
     pacs.execute(
-        "UPDATE study SET updated_time = NOW() + INTERVAL 1 SECOND, checked_time = NOW()"
+        "UPDATE study SET updated_time = NOW() + INTERVAL '1' SECOND, checked_time = NOW()"
         " WHERE pk = %s",
         (study,),
     )
@@ -134,14 +134,14 @@ def test_stability_window_holds_a_fresh_study_then_releases_it(pacs, service, tm
     args = write_configs(tmp_path, pacs.name, service.url, stable_age_seconds=60)
     old = pacs.add_study(pacs.add_patient(), updated_time=LONG_AGO)
     fresh = pacs.add_study(pacs.add_patient())  # still receiving images
-    pacs.execute("CALL indexer_process()")
+    pacs.call_indexer_process()
     pacs.execute("UPDATE study_service SET status = 'pending' WHERE study_pk = %s", (old,))
     assert client.main(args) == 0
     assert service.study_pks() == [old]
     assert "still pending 1, held 1" in capsys.readouterr().err
     # Quiet for two minutes now.
     pacs.execute(
-        "UPDATE study SET updated_time = NOW() - INTERVAL 120 SECOND WHERE pk = %s", (fresh,)
+        "UPDATE study SET updated_time = NOW() - INTERVAL '120' SECOND WHERE pk = %s", (fresh,)
     )
     assert client.main(args) == 0
     assert service.study_pks() == [old, fresh]
@@ -234,3 +234,23 @@ def test_fingerprint_from_the_old_key_names_means_one_resend_then_quiet(
     assert "0 changed and enqueued" in capsys.readouterr().err
     assert client.main(configs) == 0
     assert service.attempts == []
+
+
+def test_study_whose_answer_was_lost_then_deleted_still_gets_its_delete(pacs, service, tmp_path):
+    """The service stored the POST but its answer never arrived (a cut
+    connection, a crash): nothing was acknowledged, yet the central index
+    holds the study. Deleted from the PACS, it must be DELETEd there too.
+    Found by the storm test."""
+    args = write_configs(tmp_path, pacs.name, service.url, {"send_deletes": True}, max_retries=0)
+    study = pacs.add_study(pacs.add_patient())
+    iuid = pacs.query("SELECT study_iuid FROM study WHERE pk = %s", (study,))[0]["study_iuid"]
+    service.respond = lambda n, r: (503, "answer lost")
+    assert client.main(args) == client.EXIT_DELIVERY
+    assert [r.json["study_pk"] for r in service.attempts] == [study]  # it got there
+
+    pacs.execute("DELETE FROM study WHERE pk = %s", (study,))
+    service.respond = lambda n, r: (200, "{}")
+    assert client.main(args) == 0
+    [delete] = [r for r in service.received if r.method == "DELETE"]
+    assert delete.json == {"study_iuid": iuid, "study_pk": study, "center": CENTER}
+    assert pacs.queue()[study]["status"] == "deleted"
