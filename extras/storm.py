@@ -95,8 +95,9 @@ def free_port() -> int:
 class PrivateMariaDB:
     """mariadbd on its own port, socket and data directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, options: tuple[str, ...] = ()) -> None:
         self.directory = directory
+        self.options = options  # more mariadbd options, at install and start
         self.datadir = directory / "data"
         self.socket = directory / "mysqld.sock"
         self.port = free_port()
@@ -115,6 +116,7 @@ class PrivateMariaDB:
                 "--user=" + _os_user(),
                 "--auth-root-authentication-method=socket",
                 "--skip-test-db",
+                *self.options,
             ],
             check=True,
             capture_output=True,
@@ -136,6 +138,7 @@ class PrivateMariaDB:
                 "--innodb-log-file-size=32M",
                 "--skip-log-bin",
                 "--max-connections=200",
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"),  # noqa: SIM115 (closed with the process)

@@ -5,6 +5,10 @@ found, and runs deliver."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+
 import conftest
 import pytest
 from conftest import (
@@ -190,3 +194,55 @@ def test_postgresql_without_an_updated_time_index_reads_the_newest_studies(
     finally:
         db.close()
         drop_database(name)
+
+
+@pytest.mark.skipif(
+    not shutil.which("mariadb-install-db"), reason="needs mariadbd and mariadb-install-db"
+)
+def test_lower_case_table_names_server_installs_and_delivers(service, tmp_path, capsys):
+    """lower_case_table_names=1 can only be chosen when a server's data
+    directory is made: a private server of the test's own, with a database
+    named in mixed case as some sites do."""
+    sys.path.insert(0, str(conftest.ROOT / "extras"))
+    import storm
+
+    server = storm.PrivateMariaDB(tmp_path / "db", options=("--lower-case-table-names=1",))
+    server.install()
+    server.start()
+    try:
+        server.admin("CREATE DATABASE Pacs_DB CHARACTER SET latin1")
+        server.run_file("Pacs_DB", conftest.SCHEMA_SQL)
+        server.run_file("Pacs_DB", INDEXER_SQL)
+        server.admin("CREATE USER 'indexer'@'%' IDENTIFIED BY 'pw'")
+        server.admin("GRANT ALL ON pacs_db.* TO 'indexer'@'%'")
+        server.admin(
+            "INSERT INTO Study (study_iuid, num_series, num_instances, availability,"
+            " study_status, updated_time) VALUES ('1.2.3', 1, 1, 0, 0, NOW())",
+            database="Pacs_DB",
+        )
+        config = {
+            "database": {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "user": "indexer",
+                "password": "pw",
+                "name": "Pacs_DB",
+            },
+            "key": "k",
+            "webservice_url": service.url,
+        }
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        (tmp_path / "config.json").chmod(0o600)
+        (tmp_path / "server.json").write_text('{"server": "000"}')
+        args = [
+            "--config",
+            str(tmp_path / "config.json"),
+            "--server",
+            str(tmp_path / "server.json"),
+        ]
+        code, lines = _check_lines(capsys, args)
+        assert code == 0, lines
+        assert client.main(args) == 0
+        assert [doc["study_iuid"] for doc in service.documents] == ["1.2.3"]
+    finally:
+        server.stop()
