@@ -344,6 +344,30 @@ def create_database(charset: str = "utf8", engine: str = "mysql") -> str:
     return name
 
 
+# What the original client installed: a trigger enqueueing each new study.
+ORIGINAL_CLIENT_SQL = """
+CREATE TABLE study_service (study_pk INT PRIMARY KEY);
+CREATE TRIGGER indexer_process AFTER INSERT ON study
+FOR EACH ROW INSERT INTO study_service (study_pk) VALUES (NEW.pk);
+"""
+
+
+def original_client_database() -> tuple[PacsDb, list[int]]:
+    """A MySQL pacsdb as a site running the original client has it: its
+    trigger and table, six archived studies of which it sent four (and
+    dequeued them) and left two pending."""
+    db = PacsDb(create_database("latin1"))
+    db.execute("DROP TABLE study_service")
+    db.execute("DROP PROCEDURE indexer_process")
+    for statement in ORIGINAL_CLIENT_SQL.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
+    patient = db.add_patient()
+    archive = [db.add_study(patient, updated_time=LONG_AGO) for _ in range(6)]
+    db.execute("DELETE FROM study_service WHERE study_pk <= %s", (archive[3],))
+    return db, archive
+
+
 def drop_database(name: str) -> None:
     if ENGINE_OF.get(name) == "postgresql":
         with pg_connect() as conn:
@@ -526,6 +550,23 @@ def service() -> Any:
     server = CentralService()
     yield server
     server.stop()
+
+
+def client_process(args: list[str], *extra: str) -> subprocess.Popen:
+    """client.py as its own process, as cron runs it."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "client.py"), *extra, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(condition: Callable[[], Any], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def free_port() -> int:

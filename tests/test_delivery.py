@@ -15,27 +15,13 @@ from conftest import (
     INDEXER_USER,
     ROOT,
     CentralService,
+    client_process,
     free_port,
+    wait_until,
     write_configs,
 )
 
 import client
-
-
-def _client_process(args, *extra):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "client.py"), *extra, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_until(condition, seconds=30.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_503_on_every_fourth_request_still_delivers_everything(pacs, service, configs):
@@ -158,12 +144,12 @@ def test_service_dying_mid_run_loses_nothing(pacs, service, configs):
 def test_kill_9_mid_run_is_completed_by_the_next_run(pacs, service, configs):
     pks = pacs.add_studies(400)
     service.delay_seconds = 0.005
-    process = _client_process(configs, "initial")
-    _wait_until(lambda: len(service.received) >= 50)
+    process = client_process(configs, "initial")
+    wait_until(lambda: len(service.received) >= 50)
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The server frees the run lock when it notices the dead connection.
-    _wait_until(pacs.run_lock_free)
+    wait_until(pacs.run_lock_free)
     service.delay_seconds = 0
     assert client.main(configs) == 0
     received = service.study_pks()
@@ -175,9 +161,9 @@ def test_kill_9_mid_run_is_completed_by_the_next_run(pacs, service, configs):
 def test_two_runs_at_once_one_stands_aside_and_nothing_is_posted_twice(pacs, service, configs):
     pks = pacs.add_studies(300)
     service.delay_seconds = 0.02  # the first run lasts about 1.5 s: the second meets it
-    first = _client_process(configs, "initial")
-    _wait_until(lambda: len(service.received) >= 10)
-    second = _client_process(configs)
+    first = client_process(configs, "initial")
+    wait_until(lambda: len(service.received) >= 10)
+    second = client_process(configs)
     out, err = second.communicate(timeout=30)
     assert second.returncode == client.EXIT_LOCKED
     assert "another dicom-indexer run is working on database" in err

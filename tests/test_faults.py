@@ -12,25 +12,9 @@ import time
 
 import pymysql
 import pytest
-from conftest import INDEXER_USER, ROOT, PacsDb, connect, write_configs
+from conftest import INDEXER_USER, ROOT, PacsDb, client_process, connect, wait_until, write_configs
 
 import client
-
-
-def _client_process(args, *extra):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "client.py"), *extra, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_until(condition, seconds=30.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def _errors(stderr: str) -> list[str]:
@@ -61,8 +45,8 @@ def test_connection_killed_mid_run_is_one_line_exit_4_and_the_next_run_completes
 ):
     pks = pacs.add_studies(60)
     service.delay_seconds = 0.1  # a run of a few seconds, to kill it midway
-    process = _client_process(configs, "initial")
-    _wait_until(lambda: len(service.received) >= 10)
+    process = client_process(configs, "initial")
+    wait_until(lambda: len(service.received) >= 10)
     if pacs.postgresql:
         pacs.query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -122,7 +106,7 @@ def test_lock_wait_timeout_is_one_line_exit_4_and_the_next_run_completes(pacs, s
             holder.conn.begin()
             # As a long transaction would (an administrator's, left open).
             holder.query("SELECT * FROM study_service WHERE study_pk = 0 FOR UPDATE")
-            process = _client_process(configs)
+            process = client_process(configs)
             _, stderr = process.communicate(timeout=60)
         finally:
             holder.conn.rollback()
@@ -138,8 +122,8 @@ def test_lock_wait_timeout_is_one_line_exit_4_and_the_next_run_completes(pacs, s
 def test_sigterm_finishes_the_requests_in_flight_records_them_and_exits_143(pacs, service, configs):
     pks = pacs.add_studies(40)
     service.delay_seconds = 1.5  # four requests in flight when SIGTERM comes
-    process = _client_process(configs, "initial")
-    _wait_until(lambda: len(service.attempts) >= 4)
+    process = client_process(configs, "initial")
+    wait_until(lambda: len(service.attempts) >= 4)
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
@@ -166,8 +150,8 @@ def test_sigterm_with_requests_hung_exits_within_10_seconds_and_loses_nothing(
     pks = pacs.add_studies(12)
     args = write_configs(tmp_path, pacs.name, service.url, read_timeout_seconds=60, concurrency=2)
     service.delay_seconds = 20  # the service hangs
-    process = _client_process(args, "initial")
-    _wait_until(lambda: len(service.attempts) >= 2)
+    process = client_process(args, "initial")
+    wait_until(lambda: len(service.attempts) >= 2)
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
@@ -185,7 +169,7 @@ def test_sigterm_pauses_reconcile_where_it_is(pacs, service, tmp_path):
     pacs.add_studies(300)
     args = write_configs(tmp_path, pacs.name, service.url, reconcile_rows_per_second=100)
     assert client.main(["initial", *args]) == 0
-    process = _client_process(args, "reconcile")
+    process = client_process(args, "reconcile")
     time.sleep(1.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)

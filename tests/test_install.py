@@ -112,26 +112,12 @@ def test_reinstall_keeps_the_indexer_users_execute_grant(pacs):
             cur.execute("UPDATE study SET num_series = 0")
 
 
-ORIGINAL_CLIENT_SQL = """
-CREATE TABLE study_service (study_pk INT PRIMARY KEY);
-CREATE TRIGGER indexer_process AFTER INSERT ON study
-FOR EACH ROW INSERT INTO study_service (study_pk) VALUES (NEW.pk);
-"""
-
-
 def test_upgrade_from_original_client_sends_pending_and_new_not_the_archive(tmp_path, service):
-    name = create_database("latin1")
-    db = PacsDb(name)
+    db, archive = conftest.original_client_database()
+    name = db.name
+    patient = db.query("SELECT patient_fk FROM study LIMIT 1")[0]["patient_fk"]
     try:
-        db.execute("DROP TABLE study_service")
-        db.execute("DROP PROCEDURE indexer_process")
-        for statement in ORIGINAL_CLIENT_SQL.split(";\n"):
-            if statement.strip():
-                db.execute(statement)
-        patient = db.add_patient()
-        archive = [db.add_study(patient, updated_time=LONG_AGO) for _ in range(6)]
-        # The original client had sent and dequeued these; two are still pending.
-        db.execute("DELETE FROM study_service WHERE study_pk <= %s", (archive[3],))
+        # The original client had sent and dequeued four; two are still pending.
         assert sorted(db.queue()) == archive[4:]
 
         install(name)

@@ -18,14 +18,11 @@ from conftest import (
     DB_PASSWORD,
     DB_PORT,
     DB_USER,
-    LONG_AGO,
     ROOT,
-    PacsDb,
-    create_database,
     drop_database,
     mysql_client,
+    original_client_database,
 )
-from test_install import ORIGINAL_CLIENT_SQL
 from test_mapping import CONTRACT_KEYS
 
 import client
@@ -102,16 +99,8 @@ def original_site(tmp_path, service):
     its Python 2 virtualenv and cron script, and a pacsdb with its trigger."""
     if not PYTHON27.exists():
         pytest.skip("no Python 2.7 on this machine (pyenv 2.7.18)")
-    name = create_database("latin1")
-    db = PacsDb(name)
-    db.execute("DROP TABLE study_service")
-    db.execute("DROP PROCEDURE indexer_process")
-    for statement in ORIGINAL_CLIENT_SQL.split(";\n"):
-        if statement.strip():
-            db.execute(statement)
-    patient = db.add_patient()
-    archive = [db.add_study(patient, updated_time=LONG_AGO) for _ in range(6)]
-    db.execute("DELETE FROM study_service WHERE study_pk <= %s", (archive[3],))  # sent
+    db, archive = original_client_database()
+    name = db.name
 
     site = tmp_path / "srv" / "dicom_indexer"
     (site / "extras").mkdir(parents=True)
