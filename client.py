@@ -788,7 +788,7 @@ class PostgreSQLStatements(MySQLStatements):
         " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
         " WHERE i.indrelid = 'study'::regclass AND a.attname = 'updated_time'"
     )
-    SERVER_VERSION = "SELECT version() AS v"
+    SERVER_VERSION = "SELECT 'PostgreSQL ' || current_setting('server_version') AS v"
     # pg8000 runs executemany() one statement per row: the statements run
     # many rows at a time take them as arrays instead, one statement for all
     # (rows are transposed into one array per column).
