@@ -33,12 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-try:
-    import pymysql
-    import pymysql.cursors
-except ImportError:  # main() says so in one line, with the fix
-    pymysql = None  # type: ignore[assignment]
-
 __version__ = "2.0.0"
 
 log = logging.getLogger("dicom_indexer")
@@ -1221,7 +1215,6 @@ class MySQLPacs(Pacs):
 
     ENGINE = "mysql"
     SQL = MySQLStatements
-    Error = (pymysql.MySQLError,) if pymysql else ()
     INSTALL_SCRIPT = "mysql DBNAME < extras/add_indexer.sql"
     GRANT_SCRIPT = "extras/grant_indexer.sql"
     # Table, column or procedure missing (or not granted).
@@ -1237,8 +1230,19 @@ class MySQLPacs(Pacs):
         1213: DEADLOCK,
     }
 
+    def __init__(self, settings: Settings) -> None:
+        # Imported here, as pg8000 is by PostgreSQLPacs: a run loads one
+        # driver (each costs a few MB of a budget of 50).
+        import pymysql
+        import pymysql.cursors
+
+        self.driver = pymysql
+        self.Error = (pymysql.MySQLError,)
+        super().__init__(settings)
+
     def _connect(self) -> Any:
         settings = self.settings
+        pymysql = self.driver
         return pymysql.connect(
             host=settings.db_host,
             port=settings.db_port,
