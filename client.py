@@ -1951,6 +1951,10 @@ def deliver_pending(
             except Exception as exc:  # a bug: keep the traceback, never hang the run
                 log.exception("study %d: unexpected error while sending", outcome.study_pk)
                 outcome.error = f"internal error: {type(exc).__name__}"
+            if outcome.refused_key or outcome.wrong_url:
+                # Every other study would get the same answer: the other workers
+                # stop at once, not when the main thread gets to this answer.
+                stopping.set()
             answers.put(outcome)
 
     workers = [
