@@ -501,7 +501,6 @@ class Outcome:
 # Without dcm4chee's study_updated index, indexer_process re-reads this many
 # of the newest studies on each call (recent_rows in the install scripts).
 RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
-GRANT_HINT = "; if the indexer's own user lacks it, run the grant_indexer script (see README)"
 # What a PACS administrator can make of the errors that end a run midway:
 # the server restarted (a nightly backup), a DBA killed the connection, or
 # dcm4chee held a row too long. Nothing is lost: the next run carries on.
@@ -819,7 +818,6 @@ class Pacs:
     queue. Subclasses connect, hold the SQL (`SQL`), lock, and translate
     errors; `Error` is what their driver raises."""
 
-    ENGINE = ""
     SQL: type[MySQLStatements] = MySQLStatements
     Error: tuple[type[BaseException], ...] = ()
     INSTALL_SCRIPT = ""
@@ -959,7 +957,10 @@ class Pacs:
                 self.check_installed()
             except self.Error:
                 pass
-            return DatabaseError(message + GRANT_HINT)
+            return DatabaseError(
+                f"{message}; if the indexer's own user lacks it, run {self.GRANT_SCRIPT}"
+                " (see README)"
+            )
         return DatabaseError(message)
 
     def acquire_run_lock(self) -> None:
@@ -1213,7 +1214,6 @@ class Pacs:
 class MySQLPacs(Pacs):
     """dcm4chee 2.x on MySQL 5.6 to 8 or MariaDB 10.x, through PyMySQL."""
 
-    ENGINE = "mysql"
     SQL = MySQLStatements
     INSTALL_SCRIPT = "mysql DBNAME < extras/add_indexer.sql"
     GRANT_SCRIPT = "extras/grant_indexer.sql"
@@ -1299,7 +1299,6 @@ class PostgreSQLPacs(Pacs):
     """dcm4chee 2.x on PostgreSQL 9.6 and later, through pg8000 (pure Python,
     installed only where needed: requirements-postgresql.txt)."""
 
-    ENGINE = "postgresql"
     SQL = PostgreSQLStatements
     BATCHED: dict[str, str] = {}  # per-row statement -> its array form, below the class
     INSTALL_SCRIPT = "psql -d DBNAME -f extras/add_indexer_postgresql.sql"
@@ -2420,7 +2419,7 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
             results.append(("FAILED", f"indexer: {exc}", EXIT_DATABASE))
         else:
             problems = pacs.privilege_problems()
-            fix = "; fix: run extras/grant_indexer.sql (see README)"
+            fix = f"; fix: run {pacs.GRANT_SCRIPT} (see README)"
             results += [("FAILED", f"privileges: {p}{fix}", EXIT_DATABASE) for p in problems]
             if not problems:
                 results.append(("ok", f"privileges: {settings.db_user} may do what a run does", 0))

@@ -23,6 +23,7 @@ from conftest import (
     run_sql_file,
     write_configs,
 )
+from test_install import _rows_read
 
 import client
 
@@ -39,16 +40,6 @@ def site(service, tmp_path):
 def _check_lines(capsys, args) -> tuple[int, list[str]]:
     code = client.main(["check", *args])
     return code, capsys.readouterr().out.splitlines()
-
-
-def _rows_read(db: PacsDb, sql: str) -> int:
-    def reads() -> int:
-        rows = db.query("SHOW SESSION STATUS LIKE 'Handler_read%%'")
-        return sum(int(r["Value"]) for r in rows if "rnd" not in r["Variable_name"])
-
-    before = reads()
-    db.query(sql)
-    return reads() - before
 
 
 @pytest.mark.parametrize("renamed", [False, True], ids=["dropped", "renamed"])
