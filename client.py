@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
@@ -78,6 +79,9 @@ PENDING, SENT, FAILED, DELETING, DELETED = "pending", "sent", "failed", "deletin
 MAX_RETRY_AFTER_SECONDS = 30
 # Statuses worth retrying: the service is busy or failing, not refusing the study.
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+# "Too many requests" and "overloaded": retried by Sender itself, not by
+# urllib3, because they pause every request and lower the concurrency limit.
+OVERLOAD_STATUSES = (429, 503)
 ERROR_TEXT_CHARS = 200  # how much of a refusal's body is kept in last_error
 ACK_FLUSH_ROWS = 200  # acknowledgements written per transaction...
 ACK_FLUSH_SECONDS = 1.0  # ...or at least this often: bounds resends after a crash
@@ -155,7 +159,8 @@ class Settings:
     db_engine: str = "mysql"  # or "postgresql": PACS_ENGINES
     db_unix_socket: str | None = None
     page_size: int = 1000
-    concurrency: int = 4
+    concurrency: int | None = None  # None: "auto", adapted between 1 and max_concurrency
+    max_concurrency: int = 64
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 30.0
     max_retries: int = 3
@@ -323,6 +328,16 @@ class _Fields:
             return minimum if default is _MISSING else default
         return value
 
+    def number_or_auto(self, name: str, minimum: int, maximum: int) -> int | None:
+        """A whole number, or "auto" (the default): None."""
+        if self._value(name, "auto") == "auto":
+            return None
+        value = self._value(name, None)
+        if isinstance(value, str) and not value.strip().isdigit():
+            self._problem(name, f'must be "auto" or a number from {minimum} to {maximum}')
+            return None
+        return self.number(name, None, minimum, maximum)
+
     def unknown(self) -> list[str]:
         """Fields nobody read: usually a typo, which would otherwise be
         silently ignored (and the setting left at its default)."""
@@ -382,7 +397,8 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         key=key,
         center=server.code("server"),
         page_size=top.number("page_size", default=1000, minimum=1, maximum=100000),
-        concurrency=top.number("concurrency", default=4, minimum=1, maximum=64),
+        concurrency=top.number_or_auto("concurrency", minimum=1, maximum=64),
+        max_concurrency=top.number("max_concurrency", default=64, minimum=1, maximum=256),
         connect_timeout_seconds=top.number(
             "connect_timeout_seconds", default=5, minimum=0.1, maximum=300, integer=False
         ),
@@ -1533,6 +1549,7 @@ def _retry_policy(settings: Settings) -> Any:
     Jitter keeps several clients from retrying in lockstep; the cap keeps a
     cron tick from sleeping for hours on a Retry-After the service sent.
     """
+    from urllib3.exceptions import InvalidHeader
     from urllib3.util.retry import Retry
 
     class BoundedRetry(Retry):
@@ -1540,7 +1557,10 @@ def _retry_policy(settings: Settings) -> Any:
             return super().get_backoff_time() * random.uniform(0.5, 1.5)
 
         def get_retry_after(self, response: Any) -> float | None:
-            seconds = super().get_retry_after(response)
+            try:
+                seconds = super().get_retry_after(response)
+            except InvalidHeader:  # "Retry-After: soon": as if absent
+                return None
             return None if seconds is None else min(seconds, MAX_RETRY_AFTER_SECONDS)
 
     options: dict[str, Any] = {
@@ -1550,9 +1570,11 @@ def _retry_policy(settings: Settings) -> Any:
         "status": settings.max_retries,
         "other": 0,
         "redirect": 0,
-        "status_forcelist": RETRY_STATUSES,
+        "status_forcelist": tuple(c for c in RETRY_STATUSES if c not in OVERLOAD_STATUSES),
         "backoff_factor": settings.backoff_seconds,
-        "respect_retry_after_header": True,
+        # Retry-After is Sender's business: urllib3 would retry a 429 or 503
+        # carrying it and sleep in that one thread while the others go on.
+        "respect_retry_after_header": False,
         "raise_on_status": False,
         "raise_on_redirect": False,
     }
@@ -1562,6 +1584,134 @@ def _retry_policy(settings: Settings) -> Any:
     except TypeError:  # urllib3 < 1.26: method_whitelist, and no `other`
         del options["other"]
         return BoundedRetry(method_whitelist=methods, **options)
+
+
+# "auto" concurrency: LEDBAT (RFC 6817), the delay-based congestion control
+# written for background transfers that must yield to everyone else's traffic.
+# It keeps the service's queueing delay near a small target whatever the
+# number of clients: ten centers loading at once share the service's capacity
+# instead of each adding its own queue, as a Vegas-style count of queued
+# requests per client would.
+AUTO_START_LIMIT = 4  # today's fixed default: where a run starts
+AUTO_TARGET_SECONDS = 0.005  # queueing delay tolerated at the service...
+AUTO_TARGET_FRACTION = 0.25  # ...or this fraction of the unloaded latency, if larger
+AUTO_BASE_MINUTES = 10  # the unloaded latency: the minimum over this many minutes
+# The current latency: the lowest of the answers of the last half round trip
+# (limit / 2 answers), which filters out the jitter of a busy machine and
+# still sees a queue within one round trip at any limit.
+AUTO_RECENT_SAMPLES = 128
+AUTO_OVERLOAD_FACTOR = 0.5  # multiplicative decrease on 429/503/timeout, once per round trip
+AUTO_REPORT_SECONDS = 5.0  # -v: a line about the limit this often
+
+
+class ConcurrencyLimit:
+    """How many requests may be in flight, and the pause that a 429 or 503
+    imposes on all of them.
+
+    With a fixed `concurrency` the limit never moves. With "auto" it starts at
+    AUTO_START_LIMIT, doubles every round trip while the latency holds (slow
+    start, as TCP), then follows LEDBAT: each answer moves the limit by
+    (target - queueing delay) / target / limit, at most +1 per round trip,
+    down as fast as the delay is above the target; a 429, 503 or timeout
+    halves it. It does not grow while the client cannot fill it (the database
+    side is the bottleneck), so it never drifts to a number it never tried.
+    """
+
+    def __init__(self, fixed: int | None, maximum: int) -> None:
+        self.adaptive = fixed is None
+        self.maximum = maximum if fixed is None else fixed
+        self.limit = float(min(AUTO_START_LIMIT, maximum) if fixed is None else fixed)
+        self.in_flight = 0
+        self.paused_until = 0.0
+        self.slow_start = True
+        self.last_decrease = 0.0
+        self.base_minutes: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=AUTO_BASE_MINUTES
+        )
+        self.recent: collections.deque[float] = collections.deque(maxlen=AUTO_RECENT_SAMPLES)
+        self.latency_total = 0.0
+        self.latency_count = 0
+        self.turn = threading.Condition()
+
+    def acquire(self, cancelled: Callable[[], bool]) -> bool:
+        """Waits for a free slot and for any pause to end; False if cancelled."""
+        with self.turn:
+            while not cancelled():
+                pause = self.paused_until - time.monotonic()
+                if pause <= 0 and self.in_flight < int(self.limit):
+                    self.in_flight += 1
+                    return True
+                self.turn.wait(timeout=min(pause, 0.25) if pause > 0 else 0.25)
+            return False
+
+    def release(self, latency: float | None, overloaded: bool = False) -> None:
+        """One request is answered: `latency` None when it says nothing about
+        the service's queue (a retry inside urllib3, a refused connection)."""
+        with self.turn:
+            in_flight = self.in_flight
+            self.in_flight -= 1
+            before = int(self.limit)
+            if overloaded:
+                self._decrease()
+            elif latency is not None:
+                self._measure(latency, in_flight)
+            self.turn.notify(1 + max(0, int(self.limit) - before))
+
+    def pause(self, seconds: float) -> bool:
+        """No request starts for `seconds` (the service's Retry-After);
+        True if this starts a pause rather than extending one."""
+        with self.turn:
+            now = time.monotonic()
+            started = self.paused_until <= now
+            self.paused_until = max(self.paused_until, now + seconds)
+            return started and seconds > 0
+
+    def _measure(self, latency: float, in_flight: int) -> None:
+        self.latency_total += latency
+        self.latency_count += 1
+        minute = int(time.monotonic() // 60)
+        if self.base_minutes and self.base_minutes[-1][0] == minute:
+            self.base_minutes[-1] = (minute, min(self.base_minutes[-1][1], latency))
+        else:
+            self.base_minutes.append((minute, latency))
+        self.recent.append(latency)
+        if not self.adaptive or in_flight < self.limit / 2:
+            return  # the client, not the service, is what limits the pace now
+        base = self.base_latency()
+        target = max(AUTO_TARGET_SECONDS, AUTO_TARGET_FRACTION * base)
+        half_round_trip = itertools.islice(reversed(self.recent), max(2, int(self.limit / 2)))
+        delay = min(half_round_trip) - base
+        if self.slow_start and delay <= target:
+            self.limit = min(self.maximum, self.limit + 1)
+            return
+        self.slow_start = False
+        # LEDBAT: +1 per round trip at most; down in proportion to the excess
+        # delay, but never faster than halving per round trip (as TCP on loss).
+        gain = max(-self.limit / 2, min(1.0, (target - delay) / target))
+        self.limit = max(1.0, min(float(self.maximum), self.limit + gain / self.limit))
+
+    def _decrease(self) -> None:
+        now = time.monotonic()
+        self.slow_start = False
+        if self.adaptive and now - self.last_decrease >= max(self.base_latency(), 0.05):
+            self.limit = max(1.0, self.limit * AUTO_OVERLOAD_FACTOR)
+            self.last_decrease = now
+
+    def base_latency(self) -> float:
+        """The unloaded round trip: the lowest in the last AUTO_BASE_MINUTES."""
+        return min((low for _, low in self.base_minutes), default=0.0)
+
+    def mean_latency(self) -> float | None:
+        return self.latency_total / self.latency_count if self.latency_count else None
+
+    def describe(self) -> str:
+        """For the summary line and -v: "concurrency 37 (auto, up to 64), latency 51 ms"."""
+        mode = f"auto, up to {self.maximum}" if self.adaptive else "fixed"
+        text = f"concurrency {int(self.limit)} ({mode})"
+        mean = self.mean_latency()
+        if mean is not None:
+            text += f", latency {mean * 1000:.0f} ms (unloaded {self.base_latency() * 1000:.0f} ms)"
+        return text
 
 
 class Sender:
@@ -1585,11 +1735,13 @@ class Sender:
         self.settings = settings
         self.url = settings.webservice_url
         self.headers = {"Content-Type": "application/json", "X-Api-Key": settings.key}
+        self.limit = ConcurrencyLimit(settings.concurrency, settings.max_concurrency)
+        self.retries = _retry_policy(settings)
         options: dict[str, Any] = {
             "num_pools": 1,
-            "maxsize": settings.concurrency,
+            "maxsize": self.limit.maximum,
             "block": True,
-            "retries": _retry_policy(settings),
+            "retries": self.retries,
             "timeout": urllib3.Timeout(
                 connect=settings.connect_timeout_seconds, read=settings.read_timeout_seconds
             ),
@@ -1612,9 +1764,10 @@ class Sender:
     def close(self) -> None:
         self.pool.clear()
 
-    def post(self, outcome: Outcome, body: bytes) -> Outcome:
-        """Registers one study; retried by urllib3; never raises for network trouble."""
-        return self._send("POST", outcome, body)
+    def post(self, outcome: Outcome, body: bytes, cancelled: Callable[[], bool] = bool) -> bool:
+        """Registers one study; never raises for network trouble. False if
+        the run stopped (`cancelled`) before it was first sent."""
+        return self._send("POST", outcome, body, cancelled)
 
     def delete(self, outcome: Outcome) -> Outcome:
         """Removes one study from the central index; 404 means already gone."""
@@ -1625,27 +1778,60 @@ class Sender:
                 "center": self.settings.center,
             }
         )
-        self._send("DELETE", outcome, body)
+        self._send("DELETE", outcome, body, bool)
         if outcome.status_code == 404:
             outcome.delivered, outcome.error = True, None
         return outcome
 
-    def _send(self, method: str, outcome: Outcome, body: bytes) -> Outcome:
-        try:
-            # The whole answer is read (preload_content), which hands the
-            # connection back to the pool for the next study.
-            response = self.pool.urlopen(
-                method, self.url, body=body, headers=self.headers, redirect=False
-            )
-        except self.http_error as exc:
-            outcome.error = self._describe(exc)
-            return outcome
-        outcome.status_code = response.status
-        outcome.delivered = 200 <= response.status < 300
-        if not outcome.delivered:
+    def _send(
+        self, method: str, outcome: Outcome, body: bytes, cancelled: Callable[[], bool]
+    ) -> bool:
+        """urllib3 retries timeouts, lost connections and 5xx; a 429 or 503 is
+        retried here, after pausing every request for its Retry-After."""
+        limit = self.limit
+        for attempt in range(1, self.settings.max_retries + 2):
+            if not limit.acquire(cancelled):
+                return attempt > 1  # a study already tried keeps its error: it stays pending
+            started = time.monotonic()
+            try:
+                # The whole answer is read (preload_content), which hands the
+                # connection back to the pool for the next study.
+                response = self.pool.urlopen(
+                    method, self.url, body=body, headers=self.headers, redirect=False
+                )
+            except self.http_error as exc:
+                outcome.error = self._describe(exc)
+                limit.release(None, overloaded=outcome.error.startswith("no answer within"))
+                return True
+            overloaded = response.status in OVERLOAD_STATUSES
+            # Retried inside urllib3: the time measured is not one round trip.
+            retried = bool(response.retries and response.retries.history)
+            limit.release(None if retried else time.monotonic() - started, overloaded)
+            outcome.status_code = response.status
+            outcome.delivered = 200 <= response.status < 300
+            if outcome.delivered:
+                outcome.error = None
+                return True
             text = " ".join(response.data[:ERROR_TEXT_CHARS].decode("utf-8", "replace").split())
             outcome.error = f"HTTP {response.status}" + (f": {text}" if text else "")
-        return outcome
+            if not overloaded or attempt > self.settings.max_retries:
+                return True
+            retry_after = self.retries.get_retry_after(response)
+            if retry_after is not None:
+                # The service asked everyone to wait: no request starts meanwhile.
+                if limit.pause(retry_after):
+                    log.info(
+                        "the service answered HTTP %d: all sending paused for %g s (%s)",
+                        response.status,
+                        retry_after,
+                        limit.describe(),
+                    )
+            else:
+                backoff = self.settings.backoff_seconds * 2 ** (attempt - 1)
+                _sleep_unless(
+                    cancelled, min(backoff * random.uniform(0.5, 1.5), MAX_RETRY_AFTER_SECONDS)
+                )
+        return True
 
     def probe(self) -> tuple[bool, str]:
         """For `check`: reaches the service with the key without registering anything."""
@@ -1682,6 +1868,12 @@ class Sender:
         if caused_by((urllib3.exceptions.SSLError, ssl.SSLError)):
             return f"TLS error: {_reason(chain)}"
         return f"cannot reach the service: {_reason(chain)}"
+
+
+def _sleep_unless(cancelled: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not cancelled() and time.monotonic() < deadline:
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 def _cause_chain(exc: BaseException) -> list[BaseException]:
@@ -1788,6 +1980,7 @@ class RunReport:
     last_error: str | None = None  # the last delivery failure, for the summary
     exit_code: int = EXIT_OK
     started: float = field(default_factory=time.monotonic)
+    limit: ConcurrencyLimit | None = None  # the sending's, once it started
 
     def summary(self) -> str:
         extra = "".join(
@@ -1795,6 +1988,8 @@ class RunReport:
             for name, count in (("held", self.held), ("deleted", self.deleted))
             if count
         )
+        if self.limit is not None and self.limit.latency_count:
+            extra += f", {self.limit.describe()}"
         return (
             f"enqueued {self.enqueued}, sent {self.sent}, unchanged {self.unchanged},"
             f" failed {self.failed}, still pending {self.pending or 0}{extra},"
@@ -1825,7 +2020,7 @@ class _NoProgress:
         pass
 
 
-def max_resent_after_crash(concurrency: int) -> int:
+def max_resent_after_crash(concurrency: int = 64) -> int:
     """The README's bound on studies posted twice after a crash (kill -9).
 
     Acknowledgements are written once ACK_FLUSH_ROWS of them are buffered (or
@@ -1928,9 +2123,10 @@ def deliver_pending(
     import queue
 
     delivery = _Delivery(pacs, settings, report, total)
+    concurrency = sender.limit if sender else ConcurrencyLimit(1, 1)
     # Plain queues rather than futures: the per-study overhead is what limits
     # a run on a fast network, and every thread shares one interpreter lock.
-    jobs: queue.Queue = queue.Queue(maxsize=settings.concurrency * 2)
+    jobs: queue.Queue = queue.Queue(maxsize=concurrency.maximum * 2)
     answers: queue.Queue = queue.Queue()
 
     stopping = threading.Event()
@@ -1940,28 +2136,32 @@ def deliver_pending(
             job = jobs.get()
             if job is None:
                 return
-            # Once the run is stopping, studies not yet posted stay pending, untried.
-            if stopping.is_set():
-                answers.put(None)
-                continue
             outcome, body = job
+            # Once the run is stopping, studies not yet posted stay pending, untried.
             try:
-                sender.post(outcome, body)
+                tried = not stopping.is_set() and sender.post(outcome, body, stopping.is_set)
             except Exception as exc:  # a bug: keep the traceback, never hang the run
                 log.exception("study %d: unexpected error while sending", outcome.study_pk)
                 outcome.error = f"internal error: {type(exc).__name__}"
+                tried = True
             if outcome.refused_key or outcome.wrong_url:
                 # Every other study would get the same answer: the other workers
                 # stop at once, not when the main thread gets to this answer.
                 stopping.set()
-            answers.put(outcome)
+            answers.put(outcome if tried else None)
 
-    workers = [
-        threading.Thread(target=work, name=f"sender-{n}", daemon=True)
-        for n in range(settings.concurrency if dry_run_out is None else 0)
-    ]
-    for worker in workers:
-        worker.start()
+    # Started as the limit grows: a tick with three studies starts one or two.
+    workers: list[threading.Thread] = []
+
+    def add_workers() -> None:
+        wanted = min(concurrency.maximum, int(concurrency.limit) + 1)
+        while dry_run_out is None and len(workers) < wanted:
+            worker = threading.Thread(target=work, name=f"sender-{len(workers)}", daemon=True)
+            worker.start()
+            workers.append(worker)
+
+    report.limit = concurrency
+    last_report = time.monotonic()
 
     def settle_answers(block: bool = False) -> None:
         while True:
@@ -1985,6 +2185,11 @@ def deliver_pending(
     def submit(job: tuple[Outcome, bytes]) -> bool:
         """Hands a study to the workers; False if SIGTERM came while all
         were busy (the study stays pending)."""
+        nonlocal last_report
+        add_workers()
+        if time.monotonic() - last_report >= AUTO_REPORT_SECONDS:
+            log.debug("%s, %d in flight", concurrency.describe(), concurrency.in_flight)
+            last_report = time.monotonic()
         while True:
             try:
                 jobs.put(job, timeout=ACK_FLUSH_SECONDS / 4)
@@ -2509,6 +2714,9 @@ METRICS_HELP = {
     "run_studies_failed": "Studies refused by the service (4xx) in the last run.",
     "studies_pending": "Studies waiting to be sent after the last run.",
     "oldest_pending_age_seconds": "Age of the oldest study waiting to be sent.",
+    "concurrency_limit": "Requests in flight allowed at the end of the last run (auto or fixed).",
+    "latency_seconds": "Mean round trip of the last run's requests to the service.",
+    "unloaded_latency_seconds": "Lowest round trip seen in the last run: the service unloaded.",
 }
 
 
@@ -2536,6 +2744,11 @@ def write_metrics(path: Path, report: RunReport, exit_code: int) -> None:
         if report.pending is not None
         else None,
     }
+    limit = report.limit
+    if limit is not None and limit.latency_count:
+        values["concurrency_limit"] = int(limit.limit)
+        values["latency_seconds"] = limit.mean_latency()
+        values["unloaded_latency_seconds"] = limit.base_latency()
     lines = []
     for key, value in values.items():
         if value is None:

@@ -463,16 +463,23 @@ class Received:
         self.headers = headers
         self.body = body
         self.json = json.loads(body) if body else None
+        self.at = time.monotonic()  # when it arrived
 
 
 class CentralService:
-    """Records every request; `respond` decides each answer (status, body, delay)."""
+    """Records every request; `respond` decides each answer (status, body),
+    `delay_seconds` how long each takes, `retry_after` the header sent with a
+    429 or 503; serve_at_most() limits how many it serves at once."""
 
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.respond: Callable[[int, Received], tuple[int, str]] = lambda n, r: (201, "{}")
         self.delay_seconds = 0.0
+        self.retry_after: str | None = "0"  # None: no header
+        self.slots: threading.Semaphore | None = None  # None: as many at once as arrive
+        self.in_flight = 0
+        self.max_in_flight = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -492,20 +499,27 @@ class CentralService:
                     return
                 request = Received(self.command, self.path, dict(self.headers), body)
                 with outer.lock:
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                     number = len(outer.received) + 1
                     status, text = outer.respond(number, request)
                     if 200 <= status < 300:
                         outer.received.append(request)
                     outer.attempts.append(request)
-                if outer.delay_seconds:
+                if outer.slots is not None:
+                    with outer.slots:  # the requests beyond capacity wait here: the queue
+                        time.sleep(outer.delay_seconds)
+                elif outer.delay_seconds:
                     time.sleep(outer.delay_seconds)
+                with outer.lock:
+                    outer.in_flight -= 1
                 payload = text.encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
-                    if status in (429, 503):
-                        self.send_header("Retry-After", "0")
+                    if status in (429, 503) and outer.retry_after is not None:
+                        self.send_header("Retry-After", outer.retry_after)
                     self.end_headers()
                     self.wfile.write(payload)
                 except OSError:
@@ -516,6 +530,10 @@ class CentralService:
         self.attempts: list[Received] = []
 
         class Server(http.server.ThreadingHTTPServer):
+            # socketserver's default backlog of 5 drops the SYNs of a burst of
+            # new connections: they arrive a second later (TCP retransmit).
+            request_queue_size = 128
+
             def handle_error(self, request: Any, client_address: Any) -> None:
                 # A client killed mid-request (kill -9 tests): not news.
                 if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
@@ -526,6 +544,12 @@ class CentralService:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/register"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def serve_at_most(self, capacity: int, seconds_each: float) -> None:
+        """A service with limited capacity: `capacity` requests at once, each
+        taking `seconds_each`; the rest wait their turn, so latency rises with load."""
+        self.slots = threading.Semaphore(capacity)
+        self.delay_seconds = seconds_each
 
     @property
     def documents(self) -> list[dict[str, Any]]:
@@ -567,6 +591,16 @@ def wait_until(condition: Callable[[], Any], seconds: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """The metrics file's values, by name without the dicom_indexer_ prefix."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            name, value = line.split()
+            values[name.replace("dicom_indexer_", "")] = float(value)
+    return values
 
 
 def free_port() -> int:

@@ -215,7 +215,8 @@ def test_initial_reads_the_archive_at_the_pace_of_sending(pacs, service, tmp_pat
     page = 10
     pacs.add_studies(300)
     pacs.archive_predates_install()  # else the tick before the load enqueues them all
-    configs = write_configs(tmp_path, pacs.name, service.url, page_size=page)
+    # A fixed concurrency: the studies in flight are part of the bound below.
+    configs = write_configs(tmp_path, pacs.name, service.url, page_size=page, concurrency=4)
     service.delay_seconds = 0.005
     ahead = []
 

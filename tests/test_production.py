@@ -10,7 +10,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import API_KEY, INDEXER_PASSWORD, ROOT, CentralService, write_configs
+from conftest import (
+    API_KEY,
+    INDEXER_PASSWORD,
+    ROOT,
+    CentralService,
+    read_metrics,
+    write_configs,
+)
 
 import client
 
@@ -119,21 +126,12 @@ def test_key_and_password_from_files(pacs, service, tmp_path):
     assert service.received[0].headers["X-Api-Key"] == "key-from-file"
 
 
-def _metrics(path):
-    values = {}
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            name, value = line.split()
-            values[name.replace("dicom_indexer_", "")] = float(value)
-    return values
-
-
 def test_metrics_file_shows_last_success_and_pending(pacs, service, tmp_path):
     metrics = tmp_path / "dicom_indexer.prom"
     args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
     pacs.add_studies(3)
     assert client.main(args) == 0
-    first = _metrics(metrics)
+    first = read_metrics(metrics)
     assert first["last_run_exit_code"] == 0
     assert first["last_success_timestamp_seconds"] == first["last_run_timestamp_seconds"]
     assert (first["run_studies_sent"], first["studies_pending"]) == (3, 0)
@@ -142,7 +140,7 @@ def test_metrics_file_shows_last_success_and_pending(pacs, service, tmp_path):
     service.respond = lambda n, r: (503, "down")
     pacs.add_studies(2)
     assert client.main(args) == client.EXIT_DELIVERY
-    second = _metrics(metrics)
+    second = read_metrics(metrics)
     assert second["last_run_exit_code"] == client.EXIT_DELIVERY
     assert second["last_success_timestamp_seconds"] == first["last_success_timestamp_seconds"]
     assert second["last_run_timestamp_seconds"] > first["last_run_timestamp_seconds"]

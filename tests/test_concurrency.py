@@ -1,0 +1,127 @@
+"""Adaptive delivery ("concurrency": "auto"): the limit goes up on a fast
+service, comes down on one whose latency rises with load, stays within its
+bounds, and a 429 with Retry-After pauses every request, losing nothing.
+
+Assertions are on what the service saw and what the run reported, never on
+timings tight enough to flake on a shared 2-core machine."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import read_metrics, write_configs
+
+import client
+
+
+def _run(args, *extra):
+    return client.main([*extra, *args])
+
+
+def test_auto_raises_the_limit_on_a_service_that_stays_fast(pacs, service, tmp_path):
+    metrics = tmp_path / "indexer.prom"
+    args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
+    pks = pacs.add_studies(600)
+    service.delay_seconds = 0.05  # a WAN: 50 ms whatever the load
+    assert _run(args, "initial") == 0
+    assert service.study_pks() == pks
+    values = read_metrics(metrics)
+    # Started at 4, as the old fixed default; a fast service lets it climb.
+    assert service.max_in_flight > 2 * client.AUTO_START_LIMIT
+    assert values["concurrency_limit"] > 2 * client.AUTO_START_LIMIT
+    assert values["unloaded_latency_seconds"] >= 0.05
+    assert values["latency_seconds"] >= values["unloaded_latency_seconds"]
+
+
+def test_auto_lowers_the_limit_when_latency_rises_with_load(pacs, service, tmp_path, capsys):
+    metrics = tmp_path / "indexer.prom"
+    args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
+    pks = pacs.add_studies(150)
+    # One request at a time, 20 ms each: every request more in flight only
+    # waits in the service's queue, 20 ms longer.
+    service.serve_at_most(1, 0.02)
+    assert _run(args, "initial") == 0
+    assert service.study_pks() == pks
+    assert read_metrics(metrics)["concurrency_limit"] < client.AUTO_START_LIMIT
+    # The summary line says where it settled and what the service's latency was.
+    summary = capsys.readouterr().err.splitlines()[-1]
+    assert re.search(
+        r", concurrency [12] \(auto, up to 64\), latency \d+ ms \(unloaded 2\d ms\)", summary
+    ), summary
+
+
+def test_fixed_concurrency_keeps_its_number(pacs, service, tmp_path):
+    metrics = tmp_path / "indexer.prom"
+    args = write_configs(tmp_path, pacs.name, service.url, concurrency=3, metrics_file=str(metrics))
+    pacs.add_studies(60)
+    service.serve_at_most(1, 0.01)  # latency rises with load: "auto" would come down
+    assert _run(args, "initial") == 0
+    assert read_metrics(metrics)["concurrency_limit"] == 3
+    assert service.max_in_flight == 3
+
+
+def test_auto_never_exceeds_max_concurrency(pacs, service, tmp_path):
+    args = write_configs(tmp_path, pacs.name, service.url, max_concurrency=6)
+    pks = pacs.add_studies(300)
+    service.delay_seconds = 0.03
+    assert _run(args, "initial") == 0
+    assert service.study_pks() == pks
+    assert service.max_in_flight == 6
+
+
+def test_429_with_retry_after_pauses_all_sending_and_loses_nothing(pacs, service, tmp_path):
+    args = write_configs(tmp_path, pacs.name, service.url, concurrency=8)
+    pks = pacs.add_studies(200)
+    service.delay_seconds = 0.01
+    service.retry_after = "2"
+    burst = []  # when the service said "too many"
+
+    def too_many_once(number, request):
+        # One 429, the other requests in flight are served: only a pause of
+        # all sending, not a retry of that one request, keeps the others back.
+        if number == 40 and not burst:
+            burst.append(request.at)
+            return 429, '{"error": "slow down"}'
+        return 201, "{}"
+
+    service.respond = too_many_once
+    assert _run(args, "initial") == 0
+    assert service.study_pks() == pks  # each refused study was sent again
+    assert pacs.statuses() == {"sent": 200}
+    # After the 429, the requests already on their way arrive at once; then
+    # nothing until Retry-After has passed, from any of the 8 workers.
+    after = [r.at - burst[0] for r in service.attempts if r.at > burst[0]]
+    assert after, "no request after the 429"
+    assert not [t for t in after if 0.5 < t < 1.9], sorted(after)[:20]
+
+
+@pytest.mark.parametrize("retry_after", [None, "soon"], ids=["absent", "malformed"])
+def test_503_without_a_usable_retry_after_backs_off_that_study_only(
+    pacs, service, tmp_path, retry_after
+):
+    args = write_configs(tmp_path, pacs.name, service.url, concurrency=4)
+    pks = pacs.add_studies(40)
+    service.retry_after = retry_after
+
+    def busy_twice_for_one(number, request):
+        tries = [r for r in service.attempts if r.json["study_pk"] == pks[5]]
+        if request.json["study_pk"] == pks[5] and len(tries) < 2:
+            return 503, "busy"
+        return 201, "{}"
+
+    service.respond = busy_twice_for_one
+    assert _run(args, "initial") == 0
+    assert service.study_pks() == pks
+    assert len([r for r in service.attempts if r.json["study_pk"] == pks[5]]) == 3
+
+
+def test_concurrency_auto_and_bad_values_in_config_json(pacs, service, tmp_path, capsys):
+    args = write_configs(tmp_path, pacs.name, service.url, concurrency="fast")
+    assert _run(args, "check") == client.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert "config.json: field 'concurrency' must be \"auto\" or a number from 1 to 64" in out
+    args = write_configs(tmp_path, pacs.name, service.url, concurrency="auto")
+    pacs.add_studies(2)
+    assert _run(args) == 0
+    assert len(service.documents) == 2
