@@ -548,7 +548,7 @@ class Storm:
             "key": "storm-key",
             "webservice_url": self.index.url,
             "send_deletes": True,
-            "concurrency": 4,
+            # "concurrency" left out: the default, "auto", is what sites run.
             "page_size": 100,
             "read_timeout_seconds": READ_TIMEOUT_SECONDS,
             "connect_timeout_seconds": 1,
