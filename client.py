@@ -1587,12 +1587,13 @@ def _retry_policy(settings: Settings) -> Any:
 
 
 # "auto" concurrency: LEDBAT (RFC 6817), the delay-based congestion control
-# written for background transfers that must yield to everyone else's traffic.
-# It keeps the service's queueing delay near a small target whatever the
-# number of clients: ten centers loading at once share the service's capacity
-# instead of each adding its own queue, as a Vegas-style count of queued
-# requests per client would.
-AUTO_START_LIMIT = 4  # today's fixed default: where a run starts
+# written for background transfers that must yield to everyone else's traffic,
+# with a multiplicative decrease. It keeps the service's queueing delay near a
+# small target whatever the number of clients: ten centers loading at once
+# share the service's capacity instead of each adding its own queue, as a
+# Vegas-style count of queued requests per client would; and additive increase
+# with multiplicative decrease makes their shares converge (Chiu and Jain).
+AUTO_START_LIMIT = 1  # latency measured before any load of ours: a true unloaded figure
 AUTO_TARGET_SECONDS = 0.005  # queueing delay tolerated at the service...
 AUTO_TARGET_FRACTION = 0.25  # ...or this fraction of the unloaded latency, if larger
 AUTO_BASE_MINUTES = 10  # the unloaded latency: the minimum over this many minutes
@@ -1600,6 +1601,9 @@ AUTO_BASE_MINUTES = 10  # the unloaded latency: the minimum over this many minut
 # (limit / 2 answers), which filters out the jitter of a busy machine and
 # still sees a queue within one round trip at any limit.
 AUTO_RECENT_SAMPLES = 128
+AUTO_SLOW_START_STEP = 0.5  # per answer: x1.5 per round trip until the delay shows
+AUTO_GAIN = 0.25  # LEDBAT's GAIN: at most +1/4 per round trip once past slow start
+AUTO_DECREASE_PER_ROUND_TRIP = 0.3  # share of the limit shed per round trip over the target
 AUTO_OVERLOAD_FACTOR = 0.5  # multiplicative decrease on 429/503/timeout, once per round trip
 AUTO_REPORT_SECONDS = 5.0  # -v: a line about the limit this often
 
@@ -1609,12 +1613,13 @@ class ConcurrencyLimit:
     imposes on all of them.
 
     With a fixed `concurrency` the limit never moves. With "auto" it starts at
-    AUTO_START_LIMIT, doubles every round trip while the latency holds (slow
-    start, as TCP), then follows LEDBAT: each answer moves the limit by
-    (target - queueing delay) / target / limit, at most +1 per round trip,
-    down as fast as the delay is above the target; a 429, 503 or timeout
-    halves it. It does not grow while the client cannot fill it (the database
-    side is the bottleneck), so it never drifts to a number it never tried.
+    1 and grows by half every round trip while the latency holds (slow start,
+    gentler than TCP's doubling: ten centers starting together overshoot
+    less), then follows LEDBAT's increase, at most +1/4 per round trip while
+    the queueing delay is under the target, and sheds up to 30% per round
+    trip while it is over; a 429, 503 or timeout halves it. It does not grow
+    while the client cannot fill it (the database side is the bottleneck), so
+    it never drifts to a number it never tried.
     """
 
     def __init__(self, fixed: int | None, maximum: int) -> None:
@@ -1679,16 +1684,24 @@ class ConcurrencyLimit:
             return  # the client, not the service, is what limits the pace now
         base = self.base_latency()
         target = max(AUTO_TARGET_SECONDS, AUTO_TARGET_FRACTION * base)
-        half_round_trip = itertools.islice(reversed(self.recent), max(2, int(self.limit / 2)))
-        delay = min(half_round_trip) - base
-        if self.slow_start and delay <= target:
-            self.limit = min(self.maximum, self.limit + 1)
+        window = max(2, int(self.limit / 2))
+        delay = sum(itertools.islice(reversed(self.recent), window)) / window - base
+        if self.slow_start and delay <= target / 2:
+            self.limit = min(self.maximum, self.limit + AUTO_SLOW_START_STEP)
             return
         self.slow_start = False
-        # LEDBAT: +1 per round trip at most; down in proportion to the excess
-        # delay, but never faster than halving per round trip (as TCP on loss).
-        gain = max(-self.limit / 2, min(1.0, (target - delay) / target))
-        self.limit = max(1.0, min(float(self.maximum), self.limit + gain / self.limit))
+        if delay <= target:
+            # LEDBAT's increase: in proportion to the room left under the
+            # target, +1 per round trip at most (one answer in `limit`).
+            room = (target - delay) / target
+            self.limit = min(float(self.maximum), self.limit + AUTO_GAIN * room / self.limit)
+        else:
+            # Down by a share of the limit, not by a constant as LEDBAT does:
+            # additive increase with multiplicative decrease is what makes
+            # several clients converge to equal shares (Chiu and Jain), so ten
+            # centers loading together end up at the same pace.
+            excess = min(1.0, (delay - target) / target)
+            self.limit = max(1.0, self.limit - AUTO_DECREASE_PER_ROUND_TRIP * excess)
 
     def _decrease(self) -> None:
         now = time.monotonic()
@@ -1721,16 +1734,14 @@ class Sender:
     The per-study path calls urllib3, the transport under requests, directly:
     requests' per-request objects (sessions, prepared requests, cookie jars,
     responses) cost 7% of the throughput over a 50 ms network with 16
-    connections (286 studies/s against 306, measured). requests still supplies
-    what it is good at: the proxy and CA settings of the environment. Both are
+    connections (286 studies/s against 306, measured). requests still reads
+    the proxy settings of the environment, when there are any. urllib3 is
     imported here, not at the top, so a tick with nothing to send never pays
-    for them.
+    for it.
     """
 
     def __init__(self, settings: Settings) -> None:
         import urllib3
-        from requests.certs import where as default_ca_bundle
-        from requests.utils import get_environ_proxies, select_proxy
 
         self.settings = settings
         self.url = settings.webservice_url
@@ -1752,10 +1763,9 @@ class Sender:
                 settings.ca_bundle
                 or os.environ.get("REQUESTS_CA_BUNDLE")
                 or os.environ.get("CURL_CA_BUNDLE")
-                or default_ca_bundle()
+                or _default_ca_bundle()
             )
-        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once as requests reads them.
-        proxy = select_proxy(self.url, get_environ_proxies(self.url))
+        proxy = _environment_proxy(self.url)
         self.pool = (
             urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
         )
@@ -1868,6 +1878,24 @@ class Sender:
         if caused_by((urllib3.exceptions.SSLError, ssl.SSLError)):
             return f"TLS error: {_reason(chain)}"
         return f"cannot reach the service: {_reason(chain)}"
+
+
+def _default_ca_bundle() -> str:
+    """certifi's bundle, which is what requests uses."""
+    import certifi
+
+    return certifi.where()
+
+
+def _environment_proxy(url: str) -> str | None:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read as requests reads them.
+    requests itself (5 MB of memory: measured) is imported only when one of
+    them is set, which on most PACS servers none is."""
+    if not any(name.lower().endswith("_proxy") and value for name, value in os.environ.items()):
+        return None
+    from requests.utils import get_environ_proxies, select_proxy
+
+    return select_proxy(url, get_environ_proxies(url))
 
 
 def _sleep_unless(cancelled: Callable[[], bool], seconds: float) -> None:

@@ -27,9 +27,9 @@ def test_auto_raises_the_limit_on_a_service_that_stays_fast(pacs, service, tmp_p
     assert _run(args, "initial") == 0
     assert service.study_pks() == pks
     values = read_metrics(metrics)
-    # Started at 4, as the old fixed default; a fast service lets it climb.
-    assert service.max_in_flight > 2 * client.AUTO_START_LIMIT
-    assert values["concurrency_limit"] > 2 * client.AUTO_START_LIMIT
+    # Started at 1; a service that stays fast lets it climb well past the old fixed 4.
+    assert service.max_in_flight > 16
+    assert values["concurrency_limit"] > 16
     assert values["unloaded_latency_seconds"] >= 0.05
     assert values["latency_seconds"] >= values["unloaded_latency_seconds"]
 
@@ -37,18 +37,27 @@ def test_auto_raises_the_limit_on_a_service_that_stays_fast(pacs, service, tmp_p
 def test_auto_lowers_the_limit_when_latency_rises_with_load(pacs, service, tmp_path, capsys):
     metrics = tmp_path / "indexer.prom"
     args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
-    pks = pacs.add_studies(150)
-    # One request at a time, 20 ms each: every request more in flight only
-    # waits in the service's queue, 20 ms longer.
-    service.serve_at_most(1, 0.02)
+    pks = pacs.add_studies(400)
+    service.delay_seconds = 0.02
+    in_flight_when_fast = []
+
+    def saturate_after_300(number, request):
+        if number == 300:
+            # From now on one request at a time, 20 ms each: every request
+            # more in flight only waits in the service's queue, 20 ms longer.
+            in_flight_when_fast.append(service.max_in_flight)
+            service.serve_at_most(1, 0.02)
+        return 201, "{}"
+
+    service.respond = saturate_after_300
     assert _run(args, "initial") == 0
     assert service.study_pks() == pks
-    assert read_metrics(metrics)["concurrency_limit"] < client.AUTO_START_LIMIT
+    assert in_flight_when_fast[0] > 8  # it had climbed...
+    assert read_metrics(metrics)["concurrency_limit"] <= 2  # ...and came down
     # The summary line says where it settled and what the service's latency was.
     summary = capsys.readouterr().err.splitlines()[-1]
-    assert re.search(
-        r", concurrency [12] \(auto, up to 64\), latency \d+ ms \(unloaded 2\d ms\)", summary
-    ), summary
+    pattern = r", concurrency [12] \(auto, up to 64\), latency \d+ ms \(unloaded 2\d ms\)"
+    assert re.search(pattern, summary), summary
 
 
 def test_fixed_concurrency_keeps_its_number(pacs, service, tmp_path):

@@ -195,3 +195,20 @@ def test_sending_lowers_the_cpu_priority_to_the_nice_setting(pacs, service, tmp_
     # Never raised back: a process already nicer (this one, after in-process
     # runs of main) stays as it is.
     assert int(result.stdout) == max(7, os.nice(0))
+
+
+def test_http_proxy_from_the_environment_is_used_and_no_proxy_respected(
+    pacs, service, tmp_path, monkeypatch
+):
+    # The service stands in for the site's proxy: it receives the absolute URL.
+    url = "http://indexador.invalid/api/v1/register"
+    args = write_configs(tmp_path, pacs.name, url)
+    monkeypatch.setenv("HTTP_PROXY", service.url.rsplit("/api/", 1)[0])
+    pacs.add_studies(2)
+    assert client.main(args) == 0
+    assert [r.path for r in service.received] == [url, url]
+
+    monkeypatch.setenv("NO_PROXY", "indexador.invalid")
+    pacs.add_studies(1)
+    assert client.main(args) == client.EXIT_DELIVERY  # straight to a host that does not exist
+    assert len(service.received) == 2
