@@ -86,12 +86,73 @@ STUDY_PK_RE = re.compile(rb'"study_pk":\s*(\d+)')
 # --------------------------------------------------------------------------
 
 
-def _receiver_process(port_out: Any, latency_seconds: float) -> None:
-    posts = 0
-    study_pks: set = set()
+CENTER_RE = re.compile(rb'"center":\s*"([^"]*)"')
+
+
+def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> None:
+    """Answers every POST after `latency_seconds`. With `capacity`, serves
+    at most that many at once, each taking `latency_seconds`, and queues the
+    rest as a real service's worker pool would; the time each request waited
+    in that queue is recorded (the service's view of the clients)."""
+    state: dict[str, Any] = {}
+    slots = asyncio.Semaphore(capacity) if capacity else None
+
+    def reset() -> None:
+        state.update(
+            posts=0,
+            studies=set(),  # (center, study_pk)
+            queue_waits=[],
+            in_flight=0,
+            max_in_flight=0,
+            first={},  # per center: first and last post
+            last={},
+        )
+
+    def stats() -> dict[str, Any]:
+        waits = sorted(state["queue_waits"])
+        return {
+            "posts": state["posts"],
+            "unique_studies": len(state["studies"]),
+            "max_in_flight": state["max_in_flight"],
+            "queue_p99_ms": round(waits[int(len(waits) * 0.99)] * 1000, 1) if waits else 0.0,
+            "queue_max_ms": round(waits[-1] * 1000, 1) if waits else 0.0,
+            "centers": {
+                center: {
+                    "posts_per_second": round(
+                        sum(1 for c, _ in state["studies"] if c == center)
+                        / max(1e-6, state["last"][center] - state["first"][center]),
+                        1,
+                    ),
+                    "first": state["first"][center],
+                    "last": state["last"][center],
+                }
+                for center in state["first"]
+            },
+        }
+
+    async def serve_one(body: bytes) -> None:
+        arrived = time.monotonic()
+        state["in_flight"] += 1
+        state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+        try:
+            if slots is not None:
+                async with slots:
+                    state["queue_waits"].append(time.monotonic() - arrived)
+                    await asyncio.sleep(latency_seconds)
+            elif latency_seconds:
+                await asyncio.sleep(latency_seconds)
+        finally:
+            state["in_flight"] -= 1
+        now = time.monotonic()
+        state["posts"] += 1
+        match, center = STUDY_PK_RE.search(body), CENTER_RE.search(body)
+        name = center.group(1).decode() if center else ""
+        if match:
+            state["studies"].add((name, int(match.group(1))))
+        state["first"].setdefault(name, arrived)
+        state["last"][name] = now
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal posts
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -101,16 +162,12 @@ def _receiver_process(port_out: Any, latency_seconds: float) -> None:
                         length = int(line[15:])
                 body = await reader.readexactly(length) if length else b""
                 if head.startswith(b"GET /stats"):
-                    payload = json.dumps(
-                        {"posts": posts, "unique_studies": len(study_pks)}
-                    ).encode()
+                    payload = json.dumps(stats()).encode()
+                elif head.startswith(b"GET /reset"):
+                    reset()
+                    payload = b"{}"
                 else:
-                    if latency_seconds:
-                        await asyncio.sleep(latency_seconds)
-                    posts += 1
-                    match = STUDY_PK_RE.search(body)
-                    if match:
-                        study_pks.add(int(match.group(1)))
+                    await serve_one(body)
                     payload = b'{"status":"registered"}'
                 # asyncio sets TCP_NODELAY: no Nagle stall against delayed ACK.
                 writer.write(
@@ -124,26 +181,30 @@ def _receiver_process(port_out: Any, latency_seconds: float) -> None:
             writer.close()
 
     async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=512)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
         port_out.send(server.sockets[0].getsockname()[1])
         async with server:
             await server.serve_forever()
 
+    reset()
     asyncio.run(serve())
 
 
 class Receiver:
-    def __init__(self, latency_ms: float) -> None:
+    def __init__(self, latency_ms: float, capacity: int = 0) -> None:
         parent, child = multiprocessing.Pipe()
         self.process = multiprocessing.Process(
-            target=_receiver_process, args=(child, latency_ms / 1000.0), daemon=True
+            target=_receiver_process, args=(child, latency_ms / 1000.0, capacity), daemon=True
         )
         self.process.start()
         self.port = parent.recv()
         self.url = f"http://127.0.0.1:{self.port}/api/v1/register"
 
-    def stats(self) -> dict[str, int]:
-        return requests.get(f"http://127.0.0.1:{self.port}/stats", timeout=10).json()
+    def stats(self) -> dict[str, Any]:
+        return requests.get(f"http://127.0.0.1:{self.port}/stats", timeout=30).json()
+
+    def reset(self) -> None:
+        requests.get(f"http://127.0.0.1:{self.port}/reset", timeout=30).raise_for_status()
 
     def stop(self) -> None:
         self.process.terminate()
@@ -436,8 +497,9 @@ class PacsLoadProbe(threading.Thread):
 # --------------------------------------------------------------------------
 
 
-def run_client(config_dir: Path, *command: str) -> tuple[float, float, int]:
-    """Runs client.py; returns (wall seconds, peak RSS in MB, exit code)."""
+def run_client(config_dir: Path, *command: str) -> tuple[float, float, int, float]:
+    """Runs client.py; returns (wall seconds, peak RSS in MB, exit code, CPU
+    seconds: user + system, the client's own cost whatever the network)."""
     started = time.monotonic()
     process = subprocess.Popen(
         [
@@ -455,7 +517,36 @@ def run_client(config_dir: Path, *command: str) -> tuple[float, float, int]:
     wall = time.monotonic() - started
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     process.returncode = code
-    return wall, usage.ru_maxrss / 1024.0, code
+    return wall, usage.ru_maxrss / 1024.0, code, usage.ru_utime + usage.ru_stime
+
+
+def write_client_config(
+    config_dir: Path,
+    args: argparse.Namespace,
+    name: str,
+    url: str,
+    concurrency: int | str,
+    center: str = "BENCH",
+) -> None:
+    """config.json and server.json in the original client's shapes, as at every site."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "database": {
+            "engine": args.engine,
+            "host": args.host,
+            "port": args.port,
+            "user": args.user,
+            "password": args.password,
+            "name": name,
+        },
+        "key": "bench-key",
+        "webservice_url": url,
+        "concurrency": concurrency,
+        "max_studies_per_second": args.max_studies_per_second,
+    }
+    for file_name, data in (("config.json", config), ("server.json", {"server": center})):
+        (config_dir / file_name).write_text(json.dumps(data))
+        (config_dir / file_name).chmod(0o600)
 
 
 def reference_loop(url: str, count: int) -> float:
@@ -481,6 +572,13 @@ def reference_loop(url: str, count: int) -> float:
         return count / (time.monotonic() - started)
 
 
+def _machine() -> str:
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores,"
+        f" {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     name = args.database or f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
     receiver = Receiver(args.latency_ms)
@@ -492,8 +590,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "max_studies_per_second": args.max_studies_per_second,
         "latency_ms": args.latency_ms,
         "baseline_seconds": args.baseline_seconds,
-        "machine": f"{platform.node()}: {os.cpu_count()} cores,"
-        f" {platform.processor() or platform.machine()}, Python {platform.python_version()}",
+        "machine": _machine(),
     }
     try:
         if args.database:
@@ -509,29 +606,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             results["database_server"] = cur.fetchone()[0]
         with tempfile.TemporaryDirectory() as tmp:
             config_dir = Path(tmp)
-            # The original client's shapes, as at every site.
-            (config_dir / "config.json").write_text(
-                json.dumps(
-                    {
-                        "database": {
-                            "engine": args.engine,
-                            "host": args.host,
-                            "port": args.port,
-                            "user": args.user,
-                            "password": args.password,
-                            "name": name,
-                        },
-                        "key": "bench-key",
-                        "webservice_url": receiver.url,
-                        "concurrency": args.concurrency,
-                        "max_studies_per_second": args.max_studies_per_second,
-                    }
-                )
-            )
-            (config_dir / "server.json").write_text(json.dumps({"server": "BENCH"}))
-
-            for secret_file in ("config.json", "server.json"):
-                (config_dir / secret_file).chmod(0o600)
+            write_client_config(config_dir, args, name, receiver.url, args.concurrency)
 
             print("PACS probe alone (baseline) ...", file=sys.stderr)
             probe = PacsLoadProbe(args, name)
@@ -542,7 +617,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             print("client.py initial ...", file=sys.stderr)
             probe = PacsLoadProbe(args, name)
             probe.start()
-            wall, rss, code = run_client(config_dir, "initial")
+            wall, rss, code, cpu = run_client(config_dir, "initial")
             results["pacs_probe"] = probe.stop()
             probe_stopped = time.monotonic()
             stats = receiver.stats()
@@ -551,17 +626,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": round(wall, 2),
                 "studies_per_second": round(args.studies / wall, 1),
                 "peak_rss_mb": round(rss, 1),
+                "cpu_seconds_per_1000": round(cpu * 1000 / args.studies, 3),
                 "posts": stats["posts"],
                 "unique_studies": stats["unique_studies"],
             }
             if args.latency_ms:
-                ideal = args.concurrency * 1000.0 / args.latency_ms
+                in_flight = 64 if args.concurrency == "auto" else args.concurrency
+                ideal = in_flight * 1000.0 / args.latency_ms
                 results["initial"]["ideal_studies_per_second"] = ideal
                 results["initial"]["ratio_to_ideal"] = round(args.studies / wall / ideal, 3)
 
             # The probe rewrote studies during the load: one tick sends them,
             # then the ticks measured below have nothing to do.
-            catch_up_wall, _, _ = run_client(config_dir)
+            catch_up_wall = run_client(config_dir)[0]
             posts_before = receiver.stats()["posts"]
             results["catch_up_tick"] = {
                 "seconds": round(catch_up_wall, 3),
@@ -604,6 +681,252 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# --------------------------------------------------------------------------
+# Scenes of adaptive delivery: a WAN, a service of limited capacity, ten centers
+# --------------------------------------------------------------------------
+
+WAN_LATENCY_MS = 50.0
+WAN_RUNS = ((4, 2_000), (16, 6_000), (64, 20_000), ("auto", 20_000))  # concurrency, studies
+SCENE_STUDIES = 20_000
+SERVICE_CAPACITY = 8  # requests served at once...
+SERVICE_MS = 20.0  # ...each taking this long: 400 studies/s
+CAPACITY_RUNS = (("auto", 5_000), (64, 5_000), (4, 5_000))
+CENTERS = 10
+CENTER_STUDIES = 2_000
+AUTO_MAX_CONCURRENCY = 64  # the client's default max_concurrency
+
+
+def _with_studies(args: argparse.Namespace, studies: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "studies": studies})
+
+
+def _read_metrics(path: Path) -> dict[str, float]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            name, value = line.split()
+            values[name.replace("dicom_indexer_", "")] = float(value)
+    return values
+
+
+def _start_client(config_dir: Path, *command: str) -> subprocess.Popen:
+    config = json.loads((config_dir / "config.json").read_text())
+    config["metrics_file"] = str(config_dir / "indexer.prom")
+    (config_dir / "config.json").write_text(json.dumps(config))
+    return subprocess.Popen(
+        [sys.executable, str(CLIENT), *command, "-q"]
+        + ["--config", str(config_dir / "config.json"), "--server", str(config_dir / "server.json")]
+    )
+
+
+def _finish_client(process: subprocess.Popen, config_dir: Path) -> dict[str, Any]:
+    """Waits for a client started by _start_client: its exit code, CPU and
+    what its metrics file says (the limit it settled on, its latency)."""
+    _, status, usage = os.wait4(process.pid, 0)
+    metrics = _read_metrics(config_dir / "indexer.prom")
+    return {
+        "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1),
+        "sent": int(metrics.get("run_studies_sent", 0)),
+        "settled_limit": int(metrics.get("concurrency_limit", 0)),
+        "latency_ms": round(metrics.get("latency_seconds", 0) * 1000, 1),
+        "unloaded_latency_ms": round(metrics.get("unloaded_latency_seconds", 0) * 1000, 1),
+    }
+
+
+def _initial_run(
+    args: argparse.Namespace, name: str, receiver: Receiver, concurrency: int | str, studies: int
+) -> dict[str, Any]:
+    """One `client.py initial --limit studies` on a freshly reset database."""
+    reset_database(args, name)
+    receiver.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        config_dir = Path(tmp)
+        write_client_config(config_dir, args, name, receiver.url, concurrency)
+        started = time.monotonic()
+        process = _start_client(config_dir, "initial", "--limit", str(studies))
+        result = _finish_client(process, config_dir)
+        wall = time.monotonic() - started
+    stats = receiver.stats()
+    result.update(
+        # The pace the service saw, first to last post: the process's start
+        # and the database work before the first post are not the service's.
+        service_studies_per_second=round(_service_rate(stats), 1),
+        concurrency=concurrency,
+        studies=studies,
+        seconds=round(wall, 2),
+        studies_per_second=round(stats["unique_studies"] / wall, 1),
+        cpu_seconds_per_1000=round(result.pop("cpu_seconds") * 1000 / studies, 3),
+        posts=stats["posts"],
+        unique_studies=stats["unique_studies"],
+        max_in_flight=stats["max_in_flight"],
+        queue_p99_ms=stats["queue_p99_ms"],
+        queue_max_ms=stats["queue_max_ms"],
+    )
+    print(
+        f"  concurrency {concurrency}: {result['studies_per_second']:,.0f} studies/s,"
+        f" settled at {result['settled_limit']}",
+        file=sys.stderr,
+    )
+    return result
+
+
+def _service_rate(stats: dict[str, Any]) -> float:
+    centers = stats["centers"].values()
+    span = max(c["last"] for c in centers) - min(c["first"] for c in centers)
+    return stats["unique_studies"] / max(span, 1e-6)
+
+
+def _drop_database(args: argparse.Namespace, name: str) -> None:
+    with _connect(args) as conn, conn.cursor() as cur:
+        if args.engine == "postgresql":
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        else:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def scene_wan_and_capacity(args: argparse.Namespace) -> dict[str, Any]:
+    """Scenes 1 and 2 on one archive of SCENE_STUDIES studies."""
+    name = f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
+    results: dict[str, Any] = {"wan": [], "capacity": []}
+    print(f"building {name} with {SCENE_STUDIES:,} studies ...", file=sys.stderr)
+    build_database(_with_studies(args, SCENE_STUDIES), name)
+    try:
+        print(f"scene 1: a WAN, every answer after {WAN_LATENCY_MS:g} ms", file=sys.stderr)
+        receiver = Receiver(WAN_LATENCY_MS)
+        try:
+            for concurrency, studies in WAN_RUNS:
+                run = _initial_run(args, name, receiver, concurrency, studies)
+                in_flight = AUTO_MAX_CONCURRENCY if concurrency == "auto" else concurrency
+                run["ideal_studies_per_second"] = in_flight * 1000 / WAN_LATENCY_MS
+                run["ratio_to_ideal"] = round(
+                    run["studies_per_second"] / run["ideal_studies_per_second"], 2
+                )
+                results["wan"].append(run)
+        finally:
+            receiver.stop()
+        print(
+            f"scene 2: a service serving {SERVICE_CAPACITY} at once, {SERVICE_MS:g} ms each",
+            file=sys.stderr,
+        )
+        receiver = Receiver(SERVICE_MS, capacity=SERVICE_CAPACITY)
+        capacity = SERVICE_CAPACITY * 1000 / SERVICE_MS
+        try:
+            for concurrency, studies in CAPACITY_RUNS:
+                run = _initial_run(args, name, receiver, concurrency, studies)
+                run["ratio_to_capacity"] = round(run["service_studies_per_second"] / capacity, 2)
+                results["capacity"].append(run)
+        finally:
+            receiver.stop()
+    finally:
+        if not args.keep:
+            _drop_database(args, name)
+    return results
+
+
+def scene_ten_centers(args: argparse.Namespace) -> dict[str, Any]:
+    """Scene 3: CENTERS clients, each with its own archive, start together
+    against one service of limited capacity."""
+    names = [f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}" for _ in range(CENTERS)]
+    print(f"scene 3: {CENTERS} centers of {CENTER_STUDIES:,} studies each", file=sys.stderr)
+    receiver = Receiver(SERVICE_MS, capacity=SERVICE_CAPACITY)
+    try:
+        for name in names:
+            build_database(_with_studies(args, CENTER_STUDIES), name)
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = [Path(tmp) / f"C{n + 1:02d}" for n in range(CENTERS)]
+            for name, config_dir in zip(names, dirs):
+                write_client_config(config_dir, args, name, receiver.url, "auto", config_dir.name)
+            receiver.reset()
+            started = time.monotonic()
+            processes = [_start_client(config_dir, "initial") for config_dir in dirs]
+            runs = [_finish_client(p, d) for p, d in zip(processes, dirs)]
+            wall = time.monotonic() - started
+        stats = receiver.stats()
+    finally:
+        receiver.stop()
+        if not args.keep:
+            for name in names:
+                _drop_database(args, name)
+    centers = stats["centers"]
+    durations = {c: v["last"] - v["first"] for c, v in centers.items()}
+    total = CENTERS * CENTER_STUDIES
+    capacity = SERVICE_CAPACITY * 1000 / SERVICE_MS
+    rate = stats["unique_studies"] / wall
+    service_rate = _service_rate(stats)
+    return {
+        "centers": CENTERS,
+        "studies_each": CENTER_STUDIES,
+        "seconds": round(wall, 2),
+        "studies_per_second": round(rate, 1),
+        "service_studies_per_second": round(service_rate, 1),
+        "ratio_to_capacity": round(service_rate / capacity, 2),
+        "slowest_to_fastest": round(max(durations.values()) / min(durations.values()), 2),
+        "center_seconds": {c: round(d, 1) for c, d in sorted(durations.items())},
+        "queue_p99_ms": stats["queue_p99_ms"],
+        "queue_max_ms": stats["queue_max_ms"],
+        "max_in_flight": stats["max_in_flight"],
+        "posts": stats["posts"],
+        "unique_studies": stats["unique_studies"],
+        "lost": total - stats["unique_studies"],
+        "posted_twice": stats["posts"] - stats["unique_studies"],
+        "exit_codes": sorted({run["exit_code"] for run in runs}),
+        "settled_limits": [run["settled_limit"] for run in runs],
+        "cpu_seconds_per_1000": round(sum(r["cpu_seconds"] for r in runs) * 1000 / total, 3),
+    }
+
+
+def print_scenes(results: dict[str, Any]) -> None:
+    if "wan" in results:
+        print(f"\nScene 1: WAN, {WAN_LATENCY_MS:g} ms per answer (`--scene wan`)\n")
+        print("| concurrency | studies | studies/s | ideal | ratio | settled at | CPU s / 1,000 |")
+        print("| ----------- | ------- | --------- | ----- | ----- | ---------- | ------------- |")
+        for run in results["wan"]:
+            print(
+                f"| {run['concurrency']} | {run['studies']:,} | {run['studies_per_second']:,.0f}"
+                f" | {run['ideal_studies_per_second']:,.0f} | {run['ratio_to_ideal']:.2f}"
+                f" | {run['settled_limit']} | {run['cpu_seconds_per_1000']} |"
+            )
+    if "capacity" in results:
+        capacity = SERVICE_CAPACITY * 1000 / SERVICE_MS
+        print(
+            f"\nScene 2: a service of {SERVICE_CAPACITY} at once x {SERVICE_MS:g} ms"
+            f" = {capacity:,.0f}/s (`--scene capacity`)\n"
+        )
+        print(
+            "| concurrency | studies/s (client) | studies/s (service) | of capacity | settled at"
+            " | queue p99 | queue max |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for run in results["capacity"]:
+            print(
+                f"| {run['concurrency']} | {run['studies_per_second']:,.0f}"
+                f" | {run['service_studies_per_second']:,.0f}"
+                f" | {run['ratio_to_capacity']:.2f} | {run['settled_limit']}"
+                f" | {run['queue_p99_ms']:.1f} ms | {run['queue_max_ms']:.1f} ms |"
+            )
+    if "centers" in results:
+        run = results["centers"]
+        print(
+            f'\nScene 3: {run["centers"]} centers x {run["studies_each"]:,} studies, "auto",'
+            " the same service (`--scene centers`)\n"
+        )
+        rows = [
+            ("together: studies/s", f"{run['studies_per_second']:,.0f} ({run['seconds']} s)"),
+            ("service saw (first to last post)", f"{run['service_studies_per_second']:,.0f}"),
+            ("of capacity", f"{run['ratio_to_capacity']:.2f}"),
+            ("slowest center / fastest", f"{run['slowest_to_fastest']:.2f}"),
+            ("queue p99 / max", f"{run['queue_p99_ms']:.1f} ms / {run['queue_max_ms']:.1f} ms"),
+            ("lost / posted twice", f"{run['lost']} / {run['posted_twice']}"),
+            ("settled limits", ", ".join(map(str, run["settled_limits"]))),
+            ("exit codes", ", ".join(map(str, run["exit_codes"]))),
+        ]
+        print("| measure | value |\n| ------- | ----- |")
+        for label, value in rows:
+            print(f"| {label} | {value} |")
+
+
 def _probe_summary(probe: dict[str, Any]) -> str:
     return (
         f"{probe['max_ms']:.1f} ms (p99 {probe['p99_ms']:.1f}, p99.9 {probe['p999_ms']:.1f} ms;"
@@ -640,6 +963,7 @@ def print_table(results: dict[str, Any]) -> None:
     noop = results["noop_tick"]
     rows += [
         ("initial: peak RSS", f"{initial['peak_rss_mb']:.1f} MB"),
+        ("initial: CPU per 1,000 studies (user + system)", f"{initial['cpu_seconds_per_1000']} s"),
         (
             "initial: delivered (posts / unique)",
             f"{initial['posts']:,} / {initial['unique_studies']:,}",
@@ -671,7 +995,19 @@ def main(argv: list[str] | None = None) -> int:
         "--studies", type=int, default=100_000, help="archive size (default 100000)"
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="receiver delay per request")
-    parser.add_argument("--concurrency", type=int, default=4, help="client concurrency setting")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: text if text == "auto" else int(text),
+        default="auto",
+        help='the client\'s concurrency setting: "auto" (default) or a number',
+    )
+    parser.add_argument(
+        "--scene",
+        choices=("loopback", "wan", "capacity", "centers", "adaptive"),
+        default="loopback",
+        help="loopback: the table above (default); wan, capacity, centers: the scenes of"
+        " adaptive delivery; adaptive: all three",
+    )
     parser.add_argument(
         "--max-studies-per-second",
         type=int,
@@ -727,8 +1063,20 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             value = os.environ.get(prefix + name.upper(), default)
             setattr(args, name, int(value) if name == "port" else value)
-    results = benchmark(args)
-    print_table(results)
+    if args.scene == "loopback":
+        results = benchmark(args)
+        print_table(results)
+    else:
+        results = {"machine": _machine(), "engine": args.engine}
+        if args.scene in ("wan", "capacity", "adaptive"):
+            scenes = scene_wan_and_capacity(args)
+            for scene in ("wan", "capacity"):
+                if args.scene in (scene, "adaptive"):
+                    results[scene] = scenes[scene]
+        if args.scene in ("centers", "adaptive"):
+            results["centers"] = scene_ten_centers(args)
+        print_scenes(results)
+        print(f"\nmachine: {results['machine']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
