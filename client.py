@@ -1594,7 +1594,7 @@ def _retry_policy(settings: Settings) -> Any:
 # Vegas-style count of queued requests per client would; and additive increase
 # with multiplicative decrease makes their shares converge (Chiu and Jain).
 AUTO_START_LIMIT = 1  # latency measured before any load of ours: a true unloaded figure
-AUTO_TARGET_SECONDS = 0.005  # queueing delay tolerated at the service...
+AUTO_TARGET_SECONDS = 0.001  # queueing delay tolerated at the service...
 AUTO_TARGET_FRACTION = 0.25  # ...or this fraction of the unloaded latency, if larger
 AUTO_BASE_MINUTES = 10  # the unloaded latency: the minimum over this many minutes
 # The current latency: the lowest of the answers of the last half round trip
@@ -2182,7 +2182,7 @@ def deliver_pending(
     workers: list[threading.Thread] = []
 
     def add_workers() -> None:
-        wanted = min(concurrency.maximum, int(concurrency.limit) + 1)
+        wanted = min(concurrency.maximum, int(concurrency.limit))
         while dry_run_out is None and len(workers) < wanted:
             worker = threading.Thread(target=work, name=f"sender-{len(workers)}", daemon=True)
             worker.start()

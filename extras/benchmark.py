@@ -696,6 +696,11 @@ CENTER_STUDIES = 2_000
 AUTO_MAX_CONCURRENCY = 64  # the client's default max_concurrency
 
 
+def _scaled(args: argparse.Namespace, studies: int) -> int:
+    """A scene's study count times --scale (CI runs the scenes at 1%)."""
+    return max(10, int(studies * args.scale))
+
+
 def _with_studies(args: argparse.Namespace, studies: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "studies": studies})
 
@@ -790,14 +795,14 @@ def scene_wan_and_capacity(args: argparse.Namespace) -> dict[str, Any]:
     """Scenes 1 and 2 on one archive of SCENE_STUDIES studies."""
     name = f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
     results: dict[str, Any] = {"wan": [], "capacity": []}
-    print(f"building {name} with {SCENE_STUDIES:,} studies ...", file=sys.stderr)
-    build_database(_with_studies(args, SCENE_STUDIES), name)
+    print(f"building {name} with {_scaled(args, SCENE_STUDIES):,} studies ...", file=sys.stderr)
+    build_database(_with_studies(args, _scaled(args, SCENE_STUDIES)), name)
     try:
         print(f"scene 1: a WAN, every answer after {WAN_LATENCY_MS:g} ms", file=sys.stderr)
         receiver = Receiver(WAN_LATENCY_MS)
         try:
             for concurrency, studies in WAN_RUNS:
-                run = _initial_run(args, name, receiver, concurrency, studies)
+                run = _initial_run(args, name, receiver, concurrency, _scaled(args, studies))
                 in_flight = AUTO_MAX_CONCURRENCY if concurrency == "auto" else concurrency
                 run["ideal_studies_per_second"] = in_flight * 1000 / WAN_LATENCY_MS
                 run["ratio_to_ideal"] = round(
@@ -814,7 +819,7 @@ def scene_wan_and_capacity(args: argparse.Namespace) -> dict[str, Any]:
         capacity = SERVICE_CAPACITY * 1000 / SERVICE_MS
         try:
             for concurrency, studies in CAPACITY_RUNS:
-                run = _initial_run(args, name, receiver, concurrency, studies)
+                run = _initial_run(args, name, receiver, concurrency, _scaled(args, studies))
                 run["ratio_to_capacity"] = round(run["service_studies_per_second"] / capacity, 2)
                 results["capacity"].append(run)
         finally:
@@ -829,11 +834,12 @@ def scene_ten_centers(args: argparse.Namespace) -> dict[str, Any]:
     """Scene 3: CENTERS clients, each with its own archive, start together
     against one service of limited capacity."""
     names = [f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}" for _ in range(CENTERS)]
-    print(f"scene 3: {CENTERS} centers of {CENTER_STUDIES:,} studies each", file=sys.stderr)
+    each = _scaled(args, CENTER_STUDIES)
+    print(f"scene 3: {CENTERS} centers of {each:,} studies each", file=sys.stderr)
     receiver = Receiver(SERVICE_MS, capacity=SERVICE_CAPACITY)
     try:
         for name in names:
-            build_database(_with_studies(args, CENTER_STUDIES), name)
+            build_database(_with_studies(args, each), name)
         with tempfile.TemporaryDirectory() as tmp:
             dirs = [Path(tmp) / f"C{n + 1:02d}" for n in range(CENTERS)]
             for name, config_dir in zip(names, dirs):
@@ -851,13 +857,13 @@ def scene_ten_centers(args: argparse.Namespace) -> dict[str, Any]:
                 _drop_database(args, name)
     centers = stats["centers"]
     durations = {c: v["last"] - v["first"] for c, v in centers.items()}
-    total = CENTERS * CENTER_STUDIES
+    total = CENTERS * each
     capacity = SERVICE_CAPACITY * 1000 / SERVICE_MS
     rate = stats["unique_studies"] / wall
     service_rate = _service_rate(stats)
     return {
         "centers": CENTERS,
-        "studies_each": CENTER_STUDIES,
+        "studies_each": each,
         "seconds": round(wall, 2),
         "studies_per_second": round(rate, 1),
         "service_studies_per_second": round(service_rate, 1),
@@ -1031,6 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=900.0,
         help="longest wait for a quiet database server before measuring (default 900)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="the scenes' study counts times this (default 1; CI checks them at 0.01)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")

@@ -43,3 +43,25 @@ def test_benchmark_reports_every_study_delivered_once(tmp_path):
     with connect() as conn, conn.cursor() as cur:
         cur.execute("SHOW DATABASES LIKE %s", (report["database"],))
         assert not cur.fetchall()  # the throwaway archive is dropped
+
+
+def test_adaptive_scenes_run_and_lose_nothing(tmp_path):
+    """The three scenes of adaptive delivery at 1% of their size."""
+    results = tmp_path / "scenes.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "extras" / "benchmark.py"), "--scene", "adaptive"]
+        + ["--scale", "0.01", "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Scene 3: 10 centers" in run.stdout
+    report = json.loads(results.read_text())
+    assert [r["concurrency"] for r in report["wan"]] == [4, 16, 64, "auto"]
+    for r in report["wan"] + report["capacity"]:
+        assert r["exit_code"] == 0
+        assert r["posts"] == r["unique_studies"] == r["studies"]
+    centers = report["centers"]
+    assert centers["exit_codes"] == [0]
+    assert (centers["lost"], centers["posted_twice"]) == (0, 0)
