@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 
 log = logging.getLogger("dicom_indexer")
 
