@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""DICOM Indexer client: registers the studies of a dcm4chee 2.x PACS with a
-central indexer webservice, one JSON document per study.
+"""DICOM Indexer client: registers the studies of a dcm4chee 2.x or
+dcm4chee-arc-light 5 PACS with a central indexer webservice, one JSON document
+per study.
 
 Layers, top to bottom of this file:
   configuration  config.json / server.json -> Settings (checked once, at load)
-  PACS           Pacs: the dcm4chee database and the study_service queue (SQL)
+  PACS           Pacs: the database and the study_service queue, per engine;
+                 Dcm4chee2 / ArcLight5: where each schema keeps the fields
   mapping        study_document(): one study row -> the JSON document (pure)
   delivery       Sender: HTTP POST with retries; deliver_pending(): the run loop
   commands       run_*() and main(): the CLI only translates
@@ -25,6 +27,7 @@ import logging.handlers
 import os
 import platform
 import random
+import re
 import signal
 import sys
 import threading
@@ -171,6 +174,7 @@ class Settings:
     stable_age_seconds: int = 0
     reconcile_rows_per_second: int = 2000
     max_studies_per_second: int = 0  # 0: no cap
+    query_view: str = "hideRejected"  # arc-light: the view whose counts are sent
     metrics_file: Path | None = None
     log_file: Path | None = None
     nice: int = 10
@@ -328,6 +332,15 @@ class _Fields:
             return minimum if default is _MISSING else default
         return value
 
+    def query_view(self, name: str, default: str) -> str:
+        """An arc-light query/retrieve view ID: written into SQL, so letters,
+        digits, '_', '.' and '-' only."""
+        value = self._value(name, default)
+        if not isinstance(value, str) or not QUERY_VIEW_RE.match(value):
+            self._problem(name, 'must be a query/retrieve view ID such as "hideRejected"')
+            return default
+        return value
+
     def number_or_auto(self, name: str, minimum: int, maximum: int) -> int | None:
         """A whole number, or "auto" (the default): None."""
         if self._value(name, "auto") == "auto":
@@ -422,6 +435,7 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
             "max_studies_per_second", default=0, minimum=0, maximum=1000000
         ),
         nice=top.number("nice", default=10, minimum=0, maximum=19),
+        query_view=top.query_view("query_view", default="hideRejected"),
         metrics_file=top.file_path("metrics_file"),
         log_file=top.file_path("log_file"),
         config_path=config_path,
@@ -625,6 +639,13 @@ class MySQLStatements:
         " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'updated_time'"
     )
     SERVER_VERSION = "SELECT VERSION() AS v"
+    SCHEMA_COLUMNS = (
+        "SELECT LOWER(TABLE_NAME) AS t, LOWER(COLUMN_NAME) AS c FROM information_schema.COLUMNS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND LOWER(TABLE_NAME) IN"
+        " ('study', 'study_query_attrs', 'person_name', 'patient_id')"
+        " AND LOWER(COLUMN_NAME) IN"
+        " ('num_instances', 'view_id', 'alphabetic_name', 'patient_fk')"
+    )
     # What the indexer's user must be allowed (extras/grant_indexer.sql),
     # each probed by statements that touch no row.
     PRIVILEGE_PROBES = (
@@ -798,6 +819,9 @@ class PostgreSQLStatements(MySQLStatements):
         " WHERE i.indrelid = 'study'::regclass AND a.attname = 'updated_time'"
     )
     SERVER_VERSION = "SELECT 'PostgreSQL ' || current_setting('server_version') AS v"
+    SCHEMA_COLUMNS = MySQLStatements.SCHEMA_COLUMNS.replace(
+        "TABLE_SCHEMA = DATABASE()", "table_schema = current_schema()"
+    )
     # pg8000 runs executemany() one statement per row: the statements run
     # many rows at a time take them as arrays instead, one statement for all
     # (rows are transposed into one array per column).
@@ -829,6 +853,235 @@ class PostgreSQLStatements(MySQLStatements):
     )
 
 
+# --------------------------------------------------------------------------
+# Schemas: where the 11 fields live. dcm4chee 2.x keeps them in study and
+# patient; dcm4chee-arc-light 5 spreads them over study, patient, patient_id,
+# person_name and study_query_attrs (a cache of counts). A schema gives the
+# engine's statements its own text and turns its rows into the fields the
+# document is made of; delivery and the commands never know which one runs.
+# --------------------------------------------------------------------------
+
+# What schema_columns() looks for in information_schema: enough to tell 2.x
+# from arc-light, and arc-light's generations apart.
+SCHEMA_PROBES = (
+    ("study", "num_instances"),  # dcm4chee 2.x: the counts are columns of study
+    ("study_query_attrs", "view_id"),  # arc-light 5
+    ("person_name", "alphabetic_name"),  # arc-light 5.23 and later
+    ("patient_id", "patient_fk"),  # arc-light 5.31 and later: 1..n IDs per patient
+)
+QUERY_VIEW_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Dcm4chee2:
+    """dcm4chee 2.x: the document's fields are columns of study and patient."""
+
+    name = "dcm4chee 2.x"
+
+    def statements(self, engine: type[MySQLStatements], postgresql: bool) -> type:
+        return engine
+
+    def scripts(self, engine: str) -> tuple[str, str]:
+        return {
+            "mysql": ("mysql DBNAME < extras/add_indexer.sql", "extras/grant_indexer.sql"),
+            "postgresql": (
+                "psql -d DBNAME -f extras/add_indexer_postgresql.sql",
+                "extras/grant_indexer_postgresql.sql",
+            ),
+        }[engine]
+
+    def document_row(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        return row
+
+    def settled(self, row: Mapping[str, Any]) -> bool:
+        return True
+
+    def withdrawn(self, row: Mapping[str, Any]) -> bool:
+        """Deleted from the PACS since it was enqueued."""
+        return row["study_pk"] is None
+
+
+class ArcLight5(Dcm4chee2):
+    """dcm4chee-arc-light 5.23 and later (checked up to 5.35).
+
+    - patient_id: the patient's primary ID, the lowest patient_id.pk of the
+      patient (arc-light inserts PatientID before the Other Patient IDs it
+      trusts); before 5.31, the one row patient.patient_id_fk names.
+    - patient_name: person_name.alphabetic_name, stored as five components
+      and a sentinel caret ('PEREZ^JUAN^^^^'), sent as 2.x sent it, trailing
+      empty components dropped ('PEREZ^JUAN').
+    - study_datetime from study_date 'YYYYMMDD' and study_time 'HHMMSS.fff';
+      '*' (absent) gives null, or midnight when only the time is absent.
+    - '*' descriptions as null; counts and modalities from study_query_attrs
+      for the query/retrieve view (modalities sorted: arc-light builds them
+      from a set, in no order, and the document must not change with it).
+    - A study is sent once it has settled: its study_query_attrs row rebuilt
+      and study_size computed after the last store. Until then it waits,
+      pending. A complete rejection withdraws it, as a deletion does.
+    """
+
+    def __init__(self, patient_id_rows: bool, view: str) -> None:
+        self.patient_id_rows = patient_id_rows
+        self.view = view
+        # What the indexer's own user can see tells these two apart (a
+        # column it has no right on is invisible to it).
+        self.name = "dcm4chee-arc-light " + ("5.31 or later" if patient_id_rows else "5.23 to 5.30")
+
+    def statements(self, engine: type[MySQLStatements], postgresql: bool) -> type:
+        return arclight5_statements(engine, postgresql, self.patient_id_rows, self.view)
+
+    def scripts(self, engine: str) -> tuple[str, str]:
+        return (
+            {
+                "mysql": "mysql DBNAME < extras/add_indexer_arclight5_mysql.sql",
+                "postgresql": "psql -d DBNAME -f extras/add_indexer_arclight5_postgresql.sql",
+            }[engine],
+            f"extras/grant_indexer_arclight5_{engine}.sql",
+        )
+
+    def document_row(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        fields = dict(row)
+        name = _text(row["pat_name"])
+        fields["pat_name"] = name.rstrip("^") or None if name is not None else None
+        fields["study_desc"] = _absent_as_none(row["study_desc"])
+        fields["study_datetime"] = _arclight_datetime(row["study_date"], row["study_time"])
+        mods = _absent_as_none(row["mods_in_study"])
+        fields["mods_in_study"] = "\\".join(sorted(set(mods.split("\\")))) if mods else None
+        return fields
+
+    def settled(self, row: Mapping[str, Any]) -> bool:
+        size = row["study_size"]
+        return row["counts_pk"] is not None and size is not None and size >= 0
+
+    def withdrawn(self, row: Mapping[str, Any]) -> bool:
+        # rejection_state 2: every instance rejected (COMPLETE); the archive
+        # no longer returns the study to queries.
+        return row["study_pk"] is None or row["rejection_state"] == 2
+
+
+def _absent_as_none(value: Any) -> str | None:
+    text = _text(value)
+    return None if text in (None, "", "*") else text
+
+
+def _arclight_datetime(date: Any, time_of_day: Any) -> datetime.datetime | None:
+    date, time_of_day = _absent_as_none(date), _absent_as_none(time_of_day)
+    if date is None or len(date) != 8 or not date.isdigit():
+        return None
+    digits = (time_of_day or "").split(".")[0]
+    digits = digits if digits.isdigit() else ""
+    digits = (digits + "000000")[:6]
+    try:
+        return datetime.datetime(
+            int(date[:4]), int(date[4:6]), int(date[6:]),
+            int(digits[:2]), int(digits[2:4]), int(digits[4:]),
+        )  # fmt: skip
+    except ValueError:
+        return None
+
+
+def arclight5_statements(
+    engine: type[MySQLStatements], postgresql: bool, patient_id_rows: bool, view: str
+) -> type:
+    """The engine's statements with arc-light's text for those that read the archive."""
+    if postgresql:
+        version = (
+            "decode(md5(concat_ws('|', to_char(s.updated_time, 'YYYY-MM-DD HH24:MI:SS.US'),"
+            " COALESCE(s.version::text, ''), s.patient_fk::text, s.study_iuid,"
+            " s.study_date, s.study_time, s.study_desc, s.rejection_state::text)), 'hex')"
+        )
+        queue_index = ""
+    else:
+        version = (
+            "UNHEX(MD5(CONCAT_WS('|', DATE_FORMAT(s.updated_time, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'),"
+            " IFNULL(s.version, ''), s.patient_fk, s.study_iuid, s.study_date,"
+            " s.study_time, s.study_desc, s.rejection_state)))"
+        )
+        queue_index = " FORCE INDEX (study_service_status)"
+    if patient_id_rows:
+        patient_id = (
+            "(SELECT i.pat_id FROM patient_id i WHERE i.patient_fk = p.pk ORDER BY i.pk LIMIT 1)"
+        )
+    else:
+        patient_id = "(SELECT i.pat_id FROM patient_id i WHERE i.pk = p.patient_id_fk)"
+    documents = (
+        " s.pk AS study_pk, s.study_iuid, s.study_date, s.study_time, s.study_desc,"
+        " s.updated_time, s.study_size, s.rejection_state,"
+        " a.pk AS counts_pk, a.mods_in_study, a.num_series, a.num_instances,"
+        f" p.pk AS patient_pk, {patient_id} AS pat_id, n.alphabetic_name AS pat_name"
+    )
+    joins = (
+        " LEFT JOIN patient p ON p.pk = s.patient_fk"
+        " LEFT JOIN person_name n ON n.pk = p.pat_name_fk"
+        f" LEFT JOIN study_query_attrs a ON a.study_fk = s.pk AND a.view_id = '{view}'"
+    )
+
+    class ArcLight5Statements(engine):  # type: ignore[misc, valid-type]
+        STUDY_VERSION = version
+        SELECT_STUDY_PAGE = (
+            "SELECT s.pk, s.updated_time, " + version + " AS version, s.study_iuid"
+            " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+        )
+        SELECT_PENDING_PAGE = (
+            "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
+            + documents
+            + f" FROM study_service q{queue_index}"
+            " LEFT JOIN study s ON s.pk = q.study_pk"
+            + joins
+            + " WHERE q.status = 'pending' AND q.study_pk > %s AND q.study_pk <= %s"
+            " ORDER BY q.study_pk LIMIT %s"
+        )
+        SELECT_RECONCILE_PAGE = (
+            "SELECT" + documents + ", q.status, q.sent_version"
+            " FROM study s" + joins + " LEFT JOIN study_service q ON q.study_pk = s.pk"
+            " WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+        )
+        # A completely rejected study is withdrawn from the index, as a deleted one.
+        SELECT_GONE_IN_RANGE = engine.SELECT_GONE_IN_RANGE.replace(
+            "AND s.pk IS NULL", "AND (s.pk IS NULL OR s.rejection_state = 2)"
+        )
+        TIME_INDEXES = engine.TIME_INDEXES.replace("'updated_time'", "'access_time'")
+        PRIVILEGE_PROBES = (
+            (
+                "SELECT on the columns of study it reads",
+                (
+                    "SELECT pk, patient_fk, study_iuid, study_date, study_time, study_desc,"
+                    " updated_time, access_time, version, rejection_state, study_size"
+                    " FROM study LIMIT 0",
+                ),
+            ),
+            (
+                "SELECT on the columns of patient, patient_id and person_name it reads",
+                (
+                    "SELECT p.pk, " + patient_id + ", n.alphabetic_name FROM patient p"
+                    " LEFT JOIN person_name n ON n.pk = p.pat_name_fk LIMIT 0",
+                ),
+            ),
+            (
+                "SELECT on the columns of study_query_attrs it reads",
+                (
+                    "SELECT pk, study_fk, view_id, num_series, num_instances, mods_in_study"
+                    " FROM study_query_attrs LIMIT 0",
+                ),
+            ),
+            engine.PRIVILEGE_PROBES[-1],  # study_service
+        )
+
+    return ArcLight5Statements
+
+
+def detect_schema(columns: set[tuple[str, str]], view: str) -> Dcm4chee2:
+    """Which schema a database holds, from the SCHEMA_PROBES columns found."""
+    if ("study", "num_instances") in columns or ("study_query_attrs", "view_id") not in columns:
+        # 2.x, or nothing this user may see: 2.x's own checks say what is wrong.
+        return Dcm4chee2()
+    if ("person_name", "alphabetic_name") not in columns:
+        raise DatabaseError(
+            "this is a dcm4chee-arc-light database older than 5.23 (person_name has no"
+            " alphabetic_name column): this client reads 5.23 to 5.35; upgrade the archive"
+        )
+    return ArcLight5(("patient_id", "patient_fk") in columns, view)
+
+
 class Pacs:
     """A dcm4chee database, read for the documents, and its study_service
     queue. Subclasses connect, hold the SQL (`SQL`), lock, and translate
@@ -846,6 +1099,19 @@ class Pacs:
             self.conn = self._connect()
         except self.Error as exc:
             raise DatabaseError(f"cannot connect to {self.where}: {self.describe(exc)}") from None
+        try:
+            found = {(row["t"], row["c"]) for row in self.query(self.SQL.SCHEMA_COLUMNS)}
+        except self.Error as exc:
+            self.close()
+            raise DatabaseError(f"cannot read {self.where}: {self.describe(exc)}") from None
+        try:
+            self.schema = detect_schema(found, settings.query_view)
+        except DatabaseError:
+            self.close()
+            raise
+        # The schema's statements and scripts, for this engine.
+        self.SQL = self.schema.statements(type(self).SQL, settings.db_engine == "postgresql")
+        self.INSTALL_SCRIPT, self.GRANT_SCRIPT = self.schema.scripts(settings.db_engine)
 
     # -- what each engine provides -----------------------------------------
 
@@ -938,6 +1204,17 @@ class Pacs:
         dcm4chee's study_updated index, or without it by re-reading the
         newest studies."""
         names = sorted({row["name"] for row in self.query(self.SQL.TIME_INDEXES)})
+        if isinstance(self.schema, ArcLight5):
+            if names:
+                return True, (
+                    f"index {names[0]} on study(access_time): each tick reads only the"
+                    " studies that changed (arc-light sets access_time whenever it updates"
+                    " a study)"
+                )
+            return False, (
+                "arc-light's index on study(access_time) is missing: each tick reads the"
+                " whole study table; re-create it as arc-light's create script does"
+            )
         if self.uses_time_index(names):
             return True, (
                 f"index {names[0]} on study(updated_time): each tick reads only"
@@ -1152,6 +1429,19 @@ class Pacs:
 
     def retry_failed(self) -> int:
         return self.rowcount(self.SQL.RETRY_FAILED)
+
+    def delivered_iuids(self, iuids: list[str | None]) -> set[str]:
+        """Which of these Study Instance UIDs this database's indexer has
+        delivered: through the archive's own unique index on study_iuid."""
+        wanted = [iuid for iuid in iuids if iuid]
+        if not wanted:
+            return set()
+        rows = self.query(
+            "SELECT s.study_iuid FROM study s JOIN study_service q ON q.study_pk = s.pk"
+            f" WHERE q.status = 'sent' AND s.study_iuid IN ({', '.join(['%s'] * len(wanted))})",
+            wanted,
+        )
+        return {_text(row["study_iuid"]) for row in rows}
 
     def rowcount(self, sql: str, args: Any = None) -> int:
         raise NotImplementedError
@@ -2238,8 +2528,8 @@ def deliver_pending(
         for row in pacs.pending_studies(bounded_frontier if frontier else None):
             if terminated() or report.stopped or (limit is not None and submitted >= limit):
                 break
-            if row["study_pk"] is None:
-                # Deleted from dcm4chee after it was enqueued.
+            if pacs.schema.withdrawn(row):
+                # Deleted from the PACS (or, on arc-light, rejected) since enqueued.
                 pacs.mark_gone([(row["queued_pk"], row["known_iuid"])])
                 report.gone += 1
                 continue
@@ -2247,7 +2537,10 @@ def deliver_pending(
             if hold_after and isinstance(updated, datetime.datetime) and updated > hold_after:
                 report.held += 1  # still receiving images: sent once it is quiet
                 continue
-            document = study_document(row, settings.center)
+            if not pacs.schema.settled(row):
+                report.held += 1  # arc-light has not recomputed its counts yet
+                continue
+            document = study_document(pacs.schema.document_row(row), settings.center)
             if dry_run_out is not None:
                 dry_run_out.write(json.dumps(document, ensure_ascii=False) + "\n")
                 submitted += 1
@@ -2476,13 +2769,16 @@ class ReconcileReport:
         return self.checked / self.seconds if self.seconds else 0.0
 
 
-def needs_resend(row: Mapping[str, Any], center: str) -> bool:
+def needs_resend(row: Mapping[str, Any], center: str, schema: Dcm4chee2) -> bool:
     """Reconcile's verdict on one study: does the service hold a stale document?"""
+    if schema.withdrawn(row) or not schema.settled(row):
+        return False  # withdrawn: found by gone_between; unsettled: the tick sends it
     if row["status"] in (DELETED, DELETING):
         return True  # back from the trash: sent again as new
     if row["status"] != SENT:
         return False  # pending goes anyway; failed waits for a change or retry-failed
-    return document_version(encode_document(study_document(row, center))) != row["sent_version"]
+    document = study_document(schema.document_row(row), center)
+    return document_version(encode_document(document)) != row["sent_version"]
 
 
 def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileReport:
@@ -2505,7 +2801,7 @@ def reconcile(pacs: Pacs, settings: Settings, limit: int | None) -> ReconcileRep
             for row in page:
                 if row["status"] is None:
                     report.untracked += 1
-                elif needs_resend(row, settings.center):
+                elif needs_resend(row, settings.center, pacs.schema):
                     changed.append(row["study_pk"])
             gone = pacs.gone_between(position, upto)
             pacs.record_reconciled(changed, gone, upto if page else position)
@@ -2548,6 +2844,68 @@ def run_reconcile(settings: Settings, limit: int | None) -> int:
         "" if result.finished else "; the next reconcile carries on",
     )
     return EXIT_TERMINATED if TERMINATION.requested() else EXIT_OK
+
+
+def run_adopt(settings: Settings, old_config: Path) -> int:
+    """`adopt --from OLD/config.json`: a center moving to a new archive (from
+    dcm4chee 2.x to arc-light, say) keeps its registrations. The old archive's
+    studies arrive in the new one with new pks; those its indexer already
+    delivered (same Study Instance UID, acknowledged) are recorded as sent
+    here without a POST, with the document the new archive gives: the index
+    keeps them, and a later change sends them again. Reads only the new
+    queue's pending studies, and the old archive by its index on study_iuid.
+    Run it before each tick while the migration imports studies (they wait,
+    pending, until the new archive has computed their counts)."""
+    old_settings = load_settings(old_config, old_config.with_name("server.json"))
+    if old_settings.problems:
+        raise old_settings.problems[0]
+    pacs, old = open_pacs(settings), None
+    adopted = checked = 0
+    try:
+        pacs.acquire_run_lock()
+        pacs.enqueue_changes()  # the tick's first step: imported studies become pending
+        old = open_pacs(old_settings)
+        batch: list[dict[str, Any]] = []
+
+        def adopt(rows: list[dict[str, Any]]) -> int:
+            delivered = old.delivered_iuids([_text(row["study_iuid"]) for row in rows])
+            outcomes = []
+            for row in rows:
+                if _text(row["study_iuid"]) in delivered:
+                    body = encode_document(
+                        study_document(pacs.schema.document_row(row), settings.center)
+                    )
+                    outcome = Outcome(
+                        row["study_pk"], document_version(body), _text(row["study_iuid"])
+                    )
+                    outcome.delivered = True
+                    outcomes.append(outcome)
+            pacs.record(outcomes, [])
+            return len(outcomes)
+
+        for row in pacs.pending_studies():
+            if pacs.schema.withdrawn(row) or not pacs.schema.settled(row):
+                continue  # counts not computed yet: the next adopt sees it
+            checked += 1
+            batch.append(row)
+            if len(batch) >= settings.page_size:
+                adopted += adopt(batch)
+                batch = []
+        if batch:
+            adopted += adopt(batch)
+    except pacs.Error as exc:
+        raise pacs.explain(exc) from None
+    finally:
+        pacs.close()
+        if old is not None:
+            old.close()
+    log.info(
+        "%d of %d pending studies were already delivered by the indexer of %s: marked sent",
+        adopted,
+        checked,
+        old_settings.db_name,
+    )
+    return EXIT_OK
 
 
 def run_status(settings: Settings, as_json: bool) -> int:
@@ -2645,6 +3003,7 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
                 0,
             )
         )
+        results.append(("ok", f"schema: {pacs.schema.name}", 0))
         try:
             pacs.check_installed()
             results.append(("ok", "study_service and indexer_process are installed and current", 0))
@@ -2688,7 +3047,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Registers the studies of a dcm4chee 2.x PACS with the central indexer.",
+        description="Registers the studies of a dcm4chee 2.x or dcm4chee-arc-light 5 PACS"
+        " with the central indexer.",
         epilog="exit codes:\n"
         + "".join(f"  {code:<4} {meaning}\n" for code, meaning in EXIT_CODE_HELP),
     )
@@ -2696,13 +3056,22 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=("run", "initial", "retry-failed", "reconcile", "status", "check"),
+        choices=("run", "initial", "retry-failed", "reconcile", "status", "check", "adopt"),
         help=(
             "run (default): enqueue new and changed studies and send what is pending;"
             " initial: send the whole archive (resumable); retry-failed: send the refused"
             " studies again; reconcile: find patient edits, merges and deletions (nightly);"
-            " status: what is pending, failed, sent; check: test the setup"
+            " status: what is pending, failed, sent; check: test the setup;"
+            " adopt --from OLD/config.json: while a center migrates to a new archive, mark"
+            " sent the pending studies that the old archive's indexer already delivered"
         ),
+    )
+    parser.add_argument(
+        "--from",
+        dest="adopt_from",
+        type=Path,
+        metavar="CONFIG",
+        help="adopt: the old archive's config.json (its server.json beside it)",
     )
     parser.add_argument(
         "--config",
@@ -2875,6 +3244,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_PYTHON
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if (args.command == "adopt") != (args.adopt_from is not None):
+        parser.error("adopt needs --from OLD/config.json, and only adopt takes it")
     _setup_logging(args.verbose, args.quiet)
     try:
         settings = load_settings(args.config, args.server)
@@ -2919,6 +3290,8 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = run_check(settings)
         elif args.command == "reconcile":
             exit_code = run_reconcile(settings, args.limit)
+        elif args.command == "adopt":
+            exit_code = run_adopt(settings, args.adopt_from)
         else:
             exit_code = run_send(settings, args.command, args.limit, args.dry_run, report)
     except LockedError as exc:

@@ -44,6 +44,22 @@ PG_SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema_postgresql.sql"
 PG_INDEXER_SQL = ROOT / "extras" / "add_indexer_postgresql.sql"
 PG_GRANT_SQL = ROOT / "extras" / "grant_indexer_postgresql.sql"
 
+# dcm4chee-arc-light 5: its test schema and the indexer's scripts, by engine.
+ARC5_SCHEMA_SQL = {
+    "mysql": ROOT / "tests" / "arclight5_schema.sql",
+    "postgresql": ROOT / "tests" / "arclight5_schema_postgresql.sql",
+}
+ARC5_INDEXER_SQL = {
+    "mysql": ROOT / "extras" / "add_indexer_arclight5_mysql.sql",
+    "postgresql": ROOT / "extras" / "add_indexer_arclight5_postgresql.sql",
+}
+ARC5_GRANT_SQL = {
+    "mysql": ROOT / "extras" / "grant_indexer_arclight5_mysql.sql",
+    "postgresql": ROOT / "extras" / "grant_indexer_arclight5_postgresql.sql",
+}
+# The schema of each database the tests made ("arc5" or absent: dcm4chee 2.x).
+SCHEMA_OF: dict[str, str] = {}
+
 # Every database test runs on each engine (DICOM_INDEXER_TEST_ENGINES=mysql
 # to run one only).
 ENGINES = os.environ.get("DICOM_INDEXER_TEST_ENGINES", "mysql,postgresql").split(",")
@@ -162,8 +178,11 @@ def run_psql_file(database: str, path: Path, *variables: str) -> subprocess.Comp
 
 
 def install(database: str, path: Path | None = None) -> None:
-    """The engine's install script (or `path`) into `database`."""
-    if ENGINE_OF.get(database, "mysql") == "postgresql":
+    """The install script of the database's engine and schema (or `path`)."""
+    engine = ENGINE_OF.get(database, "mysql")
+    if path is None and SCHEMA_OF.get(database) == "arc5":
+        path = ARC5_INDEXER_SQL[engine]
+    if engine == "postgresql":
         result = run_psql_file(database, path or PG_INDEXER_SQL)
     else:
         result = run_sql_file(database, path or INDEXER_SQL)
@@ -325,20 +344,23 @@ class PacsDb:
         self.conn.close()
 
 
-def create_database(charset: str = "utf8", engine: str = "mysql") -> str:
-    """A throwaway dcm4chee database with the indexer installed and granted.
-    PostgreSQL databases are UTF8 whatever `charset` says (dcm4chee's too)."""
+def create_database(charset: str = "utf8", engine: str = "mysql", schema: str = "") -> str:
+    """A throwaway dcm4chee database (2.x, or arc-light 5 with schema "arc5")
+    with the indexer installed and granted. PostgreSQL databases are UTF8
+    whatever `charset` says (dcm4chee's too)."""
     name = f"dicom_indexer_test_{uuid.uuid4().hex[:10]}"
     assert name != "pacsdb"
     ENGINE_OF[name] = engine
+    if schema:
+        SCHEMA_OF[name] = schema
     if engine == "postgresql":
         with pg_connect() as conn:
             conn.cursor().execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
-        install(name, PG_SCHEMA_SQL)
+        install(name, ARC5_SCHEMA_SQL[engine] if schema else PG_SCHEMA_SQL)
     else:
         with connect() as conn, conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET {charset}")
-        install(name, SCHEMA_SQL)
+        install(name, ARC5_SCHEMA_SQL[engine] if schema else SCHEMA_SQL)
     install(name)
     grant_indexer_user(name)
     return name
@@ -385,10 +407,11 @@ INDEXER_PASSWORD = f"pw-{uuid.uuid4().hex}"
 
 
 def grant_indexer_user(database: str) -> None:
+    arc5 = SCHEMA_OF.get(database) == "arc5"
     if ENGINE_OF.get(database) == "postgresql":
         result = run_psql_file(
             database,
-            PG_GRANT_SQL,
+            ARC5_GRANT_SQL["postgresql"] if arc5 else PG_GRANT_SQL,
             "-v",
             f"indexer_password={INDEXER_PASSWORD}",
             "-v",
@@ -399,7 +422,7 @@ def grant_indexer_user(database: str) -> None:
             f"SET @indexer_user = '{INDEXER_USER}', @indexer_host = '%',"
             f" @indexer_password = '{INDEXER_PASSWORD}'"
         )
-        result = run_sql_file(database, GRANT_SQL, init=init)
+        result = run_sql_file(database, ARC5_GRANT_SQL["mysql"] if arc5 else GRANT_SQL, init=init)
     assert result.returncode == 0, result.stderr.decode()
 
 
@@ -662,3 +685,163 @@ def write_configs(
 @pytest.fixture
 def configs(tmp_path: Path, pacs: PacsDb, service: CentralService) -> list[str]:
     return write_configs(tmp_path, pacs.name, service.url)
+
+
+# --------------------------------------------------------------------------
+# dcm4chee-arc-light 5: a database that acts as the archive does
+# --------------------------------------------------------------------------
+
+ARC5_VIEWS = ("hideRejected", "regularUse")
+
+
+class ArcDb(PacsDb):
+    """An arc-light 5 database for one test; each helper writes the rows that
+    the archive writes for that event (../shared/dcm4chee-arc-light5.md)."""
+
+    def now(self) -> str:
+        return "LOCALTIMESTAMP" if self.postgresql else "NOW(6)"
+
+    def add_patient(  # type: ignore[override]
+        self, name: str | None = "PEREZ^JUAN^^^^", *ids: str
+    ) -> int:
+        """A patient; `name` as person_name stores it (five components and a
+        sentinel caret); its patient_id rows in `ids` order (the first is the
+        primary ID)."""
+        name_pk = None
+        if name is not None:
+            name_pk = self._insert(
+                "INSERT INTO person_name (alphabetic_name, ideographic_name, phonetic_name)"
+                " VALUES (%s, '^^^^^', '^^^^^')",
+                (name,),
+            )
+        patient = self._insert(
+            "INSERT INTO patient (created_time, updated_time, version, pat_name_fk, num_studies)"
+            f" VALUES ({self.now()}, {self.now()}, 0, %s, 0)",
+            (name_pk,),
+        )
+        self._uid += 1
+        # 5.34+: (pat_id, issuer '*', name '*') is unique across patients.
+        for pat_id in ids or (f"{10_000_000 + self._uid}-{self._uid % 10}",):
+            self.execute(
+                "INSERT INTO patient_id (pat_id, version, patient_fk) VALUES (%s, 0, %s)",
+                (pat_id, patient),
+            )
+        return patient
+
+    def add_study(  # type: ignore[override]
+        self,
+        patient_pk: int,
+        *,
+        date: str = "20240517",
+        time: str = "094210.000",
+        desc: str = "TC DE CEREBRO SIN CONTRASTE",
+        iuid: str | None = None,
+        stamped_seconds_ago: int = 0,
+    ) -> int:
+        """The first object of a new study: a hot study (study_size -1, no
+        counts computed yet)."""
+        self._uid += 1
+        iuid = iuid or f"1.2.826.0.1.3680043.{uuid.uuid4().int % 10**12}.{self._uid}"
+        stamp = self.ago(stamped_seconds_ago) if stamped_seconds_ago else self.now()
+        return self._insert(
+            "INSERT INTO study (study_iuid, study_date, study_time, study_desc, patient_fk,"
+            " created_time, updated_time, modified_time, access_time, version,"
+            " rejection_state, study_size)"
+            f" VALUES (%s, %s, %s, %s, %s, {stamp}, {stamp}, {stamp}, {stamp}, 0, 0, -1)",
+            (iuid, date, time, desc, patient_pk),
+        )
+
+    def ago(self, seconds: int) -> str:
+        if self.postgresql:
+            return f"(LOCALTIMESTAMP - INTERVAL '{int(seconds)} seconds')"
+        return f"(NOW(6) - INTERVAL {int(seconds)} SECOND)"
+
+    def settle(
+        self, study_pk: int, series: int = 2, instances: int = 120, mods: str | None = "SR\\CT"
+    ) -> None:
+        """The archive's scheduler, minutes after the last store: the size
+        (a bulk update: updated_time unchanged) and the counts of every view."""
+        self.execute("UPDATE study SET study_size = %s WHERE pk = %s", (instances * 500, study_pk))
+        for view in ARC5_VIEWS:
+            self.execute(
+                "INSERT INTO study_query_attrs (study_fk, view_id, num_series, num_instances,"
+                " mods_in_study) VALUES (%s, %s, %s, %s, %s)",
+                (study_pk, view, series, instances, mods),
+            )
+
+    def store_same_association(self, study_pk: int) -> None:
+        """More objects while the study is hot: only the cache is dropped."""
+        self.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study_pk,))
+
+    def store_later(self, study_pk: int) -> None:
+        """More objects after the size was computed: resetSize() flushes the
+        entity (updated_time, access_time, version) and the cache is dropped."""
+        self.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study_pk,))
+        self.touch(study_pk, "study_size = -1")
+
+    def touch(self, study_pk: int, assignments: str = "") -> None:
+        """A JPA update of the study row: @PreUpdate stamps updated_time and
+        access_time, @Version bumps version."""
+        extra = f"{assignments}, " if assignments else ""
+        self.execute(
+            f"UPDATE study SET {extra}updated_time = {self.now()}, access_time = {self.now()},"
+            " version = version + 1 WHERE pk = %s",
+            (study_pk,),
+        )
+
+    def rename_patient(self, patient_pk: int, name: str) -> None:
+        """A patient edit (HL7 ADT A08): only patient and person_name change."""
+        self.execute(
+            "UPDATE person_name SET alphabetic_name = %s WHERE pk ="
+            " (SELECT pat_name_fk FROM patient WHERE pk = %s)",
+            (name, patient_pk),
+        )
+        self.execute(
+            f"UPDATE patient SET updated_time = {self.now()}, version = version + 1 WHERE pk = %s",
+            (patient_pk,),
+        )
+
+    def merge(self, source: int, target: int) -> None:
+        """ADT A40: every study of the source moves to the target (each a JPA
+        update); the source stays, merged away, with its own IDs."""
+        for row in self.query("SELECT pk FROM study WHERE patient_fk = %s", (source,)):
+            self.touch(row["pk"], f"patient_fk = {int(target)}")
+        self.execute("UPDATE patient SET merge_fk = %s WHERE pk = %s", (target, source))
+
+    def reject(self, study_pk: int, complete: bool) -> None:
+        """An IOCM rejection note: rejection_state 1 (PARTIAL) or 2 (COMPLETE),
+        the cache dropped; a complete one leaves nothing visible."""
+        self.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study_pk,))
+        self.touch(study_pk, f"rejection_state = {2 if complete else 1}, study_size = -1")
+
+    def delete_study(self, study_pk: int) -> None:
+        """A hard delete: no tombstone."""
+        self.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study_pk,))
+        self.execute("DELETE FROM study WHERE pk = %s", (study_pk,))
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def arc_database_name(request: Any) -> Any:
+    engine = request.param
+    _server_or_exit(engine)
+    name = create_database("utf8", engine, schema="arc5")
+    yield name
+    drop_database(name)
+
+
+@pytest.fixture
+def arc(arc_database_name: str) -> Any:
+    """The session's arc-light database, emptied, with a fresh indexer install."""
+    db = ArcDb(arc_database_name)
+    tables = ("study_service", "study_query_attrs", "study", "patient_id", "patient", "person_name")
+    if db.postgresql:
+        db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    else:
+        db.execute("SET FOREIGN_KEY_CHECKS = 0")
+        for table in tables:
+            db.execute(f"TRUNCATE TABLE {table}")
+        db.execute("SET FOREIGN_KEY_CHECKS = 1")
+    install(arc_database_name)
+    grant_indexer_user(arc_database_name)
+    yield db
+    db.close()

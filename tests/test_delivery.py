@@ -196,10 +196,11 @@ def test_status_shows_counts_age_and_errors(pacs, service, configs, capsys):
 def test_check_reports_each_part_and_registers_nothing(pacs, service, configs, capsys):
     assert client.main(["check", *configs]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["ok"] * 6
-    assert lines[3] == "ok      privileges: " + INDEXER_USER + " may do what a run does"
-    assert lines[4].startswith("ok      index study_updated on study(updated_time)")
-    assert "answered HTTP 201" in lines[5]
+    assert [line.split()[0] for line in lines] == ["ok"] * 7
+    assert lines[2] == "ok      schema: dcm4chee 2.x"
+    assert lines[4] == "ok      privileges: " + INDEXER_USER + " may do what a run does"
+    assert lines[5].startswith("ok      index study_updated on study(updated_time)")
+    assert "answered HTTP 201" in lines[6]
     assert all(r.method == "GET" for r in service.attempts)
 
     service.respond = lambda n, r: (403, "forbidden")

@@ -1,0 +1,148 @@
+-- DICOM Indexer: the whole database footprint in a dcm4chee-arc-light 5
+-- database on PostgreSQL (arc-light 5.23 to 5.35; PostgreSQL 9.6 and later).
+--
+--   psql -d pacsdb -f extras/add_indexer_arclight5_postgresql.sql
+--
+-- Adds one table, study_service, and one function, indexer_process(), in the
+-- schema where arc-light's tables are (the first of the search_path). It
+-- touches none of arc-light's own tables: no trigger, no column, no index.
+-- Safe to run again over itself, and to run again after an arc-light upgrade
+-- (its update scripts alter only arc-light's own tables).
+-- For dcm4chee 2.x, use extras/add_indexer_postgresql.sql instead.
+
+-- One row per study the indexer knows of, plus bookkeeping rows with
+-- study_pk < 1 (dcm4chee's pks start at 1):
+--   0  'cursor'    where indexer_process resumes: study_updated_time is the
+--                  updated_time watermark, cursor_pk the highest study pk seen,
+--                  enqueued_at when it was last called.
+--   -1 'initial'   an unfinished `client.py initial`.
+--   -2 'reconcile' an unfinished `client.py reconcile`.
+CREATE TABLE IF NOT EXISTS study_service (
+  study_pk BIGINT NOT NULL PRIMARY KEY,
+  status VARCHAR(16) NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  last_error VARCHAR(255),
+  study_updated_time TIMESTAMP,
+  study_version BYTEA,
+  sent_version BYTEA,
+  enqueued_at TIMESTAMP,
+  sent_at TIMESTAMP,
+  study_iuid TEXT,
+  cursor_pk BIGINT
+);
+CREATE INDEX IF NOT EXISTS study_service_status ON study_service (status, study_pk);
+COMMENT ON TABLE study_service IS
+  'DICOM Indexer: studies to register with the central index, and what it acknowledged';
+COMMENT ON COLUMN study_service.status IS
+  'pending, sent, failed, deleting, deleted; other values on bookkeeping rows';
+COMMENT ON COLUMN study_service.study_version IS
+  'MD5 of the study row when last enqueued';
+COMMENT ON COLUMN study_service.sent_version IS
+  'MD5 of the JSON document last acknowledged by the service';
+
+-- The cursor starts at installation time: studies stored from now on are
+-- enqueued by indexer_process; `client.py initial` sends the older ones.
+INSERT INTO study_service (study_pk, status, study_updated_time, cursor_pk, enqueued_at)
+SELECT 0, 'cursor', LOCALTIMESTAMP(0), COALESCE(MAX(pk), 0), LOCALTIMESTAMP FROM study
+ON CONFLICT (study_pk) DO NOTHING;
+
+-- Enqueues (status 'pending') every study created or changed since the last
+-- call, reading only those rows, and returns how many it enqueued.
+--
+-- arc-light has no index on study.updated_time, but every update of a study
+-- row sets access_time as well (JPA @PreUpdate), and access_time, which only
+-- moves forward, is indexed: access_time >= t AND updated_time >= t finds
+-- every study created or updated since t through that index. Studies only
+-- retrieved since t (where arc-light updates access_time on retrieve) are
+-- read and compared, but not enqueued: their version is unchanged.
+--
+-- The archive stamps updated_time inside its transaction, in its JVM's local
+-- time: each call re-reads a safety window (300 s) behind the later of the
+-- watermark and the previous call, caps the watermark at now, and reads with
+-- plain MVCC reads: no lock that the archive's writes would wait for.
+--
+-- The version covers what a study row contributes to the document plus
+-- updated_time and arc-light's own row version. The counts are not in the
+-- study row but in study_query_attrs, a cache rebuilt minutes after each
+-- store: the client holds a pending study until that row is there again and
+-- study_size is computed (the study has settled), and sends it then.
+CREATE OR REPLACE FUNCTION indexer_process() RETURNS INTEGER
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+  safety_window INTERVAL := INTERVAL '300 seconds';
+  now_time TIMESTAMP := LOCALTIMESTAMP;
+  last_call TIMESTAMP;
+  watermark TIMESTAMP;
+  highest_pk BIGINT;
+  scan_from_time TIMESTAMP;
+  enqueued INTEGER;
+  newest_updated TIMESTAMP;
+  newest_pk BIGINT;
+BEGIN
+  -- FOR UPDATE serialises two calls at once (two servers on one database).
+  SELECT study_updated_time, cursor_pk, enqueued_at INTO watermark, highest_pk, last_call
+    FROM study_service WHERE study_pk = 0 FOR UPDATE;
+  IF watermark IS NULL THEN
+    -- The cursor row was removed by hand: start again from now.
+    watermark := now_time;
+    SELECT COALESCE(MAX(pk), 0) INTO highest_pk FROM study;
+    INSERT INTO study_service (study_pk, status, enqueued_at) VALUES (0, 'cursor', now_time)
+    ON CONFLICT (study_pk) DO UPDATE SET status = 'cursor';
+  END IF;
+  highest_pk := COALESCE(highest_pk, 0);
+  scan_from_time := GREATEST(LEAST(watermark, now_time), COALESCE(last_call, watermark))
+                    - safety_window;
+
+  WITH touched AS (
+    SELECT pk FROM study WHERE access_time >= scan_from_time AND updated_time >= scan_from_time
+    UNION
+    -- new rows past the highest pk seen, whatever their times say
+    SELECT pk FROM study WHERE pk > highest_pk
+  ), changed AS (
+    -- Must stay the same expression as ArcLight5PostgreSQLStatements.STUDY_VERSION
+    -- in client.py: a study enqueued by `initial` is not enqueued again here.
+    SELECT s.pk, s.updated_time,
+           decode(md5(concat_ws('|', to_char(s.updated_time, 'YYYY-MM-DD HH24:MI:SS.US'),
+               COALESCE(s.version::text, ''), s.patient_fk::text, s.study_iuid,
+               s.study_date, s.study_time, s.study_desc, s.rejection_state::text)), 'hex')
+             AS version,
+           s.study_iuid
+      FROM touched JOIN study s ON s.pk = touched.pk
+  ), enqueued_rows AS (
+    -- study_iuid from the moment a study is enqueued: a DELETE needs it once
+    -- the study row is gone, even if no acknowledgement recorded it.
+    INSERT INTO study_service AS q
+      (study_pk, status, attempts, last_error, study_updated_time, study_version, enqueued_at,
+       study_iuid)
+    SELECT c.pk, 'pending', 0, NULL, c.updated_time, c.version, now_time, c.study_iuid
+      FROM changed c LEFT JOIN study_service known ON known.study_pk = c.pk
+     WHERE known.study_version IS DISTINCT FROM c.version
+    ON CONFLICT (study_pk) DO UPDATE SET
+      status = 'pending', attempts = 0, last_error = NULL,
+      study_updated_time = EXCLUDED.study_updated_time,
+      study_version = EXCLUDED.study_version, enqueued_at = EXCLUDED.enqueued_at,
+      study_iuid = EXCLUDED.study_iuid
+    RETURNING q.study_pk, q.study_updated_time
+  )
+  SELECT COUNT(*),
+         MAX(study_updated_time) FILTER (WHERE study_updated_time <= now_time),
+         MAX(study_pk)
+    INTO enqueued, newest_updated, newest_pk
+    FROM enqueued_rows;
+
+  UPDATE study_service
+     SET study_updated_time = GREATEST(watermark, newest_updated),
+         cursor_pk = GREATEST(highest_pk, newest_pk),
+         enqueued_at = now_time
+   WHERE study_pk = 0;
+  RETURN enqueued;
+END
+$$;
+
+-- PostgreSQL lets every role execute a new function: only the indexer's role
+-- (extras/grant_indexer_arclight5_postgresql.sql) should. CREATE OR REPLACE
+-- keeps the grants, so running this script again keeps that role's EXECUTE.
+REVOKE EXECUTE ON FUNCTION indexer_process() FROM PUBLIC;
