@@ -58,12 +58,16 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_SQL = {
-    "mysql": ROOT / "tests" / "dcm4chee_schema.sql",
-    "postgresql": ROOT / "tests" / "dcm4chee_schema_postgresql.sql",
+    ("dcm4chee2", "mysql"): ROOT / "tests" / "dcm4chee_schema.sql",
+    ("dcm4chee2", "postgresql"): ROOT / "tests" / "dcm4chee_schema_postgresql.sql",
+    ("arc5", "mysql"): ROOT / "tests" / "arclight5_schema.sql",
+    ("arc5", "postgresql"): ROOT / "tests" / "arclight5_schema_postgresql.sql",
 }
 INDEXER_SQL = {
-    "mysql": ROOT / "extras" / "add_indexer.sql",
-    "postgresql": ROOT / "extras" / "add_indexer_postgresql.sql",
+    ("dcm4chee2", "mysql"): ROOT / "extras" / "add_indexer.sql",
+    ("dcm4chee2", "postgresql"): ROOT / "extras" / "add_indexer_postgresql.sql",
+    ("arc5", "mysql"): ROOT / "extras" / "add_indexer_arclight5_mysql.sql",
+    ("arc5", "postgresql"): ROOT / "extras" / "add_indexer_arclight5_postgresql.sql",
 }
 CLIENT = ROOT / "client.py"
 
@@ -292,7 +296,12 @@ def build_database(args: argparse.Namespace, name: str) -> float:
     started = time.monotonic()
     with _connect(args) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET latin1")
-    _run_sql_file(args, name, SCHEMA_SQL["mysql"])
+    if args.schema == "arc5":
+        _run_sql_file(args, name, SCHEMA_SQL["arc5", "mysql"])
+        _fill_arclight5_mysql(args, name)
+        _run_sql_file(args, name, INDEXER_SQL["arc5", "mysql"])
+        return time.monotonic() - started
+    _run_sql_file(args, name, SCHEMA_SQL["dcm4chee2", "mysql"])
     rng = random.Random(42)
     first_day = datetime.datetime(2016, 1, 1)
     span_seconds = ARCHIVE_YEARS * 365 * 86400
@@ -342,8 +351,82 @@ def build_database(args: argparse.Namespace, name: str) -> float:
                 rows,
             )
         cur.execute("ANALYZE TABLE patient, study")
-    _run_sql_file(args, name, INDEXER_SQL["mysql"])
+    _run_sql_file(args, name, INDEXER_SQL["dcm4chee2", "mysql"])
     return time.monotonic() - started
+
+
+def _arclight5_rows(args: argparse.Namespace) -> Any:
+    """The arc-light archive, as rows: the same ten years as for 2.x."""
+    rng = random.Random(42)
+    first_day = datetime.datetime(2016, 1, 1)
+    span_seconds = ARCHIVE_YEARS * 365 * 86400
+    for i in range(args.studies):
+        created = first_day + datetime.timedelta(seconds=span_seconds * i // args.studies)
+        updated = created + datetime.timedelta(seconds=rng.randint(5, 7200))
+        yield i, created, updated, rng
+
+
+def _fill_arclight5_mysql(args: argparse.Namespace, name: str) -> None:
+    """Patients (a name, an ID), studies, and each study's counts for the view
+    hideRejected: a settled archive."""
+    patients = (args.studies + 1) // 2
+    with _connect(args, name) as conn, conn.cursor() as cur:
+        cur.execute("SET unique_checks = 0, foreign_key_checks = 0")
+        for start in range(0, patients, INSERT_ROWS_PER_STATEMENT):
+            block = range(start, min(patients, start + INSERT_ROWS_PER_STATEMENT))
+            cur.executemany(
+                "INSERT INTO person_name (pk, alphabetic_name, ideographic_name, phonetic_name)"
+                " VALUES (%s, %s, '^^^^^', '^^^^^')",
+                [(i + 1, f"APELLIDO{i}^NOMBRE^SEGUNDO^^^") for i in block],
+            )
+            cur.executemany(
+                "INSERT INTO patient (pk, created_time, updated_time, version, pat_name_fk,"
+                " num_studies) VALUES (%s, '2016-01-01', '2016-01-01', 0, %s, 2)",
+                [(i + 1, i + 1) for i in block],
+            )
+            cur.executemany(
+                "INSERT INTO patient_id (pat_id, version, patient_fk) VALUES (%s, 0, %s)",
+                [(f"{10_000_000 + i}-{i % 10}", i + 1) for i in block],
+            )
+        rows: list[tuple] = []
+        counts: list[tuple] = []
+        for i, created, updated, rng in _arclight5_rows(args):
+            rows.append(
+                (
+                    i + 1,
+                    f"1.2.840.113619.2.55.3.{i}.{rng.randint(0, 10**9)}",
+                    created.strftime("%Y%m%d"),
+                    created.strftime("%H%M%S") + ".000",
+                    i // 2 + 1,
+                    created,
+                    updated,
+                    updated,
+                    updated,
+                )
+            )
+            counts.append(
+                (
+                    i + 1,
+                    rng.randint(1, 12),
+                    rng.randint(1, 2000),
+                    rng.choice(("CT", "MR", "CR", "US", "SR\\CT", "SR\\MR", "DX")),
+                )
+            )
+            if len(rows) == INSERT_ROWS_PER_STATEMENT or i == args.studies - 1:
+                cur.executemany(
+                    "INSERT INTO study (pk, study_iuid, study_date, study_time, study_desc,"
+                    " patient_fk, created_time, updated_time, modified_time, access_time,"
+                    " version, rejection_state, study_size) VALUES (%s, %s, %s, %s,"
+                    " 'TC DE CEREBRO SIN CONTRASTE', %s, %s, %s, %s, %s, 1, 0, 123456)",
+                    rows,
+                )
+                cur.executemany(
+                    "INSERT INTO study_query_attrs (study_fk, view_id, num_series,"
+                    " num_instances, mods_in_study) VALUES (%s, 'hideRejected', %s, %s, %s)",
+                    counts,
+                )
+                rows, counts = [], []
+        cur.execute("ANALYZE TABLE person_name, patient, patient_id, study, study_query_attrs")
 
 
 def build_postgresql_database(args: argparse.Namespace, name: str) -> float:
@@ -352,7 +435,12 @@ def build_postgresql_database(args: argparse.Namespace, name: str) -> float:
     started = time.monotonic()
     with _connect(args) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
-    _run_sql_file(args, name, SCHEMA_SQL["postgresql"])
+    if args.schema == "arc5":
+        _run_sql_file(args, name, SCHEMA_SQL["arc5", "postgresql"])
+        _fill_arclight5_postgresql(args, name)
+        _run_sql_file(args, name, INDEXER_SQL["arc5", "postgresql"])
+        return time.monotonic() - started
+    _run_sql_file(args, name, SCHEMA_SQL["dcm4chee2", "postgresql"])
     span_seconds = ARCHIVE_YEARS * 365 * 86400
     with _connect(args, name) as conn, conn.cursor() as cur:
         cur.execute("SELECT setseed(0.42)")
@@ -379,8 +467,54 @@ def build_postgresql_database(args: argparse.Namespace, name: str) -> float:
         )
         cur.execute("VACUUM ANALYZE patient")
         cur.execute("VACUUM ANALYZE study")
-    _run_sql_file(args, name, INDEXER_SQL["postgresql"])
+    _run_sql_file(args, name, INDEXER_SQL["dcm4chee2", "postgresql"])
     return time.monotonic() - started
+
+
+def _fill_arclight5_postgresql(args: argparse.Namespace, name: str) -> None:
+    span_seconds = ARCHIVE_YEARS * 365 * 86400
+    patients = (args.studies + 1) // 2
+    with _connect(args, name) as conn, conn.cursor() as cur:
+        cur.execute("SELECT setseed(0.42)")
+        cur.execute(
+            "INSERT INTO person_name (pk, alphabetic_name, ideographic_name, phonetic_name)"
+            " SELECT i, 'APELLIDO' || i || '^NOMBRE^SEGUNDO^^^', '^^^^^', '^^^^^'"
+            " FROM generate_series(1, %s) AS i",
+            (patients,),
+        )
+        cur.execute(
+            "INSERT INTO patient (pk, created_time, updated_time, version, pat_name_fk,"
+            " num_studies) SELECT i, '2016-01-01', '2016-01-01', 0, i, 2"
+            " FROM generate_series(1, %s) AS i",
+            (patients,),
+        )
+        cur.execute(
+            "INSERT INTO patient_id (pat_id, version, patient_fk)"
+            " SELECT (10000000 + i) || '-' || (i %% 10), 0, i FROM generate_series(1, %s) AS i",
+            (patients,),
+        )
+        cur.execute(
+            "INSERT INTO study (pk, study_iuid, study_date, study_time, study_desc, patient_fk,"
+            " created_time, updated_time, modified_time, access_time, version,"
+            " rejection_state, study_size)"
+            " SELECT i + 1, '1.2.840.113619.2.55.3.' || i || '.' || (random() * 1e9)::bigint,"
+            " to_char(c, 'YYYYMMDD'), to_char(c, 'HH24MISS') || '.000',"
+            " 'TC DE CEREBRO SIN CONTRASTE', i / 2 + 1, c, u, u, u, 1, 0, 123456"
+            " FROM (SELECT i, c, c + make_interval(secs => 5 + (random() * 7195)::int) AS u"
+            " FROM (SELECT i, TIMESTAMP '2016-01-01' + make_interval(secs => %s::float8 * i / %s)"
+            " AS c FROM generate_series(0, %s) AS i) g) h",
+            (span_seconds, args.studies, args.studies - 1),
+        )
+        cur.execute(
+            "INSERT INTO study_query_attrs (study_fk, view_id, num_series, num_instances,"
+            " mods_in_study) SELECT pk, 'hideRejected', 1 + (random() * 11)::int,"
+            " 1 + (random() * 1999)::int,"
+            " (ARRAY['CT', 'MR', 'CR', 'US', 'SR\\CT', 'SR\\MR', 'DX'])[1 + (random() * 6)::int]"
+            " FROM study"
+        )
+        cur.execute("SELECT setval('study_pk_seq', %s)", (args.studies,))
+        for table in ("person_name", "patient", "patient_id", "study", "study_query_attrs"):
+            cur.execute(f"VACUUM ANALYZE {table}")
 
 
 def _innodb_io(cur: Any) -> tuple[tuple[str, str], ...]:
@@ -421,7 +555,7 @@ def reset_database(args: argparse.Namespace, name: str) -> int:
         if not count or count != highest:
             sys.exit(f"benchmark: {name} is not a database built by this benchmark")
         cur.execute("DROP TABLE IF EXISTS study_service")
-    _run_sql_file(args, name, INDEXER_SQL[args.engine])
+    _run_sql_file(args, name, INDEXER_SQL[args.schema, args.engine])
     return int(count)
 
 
@@ -437,6 +571,14 @@ class PacsLoadProbe(threading.Thread):
         super().__init__(daemon=True)
         self.conn = _connect(args, name)
         self.max_pk = args.studies
+        # arc-light: a JPA update of the study row (@PreUpdate, @Version).
+        self.update = (
+            "UPDATE study SET updated_time = NOW(), access_time = NOW(), version = version + 1"
+            " WHERE pk = %s"
+            if args.schema == "arc5"
+            else "UPDATE study SET num_instances = num_instances + 1, updated_time = NOW()"
+            " WHERE pk = %s"
+        )
         self.waits: list[float] = []
         self.longest_statement = 0.0
         self.longest_commit = 0.0
@@ -453,11 +595,7 @@ class PacsLoadProbe(threading.Thread):
                 pk = rng.randint(1, self.max_pk)
                 started = time.perf_counter()
                 self.conn.begin()
-                cur.execute(
-                    "UPDATE study SET num_instances = num_instances + 1, updated_time = NOW()"
-                    " WHERE pk = %s",
-                    (pk,),
-                )
+                cur.execute(self.update, (pk,))
                 updated = time.perf_counter()
                 self.conn.commit()
                 committed = time.perf_counter()
@@ -585,6 +723,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "studies": args.studies,
         "engine": args.engine,
+        "schema": args.schema,
         "database": name,
         "concurrency": args.concurrency,
         "max_studies_per_second": args.max_studies_per_second,
@@ -1058,6 +1197,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--engine", choices=("mysql", "postgresql"), default="mysql", help="the PACS's database"
+    )
+    parser.add_argument(
+        "--schema",
+        choices=("dcm4chee2", "arc5"),
+        default="dcm4chee2",
+        help="the PACS's schema: dcm4chee 2.x (default) or dcm4chee-arc-light 5",
     )
     parser.add_argument("--host", help="database server (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="default 3306 or 5432, by engine")

@@ -7,15 +7,19 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, connect
 
 
-def test_benchmark_reports_every_study_delivered_once(tmp_path):
+@pytest.mark.parametrize("schema", ["dcm4chee2", "arc5"])
+def test_benchmark_reports_every_study_delivered_once(tmp_path, schema):
     results = tmp_path / "results.json"
     run = subprocess.run(
         [
             sys.executable,
             str(ROOT / "extras" / "benchmark.py"),
+            "--schema",
+            schema,
             "--studies",
             "300",
             "--reference-studies",
