@@ -126,6 +126,9 @@ BEGIN
        study_version, enqueued_at, study_iuid)
     VALUES (row_pk, 'pending', 0, NULL, row_updated, row_version, now_time, row_iuid)
     ON DUPLICATE KEY UPDATE
+      -- Withdrawn (complete rejection) and now back (the rejection revoked):
+      -- sent again as new. Before status: MySQL assigns left to right.
+      sent_version = IF(status IN ('deleted', 'deleting'), NULL, sent_version),
       status = 'pending', attempts = 0, last_error = NULL,
       study_updated_time = row_updated, study_version = row_version,
       enqueued_at = now_time, study_iuid = row_iuid;

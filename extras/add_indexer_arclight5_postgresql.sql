@@ -121,6 +121,10 @@ BEGIN
       FROM changed c LEFT JOIN study_service known ON known.study_pk = c.pk
      WHERE known.study_version IS DISTINCT FROM c.version
     ON CONFLICT (study_pk) DO UPDATE SET
+      -- Withdrawn (complete rejection) and now back (the rejection revoked):
+      -- the service no longer has it, so it is sent again as new.
+      sent_version = CASE WHEN q.status IN ('deleted', 'deleting') THEN NULL
+                          ELSE q.sent_version END,
       status = 'pending', attempts = 0, last_error = NULL,
       study_updated_time = EXCLUDED.study_updated_time,
       study_version = EXCLUDED.study_version, enqueued_at = EXCLUDED.enqueued_at,

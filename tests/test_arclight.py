@@ -215,6 +215,13 @@ def test_complete_rejection_withdraws_the_study(arc, service, tmp_path, send_del
     assert len(_posts(service, study)) == 1  # never posted again
     assert arc.statuses() == {"deleted": 1}
 
+    # The rejection revoked: rejection_state recomputed, the counts rebuilt.
+    arc.touch(study, "rejection_state = 0")
+    arc.settle(study)
+    assert client.main(args) == 0
+    assert len(_posts(service, study)) == 2  # back in the index, as new
+    assert arc.statuses() == {"sent": 1}
+
 
 def test_hard_delete_is_found_by_reconcile_and_deleted(arc, service, tmp_path):
     args = write_configs(tmp_path, arc.name, service.url, send_deletes=True)
