@@ -639,12 +639,10 @@ class MySQLStatements:
         " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'updated_time'"
     )
     SERVER_VERSION = "SELECT VERSION() AS v"
+    # The columns of SCHEMA_PROBES this user can see: which schema this is.
     SCHEMA_COLUMNS = (
         "SELECT LOWER(TABLE_NAME) AS t, LOWER(COLUMN_NAME) AS c FROM information_schema.COLUMNS"
-        " WHERE TABLE_SCHEMA = DATABASE() AND LOWER(TABLE_NAME) IN"
-        " ('study', 'study_query_attrs', 'person_name', 'patient_id')"
-        " AND LOWER(COLUMN_NAME) IN"
-        " ('num_instances', 'view_id', 'alphabetic_name', 'patient_fk')"
+        " WHERE TABLE_SCHEMA = DATABASE() AND (LOWER(TABLE_NAME), LOWER(COLUMN_NAME)) IN ({probes})"
     )
     # What the indexer's user must be allowed (extras/grant_indexer.sql),
     # each probed by statements that touch no row.
@@ -861,7 +859,7 @@ class PostgreSQLStatements(MySQLStatements):
 # document is made of; delivery and the commands never know which one runs.
 # --------------------------------------------------------------------------
 
-# What schema_columns() looks for in information_schema: enough to tell 2.x
+# What SCHEMA_COLUMNS looks for in information_schema: enough to tell 2.x
 # from arc-light, and arc-light's generations apart.
 SCHEMA_PROBES = (
     ("study", "num_instances"),  # dcm4chee 2.x: the counts are columns of study
@@ -869,6 +867,10 @@ SCHEMA_PROBES = (
     ("person_name", "alphabetic_name"),  # arc-light 5.23 and later
     ("patient_id", "patient_fk"),  # arc-light 5.31 and later: 1..n IDs per patient
 )
+for _statements in (MySQLStatements, PostgreSQLStatements):
+    _statements.SCHEMA_COLUMNS = _statements.SCHEMA_COLUMNS.format(
+        probes=", ".join(f"('{table}', '{column}')" for table, column in SCHEMA_PROBES)
+    )
 QUERY_VIEW_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -892,12 +894,41 @@ class Dcm4chee2:
     def document_row(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         return row
 
+    def document(self, row: Mapping[str, Any], center: str) -> dict[str, Any]:
+        """The JSON document of one study row read with this schema's statements."""
+        return study_document(self.document_row(row), center)
+
     def settled(self, row: Mapping[str, Any]) -> bool:
         return True
 
     def withdrawn(self, row: Mapping[str, Any]) -> bool:
         """Deleted from the PACS since it was enqueued."""
         return row["study_pk"] is None
+
+    def time_index(self, pacs: Pacs, names: list[str]) -> tuple[bool, str]:
+        """`check`'s verdict on the indexes of study whose first column is the
+        one indexer_process reads by (`names`): dcm4chee's study_updated, or
+        without it the newest studies re-read on each tick."""
+        if pacs.uses_time_index(names):
+            return True, (
+                f"index {names[0]} on study(updated_time): each tick reads only"
+                " the studies that changed"
+            )
+        started = time.monotonic()
+        pacs.query(
+            "SELECT COUNT(DISTINCT " + pacs.SQL.STUDY_VERSION + ") AS n FROM study s"
+            " WHERE s.pk > (SELECT COALESCE(MAX(pk), 0) FROM study) - %s",
+            (RECENT_ROWS_WITHOUT_TIME_INDEX,),
+        )
+        cost_ms = (time.monotonic() - started) * 1000
+        other = f" (an index on it exists as '{names[0]}', another name)" if names else ""
+        return False, (
+            f"index study_updated on study(updated_time) is missing{other}: each tick"
+            f" re-reads the {RECENT_ROWS_WITHOUT_TIME_INDEX:,} newest studies"
+            f" ({cost_ms:.0f} ms here) and finds changes to older ones only with the nightly"
+            " `client.py reconcile`; to read only what changed, if your DBA agrees:"
+            " CREATE INDEX study_updated ON study (updated_time)"
+        )
 
 
 class ArcLight5(Dcm4chee2):
@@ -956,6 +987,19 @@ class ArcLight5(Dcm4chee2):
         # rejection_state 2: every instance rejected (COMPLETE); the archive
         # no longer returns the study to queries.
         return row["study_pk"] is None or row["rejection_state"] == 2
+
+    def time_index(self, pacs: Pacs, names: list[str]) -> tuple[bool, str]:
+        # Any index on access_time serves: the install scripts force none.
+        if names:
+            return True, (
+                f"index {names[0]} on study(access_time): each tick reads only the"
+                " studies that changed (arc-light sets access_time whenever it updates"
+                " a study)"
+            )
+        return False, (
+            "arc-light's index on study(access_time) is missing: each tick reads the"
+            " whole study table; re-create it as arc-light's create script does"
+        )
 
 
 def _absent_as_none(value: Any) -> str | None:
@@ -1089,8 +1133,9 @@ class Pacs:
 
     SQL: type[MySQLStatements] = MySQLStatements
     Error: tuple[type[BaseException], ...] = ()
-    INSTALL_SCRIPT = ""
-    GRANT_SCRIPT = ""
+    # Set from the schema found (Dcm4chee2.scripts), once connected.
+    INSTALL_SCRIPT: str
+    GRANT_SCRIPT: str
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -1200,41 +1245,10 @@ class Pacs:
         return problems
 
     def time_index(self) -> tuple[bool, str]:
-        """How indexer_process finds changed studies in this database: through
-        dcm4chee's study_updated index, or without it by re-reading the
-        newest studies."""
+        """How indexer_process finds changed studies in this database (for
+        `check`): through an index, or by re-reading the newest studies."""
         names = sorted({row["name"] for row in self.query(self.SQL.TIME_INDEXES)})
-        if isinstance(self.schema, ArcLight5):
-            if names:
-                return True, (
-                    f"index {names[0]} on study(access_time): each tick reads only the"
-                    " studies that changed (arc-light sets access_time whenever it updates"
-                    " a study)"
-                )
-            return False, (
-                "arc-light's index on study(access_time) is missing: each tick reads the"
-                " whole study table; re-create it as arc-light's create script does"
-            )
-        if self.uses_time_index(names):
-            return True, (
-                f"index {names[0]} on study(updated_time): each tick reads only"
-                " the studies that changed"
-            )
-        started = time.monotonic()
-        self.query(
-            "SELECT COUNT(DISTINCT " + self.SQL.STUDY_VERSION + ") AS n FROM study s"
-            " WHERE s.pk > (SELECT COALESCE(MAX(pk), 0) FROM study) - %s",
-            (RECENT_ROWS_WITHOUT_TIME_INDEX,),
-        )
-        cost_ms = (time.monotonic() - started) * 1000
-        other = f" (an index on it exists as '{names[0]}', another name)" if names else ""
-        return False, (
-            f"index study_updated on study(updated_time) is missing{other}: each tick"
-            f" re-reads the {RECENT_ROWS_WITHOUT_TIME_INDEX:,} newest studies"
-            f" ({cost_ms:.0f} ms here) and finds changes to older ones only with the nightly"
-            " `client.py reconcile`; to read only what changed, if your DBA agrees:"
-            " CREATE INDEX study_updated ON study (updated_time)"
-        )
+        return self.schema.time_index(self, names)
 
     def uses_time_index(self, names: list[str]) -> bool:
         """Whether indexer_process can use one of these indexes."""
@@ -1521,8 +1535,6 @@ class MySQLPacs(Pacs):
     """dcm4chee 2.x on MySQL 5.6 to 8 or MariaDB 10.x, through PyMySQL."""
 
     SQL = MySQLStatements
-    INSTALL_SCRIPT = "mysql DBNAME < extras/add_indexer.sql"
-    GRANT_SCRIPT = "extras/grant_indexer.sql"
     # Table, column or procedure missing (or not granted).
     MISSING_OBJECT_ERRORS = (1146, 1054, 1305, 1370, 1142, 1143)
     REASONS = {
@@ -1607,8 +1619,6 @@ class PostgreSQLPacs(Pacs):
 
     SQL = PostgreSQLStatements
     BATCHED: dict[str, str] = {}  # per-row statement -> its array form, below the class
-    INSTALL_SCRIPT = "psql -d DBNAME -f extras/add_indexer_postgresql.sql"
-    GRANT_SCRIPT = "extras/grant_indexer_postgresql.sql"
     # SQLSTATEs: undefined table, column or function; insufficient privilege.
     MISSING_OBJECT_ERRORS = ("42P01", "42703", "42883", "42501")
     REASONS = {
@@ -1887,9 +1897,11 @@ AUTO_START_LIMIT = 1  # latency measured before any load of ours: a true unloade
 AUTO_TARGET_SECONDS = 0.001  # queueing delay tolerated at the service...
 AUTO_TARGET_FRACTION = 0.25  # ...or this fraction of the unloaded latency, if larger
 AUTO_BASE_MINUTES = 10  # the unloaded latency: the minimum over this many minutes
-# The current latency: the lowest of the answers of the last half round trip
-# (limit / 2 answers), which filters out the jitter of a busy machine and
-# still sees a queue within one round trip at any limit.
+# The current latency: the mean of the answers of the last half round trip
+# (limit / 2 answers, at least 2), which evens out the jitter of a busy
+# machine and still sees a queue within one round trip at any limit. (The
+# lowest of them, LEDBAT's filter, misses the queue of a service that does
+# not serve in strict order: some request always passes without waiting.)
 AUTO_RECENT_SAMPLES = 128
 AUTO_SLOW_START_STEP = 0.5  # per answer: x1.5 per round trip until the delay shows
 AUTO_GAIN = 0.25  # LEDBAT's GAIN: at most +1/4 per round trip once past slow start
@@ -2060,6 +2072,7 @@ class Sender:
             urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
         )
         self.http_error = urllib3.exceptions.HTTPError
+        self.read_timeout = urllib3.exceptions.ReadTimeoutError
 
     def close(self) -> None:
         self.pool.clear()
@@ -2101,7 +2114,8 @@ class Sender:
                 )
             except self.http_error as exc:
                 outcome.error = self._describe(exc)
-                limit.release(None, overloaded=outcome.error.startswith("no answer within"))
+                timed_out = any(isinstance(e, self.read_timeout) for e in _cause_chain(exc))
+                limit.release(None, overloaded=timed_out)
                 return True
             overloaded = response.status in OVERLOAD_STATUSES
             # Retried inside urllib3: the time measured is not one round trip.
@@ -2540,7 +2554,7 @@ def deliver_pending(
             if not pacs.schema.settled(row):
                 report.held += 1  # arc-light has not recomputed its counts yet
                 continue
-            document = study_document(pacs.schema.document_row(row), settings.center)
+            document = pacs.schema.document(row, settings.center)
             if dry_run_out is not None:
                 dry_run_out.write(json.dumps(document, ensure_ascii=False) + "\n")
                 submitted += 1
@@ -2777,7 +2791,7 @@ def needs_resend(row: Mapping[str, Any], center: str, schema: Dcm4chee2) -> bool
         return True  # back from the trash: sent again as new
     if row["status"] != SENT:
         return False  # pending goes anyway; failed waits for a change or retry-failed
-    document = study_document(schema.document_row(row), center)
+    document = schema.document(row, center)
     return document_version(encode_document(document)) != row["sent_version"]
 
 
@@ -2872,9 +2886,7 @@ def run_adopt(settings: Settings, old_config: Path) -> int:
             outcomes = []
             for row in rows:
                 if _text(row["study_iuid"]) in delivered:
-                    body = encode_document(
-                        study_document(pacs.schema.document_row(row), settings.center)
-                    )
+                    body = encode_document(pacs.schema.document(row, settings.center))
                     outcome = Outcome(
                         row["study_pk"], document_version(body), _text(row["study_iuid"])
                     )
@@ -3117,17 +3129,27 @@ METRICS_HELP = {
 }
 
 
+def read_metrics(path: Path) -> dict[str, float]:
+    """A metrics file's values by name, without the dicom_indexer_ prefix;
+    a line that does not parse is skipped. Raises OSError if unreadable."""
+    values = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith("dicom_indexer_"):
+            try:
+                values[parts[0][len("dicom_indexer_") :]] = float(parts[1])
+            except ValueError:
+                pass
+    return values
+
+
 def write_metrics(path: Path, report: RunReport, exit_code: int) -> None:
     """Writes the run's metrics atomically (temporary file, then rename), as
     the textfile collector requires; a failure to write costs only a warning."""
-    name = "dicom_indexer_last_success_timestamp_seconds"
-    last_success = None
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.startswith(name + " "):
-                last_success = float(line.split()[1])
-    except (OSError, ValueError):
-        pass
+        last_success = read_metrics(path).get("last_success_timestamp_seconds")
+    except OSError:
+        last_success = None
     now = time.time()
     values = {
         "last_run_timestamp_seconds": now,

@@ -5,6 +5,7 @@ a test schema written from the facts, on both engines."""
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import conftest
@@ -59,8 +60,6 @@ def test_same_study_gives_the_same_bytes_as_a_2x_site(arc, service, args, tmp_pa
     old_name = create_database("utf8", engine)
     old = PacsDb(old_name)
     try:
-        import datetime
-
         old_patient = old.add_patient("MUÑOZ^JOSÉ^ÁNGEL", "12.345.678-5")
         old.add_study(
             old_patient,
