@@ -56,6 +56,9 @@ from typing import Any
 import pymysql
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from client import read_metrics  # noqa: E402  (the parser beside the writer)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_SQL = {
     ("dcm4chee2", "mysql"): ROOT / "tests" / "dcm4chee_schema.sql",
@@ -70,6 +73,7 @@ INDEXER_SQL = {
     ("arc5", "postgresql"): ROOT / "extras" / "add_indexer_arclight5_postgresql.sql",
 }
 CLIENT = ROOT / "client.py"
+METRICS_FILE = "indexer.prom"
 
 INSERT_ROWS_PER_STATEMENT = 5000
 PROBE_INTERVAL_SECONDS = 0.005
@@ -302,9 +306,7 @@ def build_database(args: argparse.Namespace, name: str) -> float:
         _run_sql_file(args, name, INDEXER_SQL["arc5", "mysql"])
         return time.monotonic() - started
     _run_sql_file(args, name, SCHEMA_SQL["dcm4chee2", "mysql"])
-    rng = random.Random(42)
     first_day = datetime.datetime(2016, 1, 1)
-    span_seconds = ARCHIVE_YEARS * 365 * 86400
     attrs = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" * 16  # a few hundred bytes, as a blob
     with _connect(args, name) as conn, conn.cursor() as cur:
         cur.execute("SET unique_checks = 0")
@@ -324,39 +326,40 @@ def build_database(args: argparse.Namespace, name: str) -> float:
                 " updated_time) VALUES (%s, %s, '19700101', 'F', %s, %s)",
                 rows,
             )
-        for start in range(0, args.studies, INSERT_ROWS_PER_STATEMENT):
-            rows = []
-            for i in range(start, min(args.studies, start + INSERT_ROWS_PER_STATEMENT)):
-                created = first_day + datetime.timedelta(seconds=span_seconds * i // args.studies)
-                updated = created + datetime.timedelta(seconds=rng.randint(5, 7200))
-                rows.append(
-                    (
-                        i // 2 + 1,
-                        f"1.2.840.113619.2.55.3.{i}.{rng.randint(0, 10**9)}",
-                        created,
-                        "TC DE CEREBRO SIN CONTRASTE",
-                        rng.choice(("CT", "MR", "CR", "US", "CT\\SR", "MR\\SR", "DX")),
-                        rng.randint(1, 12),
-                        rng.randint(1, 2000),
-                        created,
-                        updated,
-                        attrs,
-                    )
+        rows: list[tuple] = []
+        for i, created, updated, rng in _archive_rows(args):
+            rows.append(
+                (
+                    i // 2 + 1,
+                    f"1.2.840.113619.2.55.3.{i}.{rng.randint(0, 10**9)}",
+                    created,
+                    "TC DE CEREBRO SIN CONTRASTE",
+                    rng.choice(("CT", "MR", "CR", "US", "CT\\SR", "MR\\SR", "DX")),
+                    rng.randint(1, 12),
+                    rng.randint(1, 2000),
+                    created,
+                    updated,
+                    attrs,
                 )
-            cur.executemany(
-                "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
-                " mods_in_study, num_series, num_instances, availability, study_status,"
-                " created_time, updated_time, study_attrs)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s)",
-                rows,
             )
+            if len(rows) == INSERT_ROWS_PER_STATEMENT or i == args.studies - 1:
+                cur.executemany(
+                    "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
+                    " mods_in_study, num_series, num_instances, availability, study_status,"
+                    " created_time, updated_time, study_attrs)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s)",
+                    rows,
+                )
+                rows = []
         cur.execute("ANALYZE TABLE patient, study")
     _run_sql_file(args, name, INDEXER_SQL["dcm4chee2", "mysql"])
     return time.monotonic() - started
 
 
-def _arclight5_rows(args: argparse.Namespace) -> Any:
-    """The arc-light archive, as rows: the same ten years as for 2.x."""
+def _archive_rows(args: argparse.Namespace) -> Any:
+    """The archive's timeline, for either schema: N studies spread over ten
+    years, each updated seconds to two hours after it was created; the
+    generator also hands on the seeded random source the rows draw from."""
     rng = random.Random(42)
     first_day = datetime.datetime(2016, 1, 1)
     span_seconds = ARCHIVE_YEARS * 365 * 86400
@@ -390,7 +393,7 @@ def _fill_arclight5_mysql(args: argparse.Namespace, name: str) -> None:
             )
         rows: list[tuple] = []
         counts: list[tuple] = []
-        for i, created, updated, rng in _arclight5_rows(args):
+        for i, created, updated, rng in _archive_rows(args):
             rows.append(
                 (
                     i + 1,
@@ -635,27 +638,28 @@ class PacsLoadProbe(threading.Thread):
 # --------------------------------------------------------------------------
 
 
-def run_client(config_dir: Path, *command: str) -> tuple[float, float, int, float]:
-    """Runs client.py; returns (wall seconds, peak RSS in MB, exit code, CPU
-    seconds: user + system, the client's own cost whatever the network)."""
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(CLIENT),
-            *command,
-            "-q",
-            "--config",
-            str(config_dir / "config.json"),
-            "--server",
-            str(config_dir / "server.json"),
-        ]
+def _start_client(config_dir: Path, *command: str) -> subprocess.Popen:
+    """client.py as cron runs it (-q), with the files of `config_dir`."""
+    return subprocess.Popen(
+        [sys.executable, str(CLIENT), *command, "-q"]
+        + ["--config", str(config_dir / "config.json"), "--server", str(config_dir / "server.json")]
     )
+
+
+def _wait_client(process: subprocess.Popen) -> tuple[int, float, float]:
+    """Waits for it; returns (exit code, peak RSS in MB, CPU seconds: user +
+    system, the client's own cost whatever the network)."""
     _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     process.returncode = code
-    return wall, usage.ru_maxrss / 1024.0, code, usage.ru_utime + usage.ru_stime
+    return code, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+
+
+def run_client(config_dir: Path, *command: str) -> tuple[float, float, int, float]:
+    """Runs client.py; returns (wall seconds, peak RSS in MB, exit code, CPU seconds)."""
+    started = time.monotonic()
+    code, rss, cpu = _wait_client(_start_client(config_dir, *command))
+    return time.monotonic() - started, rss, code, cpu
 
 
 def write_client_config(
@@ -665,8 +669,10 @@ def write_client_config(
     url: str,
     concurrency: int | str,
     center: str = "BENCH",
+    metrics: bool = False,
 ) -> None:
-    """config.json and server.json in the original client's shapes, as at every site."""
+    """config.json and server.json in the original client's shapes, as at
+    every site; with `metrics`, a metrics_file in `config_dir` too."""
     config_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "database": {
@@ -682,6 +688,8 @@ def write_client_config(
         "concurrency": concurrency,
         "max_studies_per_second": args.max_studies_per_second,
     }
+    if metrics:
+        config["metrics_file"] = str(config_dir / METRICS_FILE)
     for file_name, data in (("config.json", config), ("server.json", {"server": center})):
         (config_dir / file_name).write_text(json.dumps(data))
         (config_dir / file_name).chmod(0o600)
@@ -812,11 +820,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         receiver.stop()
         if not args.keep and not args.database:
-            with _connect(args) as conn, conn.cursor() as cur:
-                if args.engine == "postgresql":
-                    cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                else:
-                    cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            _drop_database(args, name)
     return results
 
 
@@ -844,34 +848,15 @@ def _with_studies(args: argparse.Namespace, studies: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "studies": studies})
 
 
-def _read_metrics(path: Path) -> dict[str, float]:
-    values = {}
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            name, value = line.split()
-            values[name.replace("dicom_indexer_", "")] = float(value)
-    return values
-
-
-def _start_client(config_dir: Path, *command: str) -> subprocess.Popen:
-    config = json.loads((config_dir / "config.json").read_text())
-    config["metrics_file"] = str(config_dir / "indexer.prom")
-    (config_dir / "config.json").write_text(json.dumps(config))
-    return subprocess.Popen(
-        [sys.executable, str(CLIENT), *command, "-q"]
-        + ["--config", str(config_dir / "config.json"), "--server", str(config_dir / "server.json")]
-    )
-
-
 def _finish_client(process: subprocess.Popen, config_dir: Path) -> dict[str, Any]:
-    """Waits for a client started by _start_client: its exit code, CPU and
-    what its metrics file says (the limit it settled on, its latency)."""
-    _, status, usage = os.wait4(process.pid, 0)
-    metrics = _read_metrics(config_dir / "indexer.prom")
+    """Waits for a client of a config written with `metrics`: its exit code,
+    CPU and what its metrics file says (the limit it settled on, its latency)."""
+    code, rss, cpu = _wait_client(process)
+    metrics = read_metrics(config_dir / METRICS_FILE)
     return {
-        "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status),
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1),
+        "exit_code": code,
+        "cpu_seconds": cpu,
+        "peak_rss_mb": round(rss, 1),
         "sent": int(metrics.get("run_studies_sent", 0)),
         "settled_limit": int(metrics.get("concurrency_limit", 0)),
         "latency_ms": round(metrics.get("latency_seconds", 0) * 1000, 1),
@@ -887,7 +872,7 @@ def _initial_run(
     receiver.reset()
     with tempfile.TemporaryDirectory() as tmp:
         config_dir = Path(tmp)
-        write_client_config(config_dir, args, name, receiver.url, concurrency)
+        write_client_config(config_dir, args, name, receiver.url, concurrency, metrics=True)
         started = time.monotonic()
         process = _start_client(config_dir, "initial", "--limit", str(studies))
         result = _finish_client(process, config_dir)
@@ -982,7 +967,9 @@ def scene_ten_centers(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             dirs = [Path(tmp) / f"C{n + 1:02d}" for n in range(CENTERS)]
             for name, config_dir in zip(names, dirs):
-                write_client_config(config_dir, args, name, receiver.url, "auto", config_dir.name)
+                write_client_config(
+                    config_dir, args, name, receiver.url, "auto", config_dir.name, metrics=True
+                )
             receiver.reset()
             started = time.monotonic()
             processes = [_start_client(config_dir, "initial") for config_dir in dirs]
