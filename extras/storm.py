@@ -626,9 +626,15 @@ class Storm:
         self.current = fault
         self.say(f"fault: {fault}")
         if fault in ("sigkill", "sigterm"):
+            if fault == "sigterm":
+                # The stop arrives with requests in flight: with "auto" a tick
+                # can post its few studies and end before a signal sent just
+                # after its first post lands, and then nothing is stopped.
+                self.index.set_mode("slow")
             tick = self.running_tick()
             if tick is not None:
                 tick.send_signal(signal.SIGKILL if fault == "sigkill" else signal.SIGTERM)
+            self.index.set_mode("ok")
         elif fault == "db_restart":
             self.running_tick()
             self.db.restart(down_seconds=self.rng.uniform(0.5, 3.0))
