@@ -1531,6 +1531,33 @@ class Pacs:
         }
 
 
+def _import_pymysql() -> Any:
+    """PyMySQL, without the `cryptography` package it imports up front when
+    it is installed: 7 MB of a budget of 50, used only by MySQL 8's
+    caching_sha2_password over a connection without TLS, and then only when
+    the server has not cached the password (_load_pymysql_rsa does it then)."""
+    # Only where neither is loaded yet (a test process may hold both).
+    blocked = "cryptography" not in sys.modules and "pymysql" not in sys.modules
+    if blocked:
+        sys.modules["cryptography"] = None  # type: ignore[assignment]
+    try:
+        import pymysql
+        import pymysql.cursors
+    finally:
+        if blocked:
+            del sys.modules["cryptography"]
+    return pymysql
+
+
+def _load_pymysql_rsa(pymysql: Any) -> bool:
+    """Re-imports PyMySQL's authentication module, now with `cryptography`;
+    False when that package is not installed."""
+    import importlib
+
+    importlib.reload(pymysql._auth)
+    return bool(pymysql._auth._have_cryptography)
+
+
 class MySQLPacs(Pacs):
     """dcm4chee 2.x on MySQL 5.6 to 8 or MariaDB 10.x, through PyMySQL."""
 
@@ -1551,14 +1578,23 @@ class MySQLPacs(Pacs):
     def __init__(self, settings: Settings) -> None:
         # Imported here, as pg8000 is by PostgreSQLPacs: a run loads one
         # driver (each costs a few MB of a budget of 50).
-        import pymysql
-        import pymysql.cursors
-
+        pymysql = _import_pymysql()
         self.driver = pymysql
         self.Error = (pymysql.MySQLError,)
         super().__init__(settings)
 
     def _connect(self) -> Any:
+        try:
+            return self._connect_once()
+        except RuntimeError as exc:
+            # MySQL 8's caching_sha2_password (or sha256_password) asked for
+            # the password encrypted with the server's RSA key: the one case
+            # that needs `cryptography`, loaded now.
+            if "cryptography" not in str(exc) or not _load_pymysql_rsa(self.driver):
+                raise
+            return self._connect_once()
+
+    def _connect_once(self) -> Any:
         settings = self.settings
         pymysql = self.driver
         return pymysql.connect(

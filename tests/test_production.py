@@ -212,3 +212,55 @@ def test_http_proxy_from_the_environment_is_used_and_no_proxy_respected(
     pacs.add_studies(1)
     assert client.main(args) == client.EXIT_DELIVERY  # straight to a host that does not exist
     assert len(service.received) == 2
+
+
+def _run_in_subprocess(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    prelude = "import sys; sys.path.insert(0, sys.argv[1]); import client\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + script, str(ROOT), "-q", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_a_run_does_not_load_cryptography(pacs, service, tmp_path):
+    # PyMySQL imports it whenever it is installed: 7 MB of the 50 MB budget,
+    # for one MySQL 8 authentication case.
+    pytest.importorskip("cryptography")
+    args = write_configs(tmp_path, pacs.name, service.url)
+    pacs.add_studies(2)
+    result = _run_in_subprocess(
+        "code = client.main(sys.argv[2:]); print('cryptography' in sys.modules);"
+        " raise SystemExit(code)",
+        args,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
+    assert len(service.received) == 2
+
+
+def test_mysql8_rsa_password_exchange_loads_cryptography_then(pacs, service, tmp_path):
+    """MySQL 8's caching_sha2_password without TLS, on a server that has not
+    cached the password, wants it RSA-encrypted; PyMySQL raises RuntimeError
+    without `cryptography`. No MySQL 8 here: its answer is played by a
+    stand-in for pymysql.connect that raises as PyMySQL does."""
+    pytest.importorskip("cryptography")
+    if pacs.postgresql:
+        pytest.skip("PyMySQL only")
+    args = write_configs(tmp_path, pacs.name, service.url)
+    pacs.add_studies(1)
+    script = (
+        "pymysql = client._import_pymysql(); real = pymysql.connect; calls = []\n"
+        "def connect(**kw):\n"
+        "    calls.append(pymysql._auth._have_cryptography)\n"
+        "    if not pymysql._auth._have_cryptography:\n"
+        "        raise RuntimeError(\"'cryptography' package is required for sha256_password"
+        ' or caching_sha2_password auth methods")\n'
+        "    return real(**kw)\n"
+        "pymysql.connect = connect\n"
+        "code = client.main(sys.argv[2:]); print(calls[:2]); raise SystemExit(code)"
+    )
+    result = _run_in_subprocess(script, args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[False, True]"
+    assert len(service.received) == 1
