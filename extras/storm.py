@@ -4,7 +4,9 @@ whatever fails along the way.
 
 A dcm4chee-like writer keeps storing (new studies, more series, patient edits
 and merges, deletions, some of it committed late) into a private MariaDB
-server made for the run, while `client.py` ticks every few seconds as cron
+server made for the run (with --schema arc5, a dcm4chee-arc-light 5 writer:
+the same, plus rejections, its counts cache dropped on every store and
+rebuilt by its size scheduler a moment later), while `client.py` ticks every few seconds as cron
 would, and faults are injected at random, each several times:
 
   sigkill, sigterm     the tick killed (kill -9) or stopped (systemd) mid-run
@@ -16,7 +18,8 @@ would, and faults are injected at random, each several times:
   service_cut          ... closing connections before answering
   reconcile_beside     `client.py reconcile` started beside a tick
 
-Then the faults stop; one `client.py reconcile` and one `client.py` run (with
+Then the faults stop (and arc-light's scheduler settles what it still owes);
+one `client.py reconcile` and one `client.py` run (with
 send_deletes), and every study is compared: the last document the service
 accepted must equal the one built from the database now, every deleted study
 must have been DELETEd, nothing else may be in the index, and every
@@ -24,6 +27,7 @@ study_service row must say sent or deleted.
 
     python extras/storm.py --seconds 1800          # the long run
     python extras/storm.py --seconds 90 --json storm.json
+    python extras/storm.py --seconds 1800 --schema arc5
 
 Needs mariadbd and mariadb-install-db (the MariaDB server package) and the
 mariadb (or mysql) command-line client; it runs as the user it is started by.
@@ -54,8 +58,6 @@ import pymysql
 import pymysql.cursors
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema.sql"
-INDEXER_SQL = ROOT / "extras" / "add_indexer.sql"
 CLIENT = ROOT / "client.py"
 
 FAULTS = (
@@ -70,6 +72,7 @@ FAULTS = (
     "reconcile_beside",
 )
 TICK_INTERVAL_SECONDS = 2.0
+MID_RUN_ATTEMPTS = 3  # ticks tried in turn to catch one sending
 READ_TIMEOUT_SECONDS = 1.0  # the client's; service_slow answers later than this
 SERVICE_FAULT_SECONDS = (2.0, 5.0)  # how long a service fault lasts
 LATE_COMMIT_SECONDS = (1.0, 6.0)  # how long a late transaction stays open
@@ -231,6 +234,7 @@ class CentralIndex:
         self.documents: dict[int, dict] = {}
         self.posts: collections.Counter = collections.Counter()
         self.deletes: collections.Counter = collections.Counter()
+        self.posts_without_counts = 0
         self.mode = "ok"
         self.port = free_port()
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -274,6 +278,10 @@ class CentralIndex:
                     if self.command == "POST":
                         index.documents[pk] = document
                         index.posts[pk] += 1
+                        # Sent before the archive counted its series (arc-light:
+                        # before the study settled); reconcile would hide it.
+                        if document.get("study_series") is None:
+                            index.posts_without_counts += 1
                     else:
                         index.documents.pop(pk, None)
                         index.deletes[pk] += 1
@@ -324,12 +332,18 @@ class CentralIndex:
 # --------------------------------------------------------------------------
 
 
-class Dcm4cheeWriter(threading.Thread):
-    """Stores, edits, merges and deletes as dcm4chee does, until stopped; a
-    database that is down is waited for, as dcm4chee's own pool would."""
+class PacsWriter(threading.Thread):
+    """What the archive does to its tables while images arrive, until
+    stopped; a database that is down is waited for, as the archive's own
+    pool would. Subclasses give the schema: its scripts, the archive stored
+    before the install, the actions, and the documents the index must hold."""
+
+    schema_sql: Path
+    indexer_sql: Path
+    charset = "utf8mb4"
 
     def __init__(self, db: PrivateMariaDB, rng: random.Random) -> None:
-        super().__init__(name="dcm4chee-writer", daemon=True)
+        super().__init__(name=f"{type(self).__name__}", daemon=True)
         self.db = db
         self.rng = rng
         self.stopping = threading.Event()
@@ -347,6 +361,7 @@ class Dcm4cheeWriter(threading.Thread):
             except (pymysql.MySQLError, OSError):
                 self.counts["failed while the database was away"] += 1
                 with contextlib.suppress(Exception):
+                    conn.rollback()
                     conn.close()
                 conn = None
                 time.sleep(0.2)
@@ -356,24 +371,24 @@ class Dcm4cheeWriter(threading.Thread):
         for thread in self.late:
             thread.join()
 
+    def act(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def seed_archive(self, cur: Any) -> None:
+        raise NotImplementedError
+
+    def expected_documents(self) -> dict[int, dict]:
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        """Whatever the archive still owes once the writes stop."""
+
     def next_uid(self) -> str:
         self.uid += 1
         return f"1.2.826.0.1.3680043.9.{os.getpid()}.{self.uid}"
 
-    def act(self, conn: Any) -> None:
-        roll = self.rng.random()
-        if roll < 0.45:
-            self.store_study(conn, late=self.rng.random() < 0.1)
-        elif roll < 0.80:
-            self.store_series(conn, late=self.rng.random() < 0.1)
-        elif roll < 0.88:
-            self.edit_patient(conn)
-        elif roll < 0.93:
-            self.merge_patients(conn)
-        elif roll < 0.97:
-            self.delete_study(conn)
-
-    def _pick(self, conn: Any, table: str) -> int | None:
+    def _pick(self, conn: Any, table: str, where: str = "") -> int | None:
+        condition = f" AND {where}" if where else ""
         with conn.cursor() as cur:
             cur.execute(f"SELECT MAX(pk) AS m FROM {table}")
             top = cur.fetchone()["m"]
@@ -382,7 +397,7 @@ class Dcm4cheeWriter(threading.Thread):
             # Recent rows more often, as in a PACS: series arrive for recent studies.
             low = max(1, top - 200) if self.rng.random() < 0.8 else 1
             cur.execute(
-                f"SELECT pk FROM {table} WHERE pk >= %s ORDER BY pk LIMIT 1",
+                f"SELECT pk FROM {table} WHERE pk >= %s{condition} ORDER BY pk LIMIT 1",
                 (self.rng.randint(low, top),),
             )
             row = cur.fetchone()
@@ -409,6 +424,53 @@ class Dcm4cheeWriter(threading.Thread):
         self.late.append(thread)
         thread.start()
 
+    def _transaction(self, conn: Any, work: Any, late: bool = False) -> None:
+        if late:
+            self._late(work)
+            return
+        conn.begin()
+        with conn.cursor() as cur:
+            work(cur)
+        conn.commit()
+
+
+class Dcm4cheeWriter(PacsWriter):
+    """dcm4chee 2.x: stores, edits, merges and deletes."""
+
+    schema_sql = ROOT / "tests" / "dcm4chee_schema.sql"
+    indexer_sql = ROOT / "extras" / "add_indexer.sql"
+    charset = "latin1"
+
+    def act(self, conn: Any) -> None:
+        roll = self.rng.random()
+        if roll < 0.45:
+            self.store_study(conn, late=self.rng.random() < 0.1)
+        elif roll < 0.80:
+            self.store_series(conn, late=self.rng.random() < 0.1)
+        elif roll < 0.88:
+            self.edit_patient(conn)
+        elif roll < 0.93:
+            self.merge_patients(conn)
+        elif roll < 0.97:
+            self.delete_study(conn)
+
+    def seed_archive(self, cur: Any) -> None:
+        for i in range(ARCHIVE_STUDIES):
+            if i % 2 == 0:
+                cur.execute(
+                    "INSERT INTO patient (pat_id, pat_name, created_time, updated_time)"
+                    " VALUES (%s, %s, '2019-03-04', '2019-03-04')",
+                    (f"{10000000 + i}-{i % 10}", f"ARCHIVO^{i}"),
+                )
+                patient = cur.lastrowid
+            cur.execute(
+                "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
+                " mods_in_study, num_series, num_instances, availability, study_status,"
+                " created_time, updated_time) VALUES (%s, %s, '2019-03-04 10:00:00',"
+                " 'RX TORAX', 'CR', 1, 2, 0, 0, '2019-03-04', '2019-03-04')",
+                (patient, f"1.2.3.archive.{i}"),
+            )
+
     def store_study(self, conn: Any, late: bool) -> None:
         patient = self._pick(conn, "patient") if self.rng.random() < 0.5 else None
 
@@ -430,11 +492,7 @@ class Dcm4cheeWriter(threading.Thread):
                 (patient, self.next_uid(), self.rng.randint(1, 300)),
             )
 
-        if late:
-            self._late(work)
-        else:
-            with conn.cursor() as cur:
-                work(cur)
+        self._transaction(conn, work, late)
         self.counts["studies stored"] += 1
 
     def store_series(self, conn: Any, late: bool) -> None:
@@ -449,11 +507,7 @@ class Dcm4cheeWriter(threading.Thread):
                 (self.rng.randint(1, 50), self.rng.choice(["CT\\SR", "MR", "CT\\PR"]), study),
             )
 
-        if late:
-            self._late(work)
-        else:
-            with conn.cursor() as cur:
-                work(cur)
+        self._transaction(conn, work, late)
         self.counts["series stored"] += 1
 
     def edit_patient(self, conn: Any) -> None:
@@ -470,13 +524,14 @@ class Dcm4cheeWriter(threading.Thread):
         prior, dominant = self._pick(conn, "patient"), self._pick(conn, "patient")
         if prior is None or dominant is None or prior == dominant:
             return
-        conn.begin()
-        with conn.cursor() as cur:
+
+        def work(cur: Any) -> None:
             # Moves the studies; their updated_time is left as it was (the
             # worst case: only reconcile can see the move).
             cur.execute("UPDATE study SET patient_fk = %s WHERE patient_fk = %s", (dominant, prior))
             cur.execute("UPDATE patient SET merge_fk = %s WHERE pk = %s", (dominant, prior))
-        conn.commit()
+
+        self._transaction(conn, work)
         self.counts["patient merges"] += 1
 
     def delete_study(self, conn: Any) -> None:
@@ -486,6 +541,381 @@ class Dcm4cheeWriter(threading.Thread):
                 cur.execute("DELETE FROM study WHERE pk = %s", (study,))
             self.counts["studies deleted"] += 1
 
+    def expected_documents(self) -> dict[int, dict]:
+        rows = self.db.admin(
+            "SELECT s.pk, s.study_iuid, s.study_datetime, s.study_desc, s.mods_in_study,"
+            " s.num_series, s.num_instances, p.pk AS patient_pk, p.pat_id, p.pat_name"
+            " FROM study s LEFT JOIN patient p ON p.pk = s.patient_fk",
+            database=DATABASE,
+        )
+        return {
+            row["pk"]: {
+                "patient_pk": row["patient_pk"],
+                "patient_id": _text(row["pat_id"]),
+                "patient_name": _text(row["pat_name"]),
+                "study_pk": row["pk"],
+                "study_iuid": _text(row["study_iuid"]),
+                "study_datetime": row["study_datetime"].strftime("%Y-%m-%d %H:%M:%S")
+                if row["study_datetime"]
+                else None,
+                "study_description": _text(row["study_desc"]),
+                "study_modality": _text(row["mods_in_study"]),
+                "study_series": row["num_series"],
+                "study_instances": row["num_instances"],
+                "center": CENTER,
+            }
+            for row in rows
+        }
+
+
+# The archive's series and instances, reduced to what its size scheduler
+# counts: arc-light's own series and instance tables, which the indexer
+# never reads, stand behind this one in a real archive.
+ARC_SERIES_SQL = """
+CREATE TABLE storm_series (
+  pk BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+  study_fk BIGINT NOT NULL,
+  modality VARCHAR(16) NOT NULL,
+  num_instances INTEGER NOT NULL,
+  rejected TINYINT NOT NULL DEFAULT 0,
+  INDEX storm_series_study (study_fk)
+) ENGINE=InnoDB
+"""
+ARC_VIEWS = ("hideRejected", "regularUse")
+ARC_SETTLE_DELAY_SECONDS = 1.0  # dcmCalculateStudySizeDelay (PT5M at a site)
+ARC_SETTLE_INTERVAL_SECONDS = 0.5  # dcmCalculateStudySizePollingInterval
+
+
+class ArcLightWriter(PacsWriter):
+    """dcm4chee-arc-light 5: stores (the counts cache dropped, the size
+    reset), edits patients, merges them (studies moved, each a JPA update),
+    rejects series or whole studies, and hard-deletes studies; its size
+    scheduler, a thread of its own, settles studies a moment after their
+    last store, as arc-light's StudySizeScheduler does minutes later."""
+
+    schema_sql = ROOT / "tests" / "arclight5_schema.sql"
+    indexer_sql = ROOT / "extras" / "add_indexer_arclight5_mysql.sql"
+
+    def __init__(self, db: PrivateMariaDB, rng: random.Random) -> None:
+        super().__init__(db, rng)
+        self.scheduler = threading.Thread(target=self._schedule, name="arc-size", daemon=True)
+
+    def start(self) -> None:
+        super().start()
+        self.scheduler.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        self.scheduler.join(timeout)
+
+    def act(self, conn: Any) -> None:
+        roll = self.rng.random()
+        if roll < 0.40:
+            self.store_study(conn, late=self.rng.random() < 0.1)
+        elif roll < 0.72:
+            self.store_series(conn, late=self.rng.random() < 0.1)
+        elif roll < 0.80:
+            self.edit_patient(conn)
+        elif roll < 0.85:
+            self.merge_patients(conn)
+        elif roll < 0.91:
+            self.reject(conn, whole_study=self.rng.random() < 0.3)
+        elif roll < 0.96:
+            self.delete_study(conn)
+
+    # -- the archive's writes -----------------------------------------------
+
+    def _add_patient(self, cur: Any, name: str, stamp: str = "NOW(6)") -> int:
+        self.uid += 1
+        cur.execute(
+            "INSERT INTO person_name (alphabetic_name, ideographic_name, phonetic_name)"
+            " VALUES (%s, '^^^^^', '^^^^^')",
+            (name,),
+        )
+        cur.execute(
+            "INSERT INTO patient (created_time, updated_time, version, pat_name_fk, num_studies)"
+            f" VALUES ({stamp}, {stamp}, 0, %s, 0)",
+            (cur.lastrowid,),
+        )
+        patient = cur.lastrowid
+        # PatientID first, then the Other Patient IDs arc-light trusts.
+        ids = [f"{20_000_000 + self.uid}-{self.uid % 10}"]
+        if self.rng.random() < 0.3:
+            ids.append(f"OTRO{self.uid}")
+        for pat_id in ids:
+            cur.execute(
+                "INSERT INTO patient_id (pat_id, version, patient_fk) VALUES (%s, 0, %s)",
+                (pat_id, patient),
+            )
+        return patient
+
+    def _add_series(self, cur: Any, study: int) -> None:
+        cur.execute(
+            "INSERT INTO storm_series (study_fk, modality, num_instances) VALUES (%s, %s, %s)",
+            (study, self.rng.choice(("CT", "MR", "SR", "PR", "CT")), self.rng.randint(1, 300)),
+        )
+
+    @staticmethod
+    def _touch(cur: Any, study: int, assignments: str) -> None:
+        """A JPA update of the study row: @PreUpdate stamps updated_time and
+        access_time, @Version bumps version."""
+        cur.execute(
+            f"UPDATE study SET {assignments}, updated_time = NOW(6), access_time = NOW(6),"
+            " version = version + 1 WHERE pk = %s",
+            (study,),
+        )
+
+    def seed_archive(self, cur: Any) -> None:
+        cur.execute(ARC_SERIES_SQL)
+        for i in range(ARCHIVE_STUDIES):
+            if i % 2 == 0:
+                patient = self._add_patient(cur, f"ARCHIVO^{i}^^^^", "'2019-03-04'")
+            cur.execute(
+                "INSERT INTO study (study_iuid, study_date, study_time, study_desc, patient_fk,"
+                " created_time, updated_time, modified_time, access_time, version,"
+                " rejection_state, study_size) VALUES (%s, '20190304', '100000.000',"
+                " 'RX TORAX', %s, '2019-03-04', '2019-03-04', '2019-03-04', '2019-03-04',"
+                " 0, 0, -1)",
+                (f"1.2.3.archive.{i}", patient),
+            )
+            self._add_series(cur, cur.lastrowid)
+        self.settle()  # the archive was settled long before the install
+
+    def store_study(self, conn: Any, late: bool) -> None:
+        patient = (
+            self._pick(conn, "patient", "merge_fk IS NULL") if self.rng.random() < 0.5 else None
+        )
+
+        def work(cur: Any) -> None:
+            nonlocal patient
+            if patient is None:
+                patient = self._add_patient(cur, f"PACIENTE^NÚMERO{self.uid}^ÑANDÚ^^^")
+            cur.execute(
+                "INSERT INTO study (study_iuid, study_date, study_time, study_desc, patient_fk,"
+                " created_time, updated_time, modified_time, access_time, version,"
+                " rejection_state, study_size) VALUES (%s, DATE_FORMAT(NOW(), '%%Y%%m%%d'),"
+                " %s, %s, %s, NOW(6), NOW(6), NOW(6), NOW(6), 0, 0, -1)",
+                (
+                    self.next_uid(),
+                    "*" if self.rng.random() < 0.1 else time.strftime("%H%M%S.000"),
+                    "*" if self.rng.random() < 0.1 else "TC CEREBRO",
+                    patient,
+                ),
+            )
+            self._add_series(cur, cur.lastrowid)
+
+        self._transaction(conn, work, late)
+        self.counts["studies stored"] += 1
+
+    def store_series(self, conn: Any, late: bool) -> None:
+        study = self._pick(conn, "study", "rejection_state < 2")
+        if study is None:
+            return
+
+        def work(cur: Any) -> None:
+            cur.execute("SELECT study_size FROM study WHERE pk = %s FOR UPDATE", (study,))
+            row = cur.fetchone()
+            if row is None:
+                return
+            self._add_series(cur, study)
+            cur.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study,))
+            if row["study_size"] >= 0:
+                # After the size was computed: resetSize() flushes the entity.
+                self._touch(cur, study, "study_size = -1")
+            # While the study is hot, only the cache is dropped.
+
+        self._transaction(conn, work, late)
+        self.counts["series stored"] += 1
+
+    def edit_patient(self, conn: Any) -> None:
+        patient = self._pick(conn, "patient")
+        if patient is None:
+            return
+
+        def work(cur: Any) -> None:
+            cur.execute(
+                "UPDATE person_name SET alphabetic_name = %s"
+                " WHERE pk = (SELECT pat_name_fk FROM patient WHERE pk = %s)",
+                (f"CORREGIDO^{self.rng.randint(1, 999)}^JOSÉ^^^", patient),
+            )
+            cur.execute(
+                "UPDATE patient SET updated_time = NOW(6), version = version + 1 WHERE pk = %s",
+                (patient,),
+            )
+
+        self._transaction(conn, work)
+        self.counts["patient edits"] += 1
+
+    def merge_patients(self, conn: Any) -> None:
+        source = self._pick(conn, "patient", "merge_fk IS NULL")
+        target = self._pick(conn, "patient", "merge_fk IS NULL")
+        if source is None or target is None or source == target:
+            return
+
+        def work(cur: Any) -> None:
+            cur.execute(
+                "SELECT pk FROM study WHERE patient_fk = %s ORDER BY pk FOR UPDATE", (source,)
+            )
+            for row in cur.fetchall():
+                self._touch(cur, row["pk"], f"patient_fk = {int(target)}")
+            cur.execute("UPDATE patient SET merge_fk = %s WHERE pk = %s", (target, source))
+
+        self._transaction(conn, work)
+        self.counts["patient merges"] += 1
+
+    def reject(self, conn: Any, whole_study: bool) -> None:
+        """An IOCM rejection note: one series or all of them; the study's
+        rejection_state becomes 1 (PARTIAL) or 2 (COMPLETE, nothing left)."""
+        study = self._pick(conn, "study", "rejection_state < 2")
+        if study is None:
+            return
+
+        def work(cur: Any) -> None:
+            cur.execute("SELECT pk FROM study WHERE pk = %s FOR UPDATE", (study,))
+            if cur.fetchone() is None:
+                return
+            cur.execute(
+                "SELECT COUNT(*) AS visible FROM storm_series WHERE study_fk = %s AND rejected = 0",
+                (study,),
+            )
+            if not whole_study and cur.fetchone()["visible"] < 2:
+                return  # one series left: rejecting it is a whole-study rejection
+            cur.execute(
+                "UPDATE storm_series SET rejected = 1 WHERE study_fk = %s AND rejected = 0"
+                + ("" if whole_study else " ORDER BY pk LIMIT 1"),
+                (study,),
+            )
+            cur.execute(
+                "SELECT COUNT(*) AS visible FROM storm_series WHERE study_fk = %s AND rejected = 0",
+                (study,),
+            )
+            state = 1 if cur.fetchone()["visible"] else 2
+            cur.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study,))
+            self._touch(cur, study, f"rejection_state = {state}, study_size = -1")
+            self.counts["studies rejected" if state == 2 else "series rejected"] += 1
+
+        self._transaction(conn, work)
+
+    def delete_study(self, conn: Any) -> None:
+        study = self._pick(conn, "study")
+        if study is None:
+            return
+
+        def work(cur: Any) -> None:
+            for table, column in (
+                ("storm_series", "study_fk"),
+                ("study_query_attrs", "study_fk"),
+                ("study", "pk"),
+            ):
+                cur.execute(f"DELETE FROM {table} WHERE {column} = %s", (study,))
+
+        self._transaction(conn, work)
+        self.counts["studies deleted"] += 1
+
+    # -- the size scheduler --------------------------------------------------
+
+    def _schedule(self) -> None:
+        while not self.stopping.wait(ARC_SETTLE_INTERVAL_SECONDS):
+            try:
+                self.counts["studies settled"] += self.settle(ARC_SETTLE_DELAY_SECONDS)
+            except (pymysql.MySQLError, OSError):
+                self.counts["settling failed while the database was away"] += 1
+
+    def settle(self, delay_seconds: float = 0.0) -> int:  # type: ignore[override]
+        """StudySizeScheduler: every study whose size is unknown and that was
+        last updated over `delay_seconds` ago gets its size (a bulk update:
+        updated_time unchanged) and its counts for every view."""
+        conn = self.db.connect(PACS_USER, PACS_PASSWORD)
+        settled = 0
+        with conn:
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                cur.execute(
+                    "SELECT pk FROM study WHERE study_size = -1"
+                    " AND updated_time < NOW(6) - INTERVAL %s MICROSECOND",
+                    (int(delay_seconds * 1e6),),
+                )
+                candidates = [row["pk"] for row in cur.fetchall()]
+            for study in candidates:
+                conn.begin()
+                with conn.cursor() as cur:
+                    # A store still open on this study is passed over, as
+                    # arc-light's claim (study_size -2) would be.
+                    cur.execute(
+                        "SELECT pk FROM study WHERE pk = %s AND study_size = -1"
+                        " FOR UPDATE SKIP LOCKED",
+                        (study,),
+                    )
+                    if cur.fetchone() is None:
+                        conn.rollback()
+                        continue
+                    cur.execute("SELECT * FROM storm_series WHERE study_fk = %s", (study,))
+                    series = cur.fetchall()
+                    cur.execute("DELETE FROM study_query_attrs WHERE study_fk = %s", (study,))
+                    for view in ARC_VIEWS:
+                        shown = [s for s in series if view != "hideRejected" or not s["rejected"]]
+                        # A set, in no particular order, as arc-light builds it.
+                        mods = list({s["modality"] for s in shown})
+                        self.rng.shuffle(mods)
+                        cur.execute(
+                            "INSERT INTO study_query_attrs (study_fk, view_id, num_series,"
+                            " num_instances, mods_in_study) VALUES (%s, %s, %s, %s, %s)",
+                            (
+                                study,
+                                view,
+                                len(shown),
+                                sum(s["num_instances"] for s in shown),
+                                "\\".join(mods) or None,
+                            ),
+                        )
+                    cur.execute(
+                        "UPDATE study SET study_size = %s WHERE pk = %s",
+                        (500 * sum(s["num_instances"] for s in series), study),
+                    )
+                conn.commit()
+                settled += 1
+        return settled
+
+    def expected_documents(self) -> dict[int, dict]:
+        """The documents a 2.x site would send for what arc-light holds,
+        written out here on their own: the client's mapping is what is checked."""
+        rows = self.db.admin(
+            "SELECT s.pk, s.study_iuid, s.study_date, s.study_time, s.study_desc,"
+            " p.pk AS patient_pk, n.alphabetic_name,"
+            " (SELECT i.pat_id FROM patient_id i WHERE i.patient_fk = p.pk"
+            "  ORDER BY i.pk LIMIT 1) AS pat_id,"
+            " a.num_series, a.num_instances, a.mods_in_study"
+            " FROM study s JOIN patient p ON p.pk = s.patient_fk"
+            " LEFT JOIN person_name n ON n.pk = p.pat_name_fk"
+            " LEFT JOIN study_query_attrs a ON a.study_fk = s.pk AND a.view_id = 'hideRejected'"
+            " WHERE s.rejection_state <> 2",
+            database=DATABASE,
+        )
+        documents = {}
+        for row in rows:
+            date, clock = _text(row["study_date"]), _text(row["study_time"])
+            description = _text(row["study_desc"])
+            clock = "000000" if clock == "*" else clock[:6]
+            mods = _text(row["mods_in_study"])
+            documents[row["pk"]] = {
+                "patient_pk": row["patient_pk"],
+                "patient_id": _text(row["pat_id"]),
+                "patient_name": _text(row["alphabetic_name"]).rstrip("^") or None,
+                "study_pk": row["pk"],
+                "study_iuid": _text(row["study_iuid"]),
+                "study_datetime": f"{date[:4]}-{date[4:6]}-{date[6:]}"
+                f" {clock[:2]}:{clock[2:4]}:{clock[4:]}",
+                "study_description": None if description == "*" else description,
+                "study_modality": "\\".join(sorted(mods.split("\\"))) if mods else None,
+                "study_series": row["num_series"],
+                "study_instances": row["num_instances"],
+                "center": CENTER,
+            }
+        return documents
+
+
+WRITERS = {"dcm4chee2": Dcm4cheeWriter, "arc5": ArcLightWriter}
+
 
 # --------------------------------------------------------------------------
 # The storm
@@ -493,12 +923,15 @@ class Dcm4cheeWriter(threading.Thread):
 
 
 class Storm:
-    def __init__(self, directory: Path, seconds: float, seed: int, repeats: int) -> None:
+    def __init__(
+        self, directory: Path, seconds: float, seed: int, repeats: int, schema: str = "dcm4chee2"
+    ) -> None:
         self.directory = directory
         self.seconds = seconds
         self.rng = random.Random(seed)
         self.repeats = repeats
         self.db = PrivateMariaDB(directory / "mariadb")
+        self.writer = WRITERS[schema](self.db, self.rng)
         self.index = CentralIndex()
         self.ticks: list[subprocess.Popen] = []
         self.exit_codes: collections.Counter = collections.Counter()
@@ -513,30 +946,16 @@ class Storm:
         (self.directory / "mariadb").mkdir(parents=True, exist_ok=True)
         self.db.install()
         self.db.start()
-        self.db.admin(f"CREATE DATABASE {DATABASE} CHARACTER SET latin1")
-        self.db.run_file(DATABASE, SCHEMA_SQL)
+        self.db.admin(f"CREATE DATABASE {DATABASE} CHARACTER SET {self.writer.charset}")
+        self.db.run_file(DATABASE, self.writer.schema_sql)
         for user, password in ((INDEXER_USER, INDEXER_PASSWORD), (PACS_USER, PACS_PASSWORD)):
             self.db.admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
             self.db.admin(f"GRANT ALL ON {DATABASE}.* TO '{user}'@'%'")
         # An archive from before the install, for `initial`.
         conn = self.db.connect(PACS_USER, PACS_PASSWORD)
         with conn, conn.cursor() as cur:
-            for i in range(ARCHIVE_STUDIES):
-                if i % 2 == 0:
-                    cur.execute(
-                        "INSERT INTO patient (pat_id, pat_name, created_time, updated_time)"
-                        " VALUES (%s, %s, '2019-03-04', '2019-03-04')",
-                        (f"{10000000 + i}-{i % 10}", f"ARCHIVO^{i}"),
-                    )
-                    patient = cur.lastrowid
-                cur.execute(
-                    "INSERT INTO study (patient_fk, study_iuid, study_datetime, study_desc,"
-                    " mods_in_study, num_series, num_instances, availability, study_status,"
-                    " created_time, updated_time) VALUES (%s, %s, '2019-03-04 10:00:00',"
-                    " 'RX TORAX', 'CR', 1, 2, 0, 0, '2019-03-04', '2019-03-04')",
-                    (patient, f"1.2.3.archive.{i}"),
-                )
-        self.db.run_file(DATABASE, INDEXER_SQL)
+            self.writer.seed_archive(cur)
+        self.db.run_file(DATABASE, self.writer.indexer_sql)
         config = {
             "database": {
                 "host": "127.0.0.1",
@@ -602,23 +1021,26 @@ class Storm:
     def running_tick(self) -> subprocess.Popen | None:
         """A tick caught sending: a fault that should bite mid-run waits for
         the service to receive a study after the tick started (a tick with
-        little to do lasts a fraction of a second)."""
-        self.reap()
-        live = [p for p in self.ticks if p.poll() is None and p.args[2:3] != ["reconcile"]]
-        tick = live[-1] if live else None
-        if tick is None:
-            tick = self.client()
-            self.ticks.append(tick)
-        posts = sum(self.index.posts.values())
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and tick.poll() is None:
-            if sum(self.index.posts.values()) > posts:
-                time.sleep(self.rng.uniform(0, 0.05))
-                break
-            time.sleep(0.005)
-        if tick.poll() is None:
-            self.faults[self.current + " (mid-run)"] += 1
-            return tick
+        little to do lasts a fraction of a second). A tick that ends without
+        sending (on arc-light, every new study may still be unsettled) is
+        followed by another, a few times."""
+        for _ in range(MID_RUN_ATTEMPTS):
+            self.reap()
+            live = [p for p in self.ticks if p.poll() is None and p.args[2:3] != ["reconcile"]]
+            tick = live[-1] if live else None
+            if tick is None:
+                tick = self.client()
+                self.ticks.append(tick)
+            posts = sum(self.index.posts.values())
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and tick.poll() is None:
+                if sum(self.index.posts.values()) > posts:
+                    time.sleep(self.rng.uniform(0, 0.05))
+                    break
+                time.sleep(0.005)
+            if tick.poll() is None:
+                self.faults[self.current + " (mid-run)"] += 1
+                return tick
         return None
 
     def inject(self, fault: str) -> None:
@@ -657,7 +1079,7 @@ class Storm:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.prepare()
-        writer = Dcm4cheeWriter(self.db, self.rng)
+        writer = self.writer
         writer.start()
         self.ticks.append(self.client("initial"))
         schedule = sorted(
@@ -682,6 +1104,7 @@ class Storm:
         self.say("faults stop")
         writer.stopping.set()
         writer.join()
+        writer.settle()
         self.index.set_mode("ok")
         for process in self.ticks:
             process.wait()
@@ -697,7 +1120,7 @@ class Storm:
                 self.say(f"final {' '.join(command) or 'run'}: exit {process.returncode}: {err}")
         differences = self.compare()
         posts = sum(self.index.posts.values())
-        db_studies = len(self.expected_documents())
+        db_studies = len(self.writer.expected_documents())
         result = {
             "seconds": round(storm_seconds, 1),
             "total_seconds": round(time.monotonic() - started, 1),
@@ -710,6 +1133,7 @@ class Storm:
             "posts_per_study": round(posts / max(1, len(self.index.posts)), 2),
             "max_posts_one_study": max(self.index.posts.values(), default=0),
             "deletes": sum(self.index.deletes.values()),
+            "posts_without_counts": self.index.posts_without_counts,
             "final_exit_codes": final_codes,
             "differences": differences,
         }
@@ -717,34 +1141,8 @@ class Storm:
 
     # -- the verdict --------------------------------------------------------
 
-    def expected_documents(self) -> dict[int, dict]:
-        rows = self.db.admin(
-            "SELECT s.pk, s.study_iuid, s.study_datetime, s.study_desc, s.mods_in_study,"
-            " s.num_series, s.num_instances, p.pk AS patient_pk, p.pat_id, p.pat_name"
-            " FROM study s LEFT JOIN patient p ON p.pk = s.patient_fk",
-            database=DATABASE,
-        )
-        return {
-            row["pk"]: {
-                "patient_pk": row["patient_pk"],
-                "patient_id": _text(row["pat_id"]),
-                "patient_name": _text(row["pat_name"]),
-                "study_pk": row["pk"],
-                "study_iuid": _text(row["study_iuid"]),
-                "study_datetime": row["study_datetime"].strftime("%Y-%m-%d %H:%M:%S")
-                if row["study_datetime"]
-                else None,
-                "study_description": _text(row["study_desc"]),
-                "study_modality": _text(row["mods_in_study"]),
-                "study_series": row["num_series"],
-                "study_instances": row["num_instances"],
-                "center": CENTER,
-            }
-            for row in rows
-        }
-
     def compare(self) -> list[str]:
-        expected = self.expected_documents()
+        expected = self.writer.expected_documents()
         differences = []
         for pk, document in expected.items():
             held = self.index.documents.get(pk)
@@ -781,13 +1179,20 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
 
 
-def run_storm(seconds: float, seed: int, repeats: int, keep: Path | None = None) -> dict:
+def run_storm(
+    seconds: float,
+    seed: int,
+    repeats: int,
+    keep: Path | None = None,
+    schema: str = "dcm4chee2",
+) -> dict:
     """One storm in a temporary directory (or `keep`); returns its report."""
     directory = keep or Path(tempfile.mkdtemp(prefix="dicom-indexer-storm-"))
-    storm = Storm(directory, seconds, seed, repeats)
+    storm = Storm(directory, seconds, seed, repeats, schema)
     try:
         result = storm.run()
         result["seed"] = seed
+        result["schema"] = schema
         return result
     finally:
         storm.close()
@@ -800,13 +1205,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1800, help="how long faults go on")
     parser.add_argument("--repeats", type=int, default=0, help="each fault at least this often")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--schema",
+        choices=sorted(WRITERS),
+        default="dcm4chee2",
+        help="the archive the writer imitates (default dcm4chee2)",
+    )
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(10**6)
     # By default, about one fault every 20 s on a long run, at least 3 each.
     repeats = args.repeats or max(3, int(args.seconds / 20 / len(FAULTS)))
-    result = run_storm(args.seconds, seed, repeats, args.keep)
+    result = run_storm(args.seconds, seed, repeats, args.keep, args.schema)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.json:
