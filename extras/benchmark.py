@@ -650,11 +650,35 @@ def _start_client(config_dir: Path, *command: str) -> subprocess.Popen:
 
 def _wait_client(process: subprocess.Popen) -> tuple[int, float, float]:
     """Waits for it; returns (exit code, peak RSS in MB, CPU seconds: user +
-    system, the client's own cost whatever the network)."""
+    system, the client's own cost whatever the network).
+
+    The peak is the client's VmHWM, read from /proc while it runs. Not
+    wait4's ru_maxrss: Linux keeps in it the size of the memory a child
+    leaves at exec, which after fork is this benchmark's own (about 50 MB
+    with its drivers and receiver), so it reported the larger of the two."""
+    peak_kb = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak_kb
+        while not done.is_set():
+            try:
+                with open(f"/proc/{process.pid}/status") as status_file:
+                    for line in status_file:
+                        if line.startswith("VmHWM:"):
+                            peak_kb = max(peak_kb, int(line.split()[1]))
+            except OSError:
+                return
+            done.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     _, status, usage = os.wait4(process.pid, 0)
+    done.set()
+    watcher.join()
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     process.returncode = code
-    return code, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+    return code, peak_kb / 1024.0, usage.ru_utime + usage.ru_stime
 
 
 def run_client(config_dir: Path, *command: str) -> tuple[float, float, int, float]:

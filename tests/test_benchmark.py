@@ -10,6 +10,9 @@ import sys
 import pytest
 from conftest import ROOT, connect
 
+sys.path.insert(0, str(ROOT / "extras"))
+import benchmark  # noqa: E402
+
 
 @pytest.mark.parametrize("schema", ["dcm4chee2", "arc5"])
 def test_benchmark_reports_every_study_delivered_once(tmp_path, schema):
@@ -69,3 +72,17 @@ def test_adaptive_scenes_run_and_lose_nothing(tmp_path):
     centers = report["centers"]
     assert centers["exit_codes"] == [0]
     assert (centers["lost"], centers["posted_twice"]) == (0, 0)
+
+
+def test_peak_memory_reported_is_the_clients_not_the_benchmarks():
+    """wait4's ru_maxrss keeps the size of the parent a child was forked
+    from: a 200 MB benchmark would have reported 200 MB for any client."""
+    ballast = bytearray(200 * 2**20)
+    ballast[:: 2**12] = b"x" * len(ballast[:: 2**12])  # resident, not just reserved
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; x = bytearray(40 * 2**20); time.sleep(0.3)"]
+    )
+    code, peak_mb, _ = benchmark._wait_client(child)
+    assert code == 0
+    assert 40 < peak_mb < 100, peak_mb
+    del ballast
