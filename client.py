@@ -1590,8 +1590,14 @@ class MySQLPacs(Pacs):
             # MySQL 8's caching_sha2_password (or sha256_password) asked for
             # the password encrypted with the server's RSA key: the one case
             # that needs `cryptography`, loaded now.
-            if "cryptography" not in str(exc) or not _load_pymysql_rsa(self.driver):
+            if "cryptography" not in str(exc):
                 raise
+            if not _load_pymysql_rsa(self.driver):
+                raise DatabaseError(
+                    f"cannot connect to {self.where}: the server wants the password"
+                    " RSA-encrypted (MySQL 8 caching_sha2_password without TLS) and the"
+                    " Python package 'cryptography' is not installed: pip install cryptography"
+                ) from None
             return self._connect_once()
 
     def _connect_once(self) -> Any:

@@ -264,3 +264,18 @@ def test_mysql8_rsa_password_exchange_loads_cryptography_then(pacs, service, tmp
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[False, True]"
     assert len(service.received) == 1
+
+    # Where cryptography is not installed: one line that says what to install.
+    pacs.add_studies(1)
+    hidden = "sys.modules['cryptography'] = None\n"
+    result = _run_in_subprocess(
+        script.replace("pymysql.connect = connect\n", hidden + "pymysql.connect = connect\n"), args
+    )
+    assert result.returncode == client.EXIT_DATABASE, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        "the server wants the password RSA-encrypted (MySQL 8 caching_sha2_password"
+        " without TLS) and the Python package 'cryptography' is not installed:"
+        " pip install cryptography" in result.stderr
+    )
+    assert len(service.received) == 1  # the study waits, pending
