@@ -1543,6 +1543,16 @@ def _import_pymysql() -> Any:
     try:
         import pymysql
         import pymysql.cursors
+    except ImportError:
+        if not blocked:
+            raise
+        # A PyMySQL that needs it unconditionally: import it as it is.
+        for name in [m for m in sys.modules if m == "pymysql" or m.startswith("pymysql.")]:
+            del sys.modules[name]
+        blocked = False
+        del sys.modules["cryptography"]
+        import pymysql
+        import pymysql.cursors
     finally:
         if blocked:
             del sys.modules["cryptography"]
@@ -1555,7 +1565,7 @@ def _load_pymysql_rsa(pymysql: Any) -> bool:
     import importlib
 
     importlib.reload(pymysql._auth)
-    return bool(pymysql._auth._have_cryptography)
+    return sys.modules.get("cryptography") is not None
 
 
 class MySQLPacs(Pacs):
