@@ -295,18 +295,23 @@ def _run_sql_file(args: argparse.Namespace, database: str, path: Path) -> None:
 
 
 def build_database(args: argparse.Namespace, name: str) -> float:
-    """N studies over ten years, two per patient; returns seconds taken."""
-    if args.engine == "postgresql":
-        return build_postgresql_database(args, name)
+    """N studies over ten years, two per patient, in the schema and on the
+    engine of `args`, with the indexer installed; returns seconds taken."""
     started = time.monotonic()
     with _connect(args) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET latin1")
-    if args.schema == "arc5":
-        _run_sql_file(args, name, SCHEMA_SQL["arc5", "mysql"])
-        _fill_arclight5_mysql(args, name)
-        _run_sql_file(args, name, INDEXER_SQL["arc5", "mysql"])
-        return time.monotonic() - started
-    _run_sql_file(args, name, SCHEMA_SQL["dcm4chee2", "mysql"])
+        if args.engine == "postgresql":
+            cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+        else:
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET latin1")
+    _run_sql_file(args, name, SCHEMA_SQL[args.schema, args.engine])
+    FILL_ARCHIVE[args.schema, args.engine](args, name)
+    _run_sql_file(args, name, INDEXER_SQL[args.schema, args.engine])
+    return time.monotonic() - started
+
+
+def _fill_dcm4chee2_mysql(args: argparse.Namespace, name: str) -> None:
+    """Patients and studies as dcm4chee 2.x keeps them, sent in batches by
+    PyMySQL (seeded: the same archive on every run)."""
     first_day = datetime.datetime(2016, 1, 1)
     attrs = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" * 16  # a few hundred bytes, as a blob
     with _connect(args, name) as conn, conn.cursor() as cur:
@@ -327,8 +332,13 @@ def build_database(args: argparse.Namespace, name: str) -> float:
                 " updated_time) VALUES (%s, %s, '19700101', 'F', %s, %s)",
                 rows,
             )
+        rng = random.Random(42)
+        span_seconds = ARCHIVE_YEARS * 365 * 86400
         rows: list[tuple] = []
-        for i, created, updated, rng in _archive_rows(args):
+        for i in range(args.studies):
+            # Spread over ten years, each updated seconds to two hours after it was created.
+            created = first_day + datetime.timedelta(seconds=span_seconds * i // args.studies)
+            updated = created + datetime.timedelta(seconds=rng.randint(5, 7200))
             rows.append(
                 (
                     i // 2 + 1,
@@ -353,21 +363,6 @@ def build_database(args: argparse.Namespace, name: str) -> float:
                 )
                 rows = []
         cur.execute("ANALYZE TABLE patient, study")
-    _run_sql_file(args, name, INDEXER_SQL["dcm4chee2", "mysql"])
-    return time.monotonic() - started
-
-
-def _archive_rows(args: argparse.Namespace) -> Any:
-    """The archive's timeline, for either schema: N studies spread over ten
-    years, each updated seconds to two hours after it was created; the
-    generator also hands on the seeded random source the rows draw from."""
-    rng = random.Random(42)
-    first_day = datetime.datetime(2016, 1, 1)
-    span_seconds = ARCHIVE_YEARS * 365 * 86400
-    for i in range(args.studies):
-        created = first_day + datetime.timedelta(seconds=span_seconds * i // args.studies)
-        updated = created + datetime.timedelta(seconds=rng.randint(5, 7200))
-        yield i, created, updated, rng
 
 
 def _fill_arclight5_mysql(args: argparse.Namespace, name: str) -> None:
@@ -392,23 +387,24 @@ def _fill_arclight5_mysql(args: argparse.Namespace, name: str) -> None:
         for start in range(0, args.studies, SERVER_ROWS_PER_STATEMENT):
             block = (start, start + SERVER_ROWS_PER_STATEMENT)
             if start < patients:
+                patient_block = (start, min(block[1], patients))
                 cur.execute(
                     "INSERT INTO person_name (pk, alphabetic_name, ideographic_name,"
                     " phonetic_name) SELECT n + 1, CONCAT('APELLIDO', n, '^NOMBRE^SEGUNDO^^^'),"
-                    " '^^^^^', '^^^^^' FROM bench_numbers WHERE n >= %s AND n < %s AND n < %s",
-                    (*block, patients),
+                    " '^^^^^', '^^^^^' FROM bench_numbers WHERE n >= %s AND n < %s",
+                    patient_block,
                 )
                 cur.execute(
                     "INSERT INTO patient (pk, created_time, updated_time, version, pat_name_fk,"
                     " num_studies) SELECT n + 1, '2016-01-01', '2016-01-01', 0, n + 1, 2"
-                    " FROM bench_numbers WHERE n >= %s AND n < %s AND n < %s",
-                    (*block, patients),
+                    " FROM bench_numbers WHERE n >= %s AND n < %s",
+                    patient_block,
                 )
                 cur.execute(
                     "INSERT INTO patient_id (pat_id, version, patient_fk)"
                     " SELECT CONCAT(10000000 + n, '-', n MOD 10), 0, n + 1"
-                    " FROM bench_numbers WHERE n >= %s AND n < %s AND n < %s",
-                    (*block, patients),
+                    " FROM bench_numbers WHERE n >= %s AND n < %s",
+                    patient_block,
                 )
             cur.execute(
                 "INSERT INTO study (pk, study_iuid, study_date, study_time, study_desc,"
@@ -434,18 +430,9 @@ def _fill_arclight5_mysql(args: argparse.Namespace, name: str) -> None:
         cur.execute("ANALYZE TABLE person_name, patient, patient_id, study, study_query_attrs")
 
 
-def build_postgresql_database(args: argparse.Namespace, name: str) -> float:
+def _fill_dcm4chee2_postgresql(args: argparse.Namespace, name: str) -> None:
     """The same archive on PostgreSQL, generated by the server itself
     (pg8000 would send a million rows one statement each)."""
-    started = time.monotonic()
-    with _connect(args) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
-    if args.schema == "arc5":
-        _run_sql_file(args, name, SCHEMA_SQL["arc5", "postgresql"])
-        _fill_arclight5_postgresql(args, name)
-        _run_sql_file(args, name, INDEXER_SQL["arc5", "postgresql"])
-        return time.monotonic() - started
-    _run_sql_file(args, name, SCHEMA_SQL["dcm4chee2", "postgresql"])
     span_seconds = ARCHIVE_YEARS * 365 * 86400
     with _connect(args, name) as conn, conn.cursor() as cur:
         cur.execute("SELECT setseed(0.42)")
@@ -472,8 +459,6 @@ def build_postgresql_database(args: argparse.Namespace, name: str) -> float:
         )
         cur.execute("VACUUM ANALYZE patient")
         cur.execute("VACUUM ANALYZE study")
-    _run_sql_file(args, name, INDEXER_SQL["dcm4chee2", "postgresql"])
-    return time.monotonic() - started
 
 
 def _fill_arclight5_postgresql(args: argparse.Namespace, name: str) -> None:
@@ -520,6 +505,14 @@ def _fill_arclight5_postgresql(args: argparse.Namespace, name: str) -> None:
         cur.execute("SELECT setval('study_pk_seq', %s)", (args.studies,))
         for table in ("person_name", "patient", "patient_id", "study", "study_query_attrs"):
             cur.execute(f"VACUUM ANALYZE {table}")
+
+
+FILL_ARCHIVE = {
+    ("dcm4chee2", "mysql"): _fill_dcm4chee2_mysql,
+    ("dcm4chee2", "postgresql"): _fill_dcm4chee2_postgresql,
+    ("arc5", "mysql"): _fill_arclight5_mysql,
+    ("arc5", "postgresql"): _fill_arclight5_postgresql,
+}
 
 
 def _innodb_io(cur: Any) -> tuple[tuple[str, str], ...]:
