@@ -1541,16 +1541,8 @@ def _import_pymysql() -> Any:
     if blocked:
         sys.modules["cryptography"] = None  # type: ignore[assignment]
     try:
-        import pymysql
-        import pymysql.cursors
-    except ImportError:
-        if not blocked:
-            raise
-        # A PyMySQL that needs it unconditionally: import it as it is.
-        for name in [m for m in sys.modules if m == "pymysql" or m.startswith("pymysql.")]:
-            del sys.modules[name]
-        blocked = False
-        del sys.modules["cryptography"]
+        # Every PyMySQL from 0.10 (the oldest requirements.txt allows) imports
+        # it under try/except ImportError: it then only lacks the RSA exchange.
         import pymysql
         import pymysql.cursors
     finally:
