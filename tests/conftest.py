@@ -460,18 +460,24 @@ def database_name(request: Any) -> Any:
 @pytest.fixture
 def pacs(database_name: str) -> Any:
     """The session's database, emptied and with a fresh indexer install."""
-    db = PacsDb(database_name)
-    if db.postgresql:
-        db.execute("TRUNCATE study_service, series, study, patient RESTART IDENTITY")
-    else:
-        db.execute("SET FOREIGN_KEY_CHECKS = 0")
-        for table in ("study_service", "series", "study", "patient"):
-            db.execute(f"TRUNCATE TABLE {table}")
-        db.execute("SET FOREIGN_KEY_CHECKS = 1")
-    install(database_name)
-    grant_indexer_user(database_name)  # some tests drop the procedure, and its grant
+    db = _emptied(PacsDb(database_name), ("study_service", "series", "study", "patient"))
     yield db
     db.close()
+
+
+def _emptied(db: Any, tables: tuple[str, ...]) -> Any:
+    """`db` with these tables emptied (ids from 1 again) and the indexer
+    installed afresh: some tests drop the procedure, and its grant."""
+    if db.postgresql:
+        db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    else:
+        db.execute("SET FOREIGN_KEY_CHECKS = 0")
+        for table in tables:
+            db.execute(f"TRUNCATE TABLE {table}")
+        db.execute("SET FOREIGN_KEY_CHECKS = 1")
+    install(db.name)
+    grant_indexer_user(db.name)
+    return db
 
 
 # --------------------------------------------------------------------------
@@ -832,16 +838,7 @@ def arc_database_name(request: Any) -> Any:
 @pytest.fixture
 def arc(arc_database_name: str) -> Any:
     """The session's arc-light database, emptied, with a fresh indexer install."""
-    db = ArcDb(arc_database_name)
     tables = ("study_service", "study_query_attrs", "study", "patient_id", "patient", "person_name")
-    if db.postgresql:
-        db.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
-    else:
-        db.execute("SET FOREIGN_KEY_CHECKS = 0")
-        for table in tables:
-            db.execute(f"TRUNCATE TABLE {table}")
-        db.execute("SET FOREIGN_KEY_CHECKS = 1")
-    install(arc_database_name)
-    grant_indexer_user(arc_database_name)
+    db = _emptied(ArcDb(arc_database_name), tables)
     yield db
     db.close()
