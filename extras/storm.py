@@ -343,7 +343,7 @@ class PacsWriter(threading.Thread):
     charset = "utf8mb4"
 
     def __init__(self, db: PrivateMariaDB, rng: random.Random) -> None:
-        super().__init__(name=f"{type(self).__name__}", daemon=True)
+        super().__init__(name=type(self).__name__, daemon=True)
         self.db = db
         self.rng = rng
         self.stopping = threading.Event()
@@ -380,8 +380,10 @@ class PacsWriter(threading.Thread):
     def expected_documents(self) -> dict[int, dict]:
         raise NotImplementedError
 
-    def settle(self) -> None:
-        """Whatever the archive still owes once the writes stop."""
+    def settle(self, delay_seconds: float = 0.0) -> int:
+        """Whatever the archive still owes once the writes stop; how many
+        studies it touched."""
+        return 0
 
     def next_uid(self) -> str:
         self.uid += 1
@@ -821,7 +823,7 @@ class ArcLightWriter(PacsWriter):
             except (pymysql.MySQLError, OSError):
                 self.counts["settling failed while the database was away"] += 1
 
-    def settle(self, delay_seconds: float = 0.0) -> int:  # type: ignore[override]
+    def settle(self, delay_seconds: float = 0.0) -> int:
         """StudySizeScheduler: every study whose size is unknown and that was
         last updated over `delay_seconds` ago gets its size (a bulk update:
         updated_time unchanged) and its counts for every view."""
