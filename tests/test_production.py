@@ -182,14 +182,22 @@ def test_systemd_units_run_the_quiet_client_every_five_minutes():
     assert "Persistent=true" in timer
 
 
+def _run_in_subprocess(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`script` in a Python of its own with client imported, given client.py's
+    arguments -q and `args` in sys.argv[2:]."""
+    prelude = "import sys; sys.path.insert(0, sys.argv[1]); import client\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + script, str(ROOT), "-q", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_sending_lowers_the_cpu_priority_to_the_nice_setting(pacs, service, tmp_path):
     args = write_configs(tmp_path, pacs.name, service.url, nice=7)
-    script = (
-        "import os, sys; sys.path.insert(0, sys.argv[1]); import client;"
-        " code = client.main(sys.argv[2:]); print(os.nice(0)); raise SystemExit(code)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT), "-q", *args], capture_output=True, text=True
+    result = _run_in_subprocess(
+        "import os; code = client.main(sys.argv[2:]); print(os.nice(0)); raise SystemExit(code)",
+        args,
     )
     assert result.returncode == 0, result.stderr
     # Never raised back: a process already nicer (this one, after in-process
@@ -212,15 +220,6 @@ def test_http_proxy_from_the_environment_is_used_and_no_proxy_respected(
     pacs.add_studies(1)
     assert client.main(args) == client.EXIT_DELIVERY  # straight to a host that does not exist
     assert len(service.received) == 2
-
-
-def _run_in_subprocess(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    prelude = "import sys; sys.path.insert(0, sys.argv[1]); import client\n"
-    return subprocess.run(
-        [sys.executable, "-c", prelude + script, str(ROOT), "-q", *args],
-        capture_output=True,
-        text=True,
-    )
 
 
 def test_a_run_does_not_load_cryptography(pacs, service, tmp_path):
