@@ -62,7 +62,16 @@ DELIMITER //
 -- updated since t through that index (its name depends on the install's
 -- history, so it is not forced). The safety window, the watermark capped at
 -- now and the plain reads are those of extras/add_indexer.sql.
+-- SQL SECURITY INVOKER: the procedure runs with the rights of the account that
+-- calls it, never with those of whoever installed it (often root), so calling
+-- it gains the indexer's account nothing it was not granted. (It reads only
+-- the columns of study that grant_indexer*.sql grants and writes only
+-- study_service.) A temporary table the caller made could shadow study or
+-- study_service inside it, but only for that caller's own session and with
+-- that caller's own rights; the indexer's account is not granted CREATE
+-- TEMPORARY TABLES anyway.
 CREATE PROCEDURE indexer_process()
+  SQL SECURITY INVOKER
   MODIFIES SQL DATA
   COMMENT 'DICOM Indexer: enqueue new and changed studies into study_service'
 BEGIN

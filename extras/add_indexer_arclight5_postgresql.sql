@@ -66,10 +66,10 @@ ON CONFLICT (study_pk) DO NOTHING;
 -- study row but in study_query_attrs, a cache rebuilt minutes after each
 -- store: the client holds a pending study until that row is there again and
 -- study_size is computed (the study has settled), and sends it then.
+BEGIN;
 CREATE OR REPLACE FUNCTION indexer_process() RETURNS INTEGER
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path FROM CURRENT
+SECURITY INVOKER
 AS $$
 DECLARE
   safety_window INTERVAL := INTERVAL '300 seconds';
@@ -146,7 +146,24 @@ BEGIN
 END
 $$;
 
+-- The function runs with the caller's rights (SECURITY INVOKER): it can do
+-- nothing the indexer's role could not do by itself, and a definer function
+-- would run as whoever installed it (often a superuser). Its search_path is
+-- pinned all the same, to the schema of the archive's tables first and
+-- pg_temp last, so that no temporary table or function the caller creates
+-- can stand in for study or study_service. In one transaction with CREATE OR
+-- REPLACE, so the function is never seen without it; running this script
+-- again fixes a site installed by an older version (SECURITY DEFINER with
+-- the installer's search_path, where pg_temp came first).
+DO $pin$
+BEGIN
+  EXECUTE format('ALTER FUNCTION indexer_process() SET search_path = %I, pg_temp',
+                 current_schema());
+END
+$pin$;
+
 -- PostgreSQL lets every role execute a new function: only the indexer's role
 -- (extras/grant_indexer_arclight5_postgresql.sql) should. CREATE OR REPLACE
 -- keeps the grants, so running this script again keeps that role's EXECUTE.
 REVOKE EXECUTE ON FUNCTION indexer_process() FROM PUBLIC;
+COMMIT;

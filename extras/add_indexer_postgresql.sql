@@ -49,9 +49,9 @@ ON CONFLICT (study_pk) DO NOTHING;
 -- Enqueues (status 'pending') every study created or changed since the last
 -- call, reading only those rows, and returns how many it enqueued.
 --
--- SECURITY DEFINER: the indexer's role needs EXECUTE, not rights on dcm4chee's
--- tables beyond the columns it reads. search_path is fixed to the schema it
--- was installed in, as a definer function must.
+-- It reads only the columns of study that the indexer's role may read
+-- (extras/grant_indexer_postgresql.sql) and writes only study_service, with
+-- the caller's rights: see the search_path pinned below.
 --
 -- dcm4chee's application server stamps updated_time inside its transaction,
 -- in its local time: a row can become visible with an updated_time below rows
@@ -67,10 +67,10 @@ ON CONFLICT (study_pk) DO NOTHING;
 -- call then looks only at the newest recent_rows studies by primary key, and
 -- `client.py reconcile` finds changes to older ones. `client.py check` says
 -- which way this database is read.
+BEGIN;
 CREATE OR REPLACE FUNCTION indexer_process() RETURNS INTEGER
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path FROM CURRENT
+SECURITY INVOKER
 AS $$
 DECLARE
   safety_window INTERVAL := INTERVAL '300 seconds';
@@ -157,7 +157,24 @@ BEGIN
 END
 $$;
 
+-- The function runs with the caller's rights (SECURITY INVOKER): it can do
+-- nothing the indexer's role could not do by itself, and a definer function
+-- would run as whoever installed it (often a superuser). Its search_path is
+-- pinned all the same, to the schema of the archive's tables first and
+-- pg_temp last, so that no temporary table or function the caller creates
+-- can stand in for study or study_service. In one transaction with CREATE OR
+-- REPLACE, so the function is never seen without it; running this script
+-- again fixes a site installed by an older version (SECURITY DEFINER with
+-- the installer's search_path, where pg_temp came first).
+DO $pin$
+BEGIN
+  EXECUTE format('ALTER FUNCTION indexer_process() SET search_path = %I, pg_temp',
+                 current_schema());
+END
+$pin$;
+
 -- PostgreSQL lets every role execute a new function: only the indexer's role
 -- (extras/grant_indexer_postgresql.sql) should. CREATE OR REPLACE keeps the
 -- grants, so running this script again keeps that role's EXECUTE.
 REVOKE EXECUTE ON FUNCTION indexer_process() FROM PUBLIC;
+COMMIT;

@@ -17,7 +17,8 @@
 --   SELECT on the study columns the documents and versions are made of
 --   SELECT on patient pk, pat_id and pat_name (never the other columns)
 --   SELECT, INSERT, UPDATE, DELETE on study_service, the indexer's own table
---   EXECUTE on indexer_process, which runs with its definer's rights
+--   EXECUTE on indexer_process, which runs with this user's own rights
+--   (SQL SECURITY INVOKER): it can do nothing the grants above do not allow
 -- Nothing else: no study_attrs, no write to any dcm4chee table.
 
 SET @indexer_user = IFNULL(@indexer_user, 'dicom_indexer');

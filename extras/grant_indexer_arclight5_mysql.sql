@@ -19,7 +19,8 @@
 --   SELECT on the columns that lead to the patient's ID and name (patient,
 --   patient_id, person_name) and on the study's counts (study_query_attrs)
 --   SELECT, INSERT, UPDATE, DELETE on study_service, the indexer's own table
---   EXECUTE on indexer_process, which runs with its definer's rights
+--   EXECUTE on indexer_process, which runs with this user's own rights
+--   (SQL SECURITY INVOKER): it can do nothing the grants above do not allow
 -- Nothing else: no dicomattrs, no write to any arc-light table.
 
 SET @indexer_user = IFNULL(@indexer_user, 'dicom_indexer');

@@ -17,7 +17,8 @@
 --   SELECT on the columns that lead to the patient's ID and name (patient,
 --   patient_id, person_name) and on the study's counts (study_query_attrs)
 --   SELECT, INSERT, UPDATE, DELETE on study_service, the indexer's own table
---   EXECUTE on indexer_process(), which runs with its owner's rights
+--   EXECUTE on indexer_process(), which runs with this role's own rights
+--   (SECURITY INVOKER): it can do nothing the grants above do not allow
 -- Nothing else: no write on any table of dcm4chee.
 
 \set ON_ERROR_STOP on

@@ -14,7 +14,8 @@
 --   SELECT on the study columns the documents and versions are made of
 --   SELECT on patient pk, pat_id and pat_name (never the other columns)
 --   SELECT, INSERT, UPDATE, DELETE on study_service, the indexer's own table
---   EXECUTE on indexer_process(), which runs with its owner's rights
+--   EXECUTE on indexer_process(), which runs with this role's own rights
+--   (SECURITY INVOKER): it can do nothing the grants above do not allow
 -- Nothing else: no write on any table of dcm4chee.
 
 \set ON_ERROR_STOP on
