@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 
 # Exit codes, documented in the README ("Códigos de salida").
 EXIT_OK = 0
+EXIT_INTERNAL = 1  # an unexpected error (a bug): one line; -v shows the traceback
 EXIT_CONFIG = 3  # a configuration file is missing or wrong
 EXIT_DATABASE = 4  # the database is unreachable, refused us, or is not installed
 EXIT_DELIVERY = 5  # the service is down or failing: studies left pending
@@ -59,6 +60,13 @@ ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
 ENV_KEY = "DICOM_INDEXER_KEY"
 
 DB_CONNECT_TIMEOUT_SECONDS = 10
+# The longest a statement may go without a byte from the server: far beyond
+# any statement of a run (a tick after a burst of a million rewrites takes a
+# few minutes), and a lock waits at most PG_LOCK_TIMEOUT_SECONDS (or MySQL's
+# innodb_lock_wait_timeout) before the server says so. It only ends a run
+# whose server vanished mid-statement (a host powered off) instead of
+# waiting on TCP forever.
+DB_READ_TIMEOUT_SECONDS = 900
 PG_LOCK_TIMEOUT_SECONDS = 50  # as MySQL's innodb_lock_wait_timeout default
 DEADLOCK_RETRIES = 5
 # How often the sending loop looks again while the initial load is enqueueing.
@@ -157,6 +165,7 @@ class Settings:
     webservice_url: str
     key: str = field(repr=False)
     center: str
+    key_source: str = "config.json: field 'key'"  # for messages: never the key itself
     config_path: Path = Path("config.json")
     server_path: Path = Path("server.json")
     db_engine: str = "mysql"  # or "postgresql": PACS_ENGINES
@@ -184,13 +193,23 @@ class Settings:
     problems: tuple[ConfigError, ...] = ()
 
     def key_problem(self) -> ConfigError | None:
-        """Only commands that send need the key (not --dry-run, status, reconcile)."""
-        if self.key.strip():
-            return None
-        return ConfigError(
-            f"{self.config_path}: field 'key' is missing or empty (or set key_file, or {ENV_KEY})",
-            field="key",
-        )
+        """Only commands that send need the key (not --dry-run, status, reconcile).
+        A key that a header cannot carry would fail every request, or split
+        the header: it is refused here, before any request, and not shown."""
+        if not self.key:
+            return ConfigError(
+                f"{self.config_path}: field 'key' is missing or empty (or set key_file,"
+                f" or {ENV_KEY})",
+                field="key",
+            )
+        problem = header_value_problem(self.key)
+        if problem:
+            return ConfigError(
+                f"{self.key_source}: the API key cannot be sent in an HTTP header: {problem}"
+                " (the key is not shown); copy it again",
+                field="key",
+            )
+        return None
 
 
 _MISSING = object()
@@ -199,13 +218,19 @@ DEFAULT_PORTS = {"mysql": 3306, "postgresql": 5432}
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        # From bytes, json tells UTF-8 from UTF-16 and UTF-32 and skips a
+        # byte order mark: Windows editors (Notepad) write one.
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: is not UTF-8 text (saved as ANSI or Latin-1?): save it as UTF-8"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -287,8 +312,11 @@ class _Fields:
         if not path:
             return None
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            self._problem(name, f"names {path}, which is not UTF-8 text")
+            return None
+        except OSError as exc:
             self._problem(name, f"cannot be read: {exc.strerror or exc}")
             return None
         return lines[0].strip() if lines else ""
@@ -365,19 +393,10 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
     server = _Fields(server_path, _read_json_object(server_path), problems)
     db = top.section("database")
 
-    # Secrets: the environment, then a file of their own, then config.json.
-    password = os.environ.get(ENV_DB_PASSWORD)
-    if password is None:
-        password = db.secret_file("password_file")
-    if password is None:
-        password = db.text("password", default="", allow_empty=True)
-    else:
-        db.ignore("password")
-    key = os.environ.get(ENV_KEY) or top.secret_file("key_file")
-    if key:
-        top.ignore("key")
-    else:
-        key = top.text("key", default="", allow_empty=True)
+    # Secrets: the environment, then a file of their own, then config.json;
+    # surrounding whitespace (a pasted newline) is never part of one.
+    password, _ = _secret(db, "password", "password_file", ENV_DB_PASSWORD)
+    key, key_source = _secret(top, "key", "key_file", ENV_KEY)
 
     url = top.text("webservice_url")
     if url and not url.startswith(("http://", "https://")):
@@ -408,6 +427,7 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         db_unix_socket=db.text("unix_socket", default=None),
         webservice_url=url,
         key=key,
+        key_source=key_source,
         center=server.code("server"),
         page_size=top.number("page_size", default=1000, minimum=1, maximum=100000),
         concurrency=top.number_or_auto("concurrency", minimum=1, maximum=64),
@@ -466,6 +486,36 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
             " data travel unencrypted; use https:// unless this is a private network"
         )
     return dataclasses.replace(settings, warnings=tuple(warnings), problems=tuple(problems))
+
+
+def _secret(fields: _Fields, name: str, file_field: str, variable: str) -> tuple[str, str]:
+    """A secret and where it came from: the environment variable if it is
+    set and not blank (an empty one never hides a configured secret), else
+    the file that `file_field` names, else the field itself."""
+    value = os.environ.get(variable, "").strip()
+    if value:
+        fields.ignore(name)
+        fields.ignore(file_field)
+        return value, f"environment variable {variable}"
+    value = fields.secret_file(file_field)
+    if value is not None:
+        fields.ignore(name)
+        return value, f"{fields.path}: the file in field '{fields.prefix}{file_field}'"
+    value = fields.text(name, default="", allow_empty=True) or ""
+    return value.strip(), f"{fields.path}: field '{fields.prefix}{name}'"
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot travel in an HTTP header, without showing it: a
+    control character (a newline splits the header) or a character outside
+    printable ASCII (http.client refuses some and servers mangle the rest)."""
+    for position, char in enumerate(value, 1):
+        if not " " <= char <= "~":
+            kind = (
+                "a control character" if char < " " or char == "\x7f" else "a non-ASCII character"
+            )
+            return f"character {position} of {len(value)} is {kind}"
+    return None
 
 
 def _readable_by_others(path: Path) -> bool:
@@ -528,6 +578,8 @@ class Outcome:
         )
 
 
+# `status` tells why pending studies wait by reading at most this many of them.
+STATUS_PENDING_ROWS = 10000
 # Without dcm4chee's study_updated index, indexer_process re-reads this many
 # of the newest studies on each call (recent_rows in the install scripts).
 RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
@@ -584,6 +636,7 @@ class MySQLStatements:
     # whose patient row is missing, with p.* NULL.
     SELECT_PENDING_PAGE = (
         "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
+        " q.enqueued_at AS queued_at,"
         " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc, s.updated_time,"
         " s.mods_in_study, s.num_series, s.num_instances,"
         " p.pk AS patient_pk, p.pat_id, p.pat_name"
@@ -617,7 +670,7 @@ class MySQLStatements:
         " status = 'pending', attempts = 0, last_error = NULL, enqueued_at = NOW(6)"
         " WHERE study_pk = %s"
     )
-    STABILITY_CUTOFF = "SELECT NOW() - INTERVAL %s SECOND AS t"
+    DATABASE_NOW = "SELECT NOW(6) AS now"
     OLDEST_PENDING_SECONDS = (
         "SELECT TIMESTAMPDIFF(SECOND, MIN(enqueued_at), NOW(6)) AS age"
         " FROM study_service WHERE status IN ('pending', 'deleting')"
@@ -796,7 +849,7 @@ class PostgreSQLStatements(MySQLStatements):
         " status = 'pending', attempts = 0, last_error = NULL, enqueued_at = LOCALTIMESTAMP"
         " WHERE study_pk = %s"
     )
-    STABILITY_CUTOFF = "SELECT LOCALTIMESTAMP(0) - make_interval(secs => %s) AS t"
+    DATABASE_NOW = "SELECT LOCALTIMESTAMP AS now"
     OLDEST_PENDING_SECONDS = (
         "SELECT EXTRACT(EPOCH FROM LOCALTIMESTAMP - MIN(enqueued_at)) AS age"
         " FROM study_service WHERE status IN ('pending', 'deleting')"
@@ -1067,8 +1120,7 @@ def arclight5_statements(
         )
         SELECT_PENDING_PAGE = (
             "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
-            + documents
-            + f" FROM study_service q{queue_index}"
+            " q.enqueued_at AS queued_at," + documents + f" FROM study_service q{queue_index}"
             " LEFT JOIN study s ON s.pk = q.study_pk"
             + joins
             + " WHERE q.status = 'pending' AND q.study_pk > %s AND q.study_pk <= %s"
@@ -1113,6 +1165,42 @@ def arclight5_statements(
     return ArcLight5Statements
 
 
+@dataclass(frozen=True)
+class StabilityWindow:
+    """A study still receiving images waits until it has been quiet for
+    `seconds` (stable_age_seconds), as the database's clock tells it."""
+
+    now: datetime.datetime
+    seconds: int
+
+    def hold(self, row: Mapping[str, Any]) -> str | None:
+        """Why this pending study waits, or None. A study dated in the future
+        (a PACS clock set wrong) waits `seconds` from when it was enqueued,
+        not until its date: it would otherwise wait, silently, for years."""
+        cutoff = self.now - datetime.timedelta(seconds=self.seconds)
+        updated, queued = row["updated_time"], row["queued_at"]
+        if not isinstance(updated, datetime.datetime) or updated <= cutoff:
+            return None
+        if isinstance(queued, datetime.datetime) and queued <= cutoff:
+            return None
+        if updated > self.now:
+            return (
+                "dated in the future (updated_time is ahead of the database's clock):"
+                " sent stable_age_seconds after it was enqueued"
+            )
+        return "still receiving images: sent once quiet for stable_age_seconds"
+
+
+def hold_reason(
+    row: Mapping[str, Any], schema: Dcm4chee2, window: StabilityWindow | None
+) -> str | None:
+    """Why a pending study is not sent in this run, or None to send it."""
+    reason = window.hold(row) if window is not None else None
+    if reason is None and not schema.settled(row):
+        reason = "the archive has not computed its counts yet (arc-light: study_query_attrs)"
+    return reason
+
+
 def detect_schema(columns: set[tuple[str, str]], view: str) -> Dcm4chee2:
     """Which schema a database holds, from the SCHEMA_PROBES columns found."""
     if ("study", "num_instances") in columns or ("study_query_attrs", "view_id") not in columns:
@@ -1140,6 +1228,7 @@ class Pacs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.where = f"database '{settings.db_name}' on {settings.db_host}:{settings.db_port}"
+        self.statement = ""  # the last one run: named when it fails
         try:
             self.conn = self._connect()
         except self.Error as exc:
@@ -1259,6 +1348,9 @@ class Pacs:
         or procedure raises check_installed()'s error, which names the fix;
         a missing privilege points at the grant script."""
         message = f"database error on {self.where}: {self.describe(exc)}"
+        if self.statement:
+            # Which statement met it: a lock wait names what waited.
+            message += f", in {statement_label(self.statement)}"
         if self.is_missing_object(exc):
             try:
                 self.check_installed()
@@ -1460,11 +1552,13 @@ class Pacs:
     def rowcount(self, sql: str, args: Any = None) -> int:
         raise NotImplementedError
 
-    def stability_cutoff(self) -> datetime.datetime | None:
-        """Studies updated after this are still receiving images (stable_age_seconds)."""
+    def stability_window(self) -> StabilityWindow | None:
+        """stable_age_seconds, on the database's clock (the one that stamps
+        updated_time and enqueued_at); None when it is not set."""
         if not self.settings.stable_age_seconds:
             return None
-        return self.query(self.SQL.STABILITY_CUTOFF, (self.settings.stable_age_seconds,))[0]["t"]
+        now = self.query(self.SQL.DATABASE_NOW)[0]["now"]
+        return StabilityWindow(now, self.settings.stable_age_seconds)
 
     # -- reconcile --------------------------------------------------------
 
@@ -1495,6 +1589,17 @@ class Pacs:
     def finish_reconcile(self) -> None:
         self.query(self.SQL.DELETE_ROW, (RECONCILE_ROW_PK,))
 
+    def held_reasons(self) -> dict[str, int]:
+        """Why pending studies wait, as a run would decide now: reason ->
+        how many (among the first STATUS_PENDING_ROWS pending)."""
+        window = self.stability_window()
+        reasons: collections.Counter[str] = collections.Counter()
+        for row in itertools.islice(self.pending_studies(), STATUS_PENDING_ROWS):
+            reason = None if self.schema.withdrawn(row) else hold_reason(row, self.schema, window)
+            if reason:
+                reasons[reason] += 1
+        return dict(reasons)
+
     def oldest_pending_seconds(self) -> int | None:
         age = self.query(self.SQL.OLDEST_PENDING_SECONDS)[0]["age"]
         return None if age is None else int(age)
@@ -1511,6 +1616,7 @@ class Pacs:
         initial = self.initial_state()
         return {
             "counts": counts,
+            "held": self.held_reasons() if counts[PENDING] else {},
             "oldest_pending_seconds": self.oldest_pending_seconds(),
             "last_sent_at": _format_datetime(last_sent),
             "initial_load": None
@@ -1616,19 +1722,24 @@ class MySQLPacs(Pacs):
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
+            read_timeout=DB_READ_TIMEOUT_SECONDS,
+            write_timeout=DB_READ_TIMEOUT_SECONDS,
             cursorclass=pymysql.cursors.DictCursor,
         )
 
     def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        self.statement = sql
         with self.conn.cursor() as cur:
             cur.execute(sql, args)
             return list(cur.fetchall())
 
     def rowcount(self, sql: str, args: Any = None) -> int:
+        self.statement = sql
         with self.conn.cursor() as cur:
             return cur.execute(sql, args)
 
     def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        self.statement = sql
         with self.conn.cursor() as cur:
             cur.executemany(sql, rows)
 
@@ -1701,6 +1812,13 @@ class PostgreSQLPacs(Pacs):
             application_name="dicom-indexer",
         )
         conn.autocommit = True
+        # pg8000's timeout is the socket's, for every read, not only for
+        # connecting: left at DB_CONNECT_TIMEOUT_SECONDS, a statement waiting
+        # on a lock for longer would end the run with a socket error before
+        # lock_timeout could answer. From here on, reads wait as MySQL's do.
+        sock = getattr(conn, "_usock", None)
+        if sock is not None:
+            sock.settimeout(DB_READ_TIMEOUT_SECONDS)
         # MySQL gives up on a lock after 50 s (innodb_lock_wait_timeout);
         # PostgreSQL would wait forever on a transaction left open. A
         # lock_timeout set for the role or database is kept.
@@ -1712,6 +1830,7 @@ class PostgreSQLPacs(Pacs):
         return conn
 
     def _run(self, sql: str, args: Any) -> Any:
+        self.statement = sql
         cur = self.conn.cursor()
         cur.execute(sql, args if args is not None else ())
         return cur
@@ -1796,6 +1915,19 @@ PACS_ENGINES: dict[str, type[Pacs]] = {"mysql": MySQLPacs, "postgresql": Postgre
 def open_pacs(settings: Settings) -> Pacs:
     """The PACS database that config.json names, on its engine."""
     return PACS_ENGINES[settings.db_engine](settings)
+
+
+def statement_label(sql: str) -> str:
+    """What a statement does, for an error line: 'indexer_process', 'UPDATE
+    study_service', 'SELECT from study'. Never its arguments."""
+    if "indexer_process" in sql:
+        return "indexer_process (finding the new and changed studies)"
+    verb = sql.split(None, 1)[0].upper() if sql.strip() else "statement"
+    table = re.search(r"\b(FROM|INTO|UPDATE)\s+(\w+)", sql, re.IGNORECASE)
+    if table is None:
+        return verb
+    preposition = "on" if table.group(1).upper() == "UPDATE" else table.group(1).lower()
+    return f"{verb} {preposition} {table.group(2)}"
 
 
 def _mysql_message(exc: Exception, reasons: Mapping[Any, str] | None = None) -> str:
@@ -2481,14 +2613,13 @@ def deliver_pending(
     settings: Settings,
     report: RunReport,
     limit: int | None = None,
-    dry_run_out: Any | None = None,
     total: int | Callable[[], int] = 0,
-    hold_after: datetime.datetime | None = None,
+    window: StabilityWindow | None = None,
     frontier: Callable[[int], int | None] | None = None,
 ) -> None:
     """Sends every pending study, recording each answer in study_service.
 
-    Studies updated after `hold_after` (the stability window) wait for a later
+    Studies still receiving images (the stability `window`) wait for a later
     run. Then, with send_deletes, the studies gone from dcm4chee are DELETEd.
 
     The main thread reads pages, builds documents and writes acknowledgements
@@ -2531,7 +2662,7 @@ def deliver_pending(
 
     def add_workers() -> None:
         wanted = min(concurrency.maximum, int(concurrency.limit))
-        while dry_run_out is None and len(workers) < wanted:
+        while len(workers) < wanted:
             worker = threading.Thread(target=work, name=f"sender-{len(workers)}", daemon=True)
             worker.start()
             workers.append(worker)
@@ -2591,18 +2722,10 @@ def deliver_pending(
                 pacs.mark_gone([(row["queued_pk"], row["known_iuid"])])
                 report.gone += 1
                 continue
-            updated = row["updated_time"]
-            if hold_after and isinstance(updated, datetime.datetime) and updated > hold_after:
-                report.held += 1  # still receiving images: sent once it is quiet
-                continue
-            if not pacs.schema.settled(row):
-                report.held += 1  # arc-light has not recomputed its counts yet
+            if hold_reason(row, pacs.schema, window):
+                report.held += 1  # a later run sends it
                 continue
             document = pacs.schema.document(row, settings.center)
-            if dry_run_out is not None:
-                dry_run_out.write(json.dumps(document, ensure_ascii=False) + "\n")
-                submitted += 1
-                continue
             body = encode_document(document)
             version = document_version(body)
             if version == row["sent_version"]:
@@ -2631,7 +2754,7 @@ def deliver_pending(
                 log.warning("requests still unanswered after SIGTERM: left pending")
                 break
         settle_answers()
-        if dry_run_out is None and not report.stopped:
+        if not report.stopped:
             _delete_gone(pacs, sender, delivery)
     finally:
         if any(worker.is_alive() for worker in workers):  # leaving on an exception
@@ -2641,12 +2764,34 @@ def deliver_pending(
                 jobs.put(None)
             settle_answers()
         delivery.progress.close()
-        if dry_run_out is None:
-            delivery.flush(force=True)
+        delivery.flush(force=True)
     if report.exit_code == EXIT_OK and report.undelivered:
         report.exit_code = EXIT_DELIVERY
     if report.exit_code == EXIT_OK and report.failed:
         report.exit_code = EXIT_REJECTED
+
+
+def print_pending_documents(pacs: Pacs, settings: Settings, out: Any, limit: int | None) -> int:
+    """--dry-run: the JSON documents the pending studies would be sent as,
+    one per line, and nothing else: no write to the database (a study gone
+    from the PACS is only logged), no request, no lock."""
+    log.info("dry run: printing the pending studies' documents, sending and writing nothing")
+    window = pacs.stability_window()
+    printed = 0
+    for row in pacs.pending_studies():
+        if limit is not None and printed >= limit:
+            break
+        if pacs.schema.withdrawn(row):
+            log.info("dry run: study %d is gone from the PACS (a run marks it)", row["queued_pk"])
+            continue
+        reason = hold_reason(row, pacs.schema, window)
+        if reason:
+            log.info("dry run: study %d waits: %s", row["study_pk"], reason)
+            continue
+        document = pacs.schema.document(row, settings.center)
+        out.write(json.dumps(document, ensure_ascii=False) + "\n")
+        printed += 1
+    return printed
 
 
 def _delete_gone(pacs: Pacs, sender: Sender | None, delivery: _Delivery) -> None:
@@ -2742,16 +2887,7 @@ def run_send(
     loader: _InitialLoad | None = None
     try:
         if dry_run:
-            log.info("dry run: printing the pending studies' documents, sending nothing")
-            deliver_pending(
-                pacs,
-                None,
-                settings,
-                report,
-                limit=limit,
-                dry_run_out=sys.stdout,
-                hold_after=pacs.stability_cutoff(),
-            )
+            print_pending_documents(pacs, settings, sys.stdout, limit)
             return EXIT_OK
         pacs.acquire_run_lock()
         if command == "initial":
@@ -2776,7 +2912,7 @@ def run_send(
                 report,
                 limit=limit,
                 total=pacs.count_studies if loader else pending,
-                hold_after=pacs.stability_cutoff(),
+                window=pacs.stability_window(),
                 frontier=loader.frontier if loader else None,
             )
         if loader:
@@ -2980,6 +3116,8 @@ def run_status(settings: Settings, as_json: bool) -> int:
     lines = [f"study_service in {pacs.where}"]
     for name in (SENT, PENDING, FAILED, DELETING, DELETED):
         lines.append(f"  {name:<8} {counts.get(name, 0):>10,}")
+    for reason, count in sorted(status["held"].items()):
+        lines.append(f"  held     {count:>10,}  {reason}")
     age = status["oldest_pending_seconds"]
     lines.append("oldest pending: " + ("none" if age is None else _format_age(age)))
     lines.append("last delivery:  " + (status["last_sent_at"] or "never"))
@@ -3083,6 +3221,7 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
 # The README's "Códigos de salida", for --help.
 EXIT_CODE_HELP = (
     (EXIT_OK, "everything pending was delivered"),
+    (EXIT_INTERNAL, "internal error (a bug): one line, -v for the traceback; nothing is lost"),
     (2, "wrong command line"),
     (EXIT_CONFIG, "configuration: a file or field is missing or wrong"),
     (EXIT_DATABASE, "database: unreachable, refused the login, or indexer not installed"),
@@ -3234,6 +3373,32 @@ def write_metrics(path: Path, report: RunReport, exit_code: int) -> None:
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# The API key and the database password, once known: no log line shows them.
+_SECRETS: set[str] = set()
+
+
+def hide_secrets(*secrets: str | None) -> None:
+    """From now on, these never appear in a log line or a printed message."""
+    _SECRETS.update(secret for secret in secrets if secret)
+
+
+def redact(text: str) -> str:
+    """`text` with every secret blanked out, also as a repr or a URL writes
+    it: the last line of defence for text no one wrote for a log (a driver's
+    error, a traceback, a service that echoes the key back)."""
+    for secret in _SECRETS:
+        for form in {secret, repr(secret)[1:-1], urllib.parse.quote(secret, safe="")}:
+            if form:
+                text = text.replace(form, "***")
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return redact(super().formatException(ei))
 
 
 class _LogFileHandler(logging.handlers.RotatingFileHandler):
@@ -3261,7 +3426,7 @@ def _add_log_file(path: Path, verbose: bool) -> None:
     except OSError as exc:
         log.warning("cannot open log_file %s: %s", path, exc.strerror or exc)
         return
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(_RedactingFormatter(LOG_FORMAT))
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.addHandler(handler)
     # The file keeps the INFO summary even when -q silences the terminal.
@@ -3270,7 +3435,7 @@ def _add_log_file(path: Path, verbose: bool) -> None:
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(_RedactingFormatter(LOG_FORMAT))
     handler.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for old in log.handlers:
         old.close()
@@ -3294,6 +3459,19 @@ def missing_packages() -> list[str]:
     ]
 
 
+def internal_error_line(exc: BaseException) -> str:
+    """One line for an error nobody expected: its kind and where it came
+    from, never its text (which may hold patient data)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return (
+        f"internal error: {type(exc).__name__}{where}; what was acknowledged is recorded;"
+        " run again with -v for the traceback and report it"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit code."""
     parser = build_parser()
@@ -3314,10 +3492,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("adopt needs --from OLD/config.json, and only adopt takes it")
     _setup_logging(args.verbose, args.quiet)
     try:
+        return run_command(args)
+    except Exception as exc:  # a bug outside a command (its own handler writes metrics)
+        log.debug("internal error", exc_info=True)
+        log.error("%s", internal_error_line(exc))
+        return EXIT_INTERNAL
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Loads the settings, runs the command, writes the metrics: main()
+    after the command line is parsed and logging set up."""
+    try:
         settings = load_settings(args.config, args.server)
     except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    hide_secrets(settings.key, settings.db_password)
     sending = args.command in ("run", "initial", "retry-failed") and not args.dry_run
     if args.command != "check":  # check lists every problem and warning itself
         problems = list(settings.problems)
@@ -3331,10 +3521,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings.log_file:
         _add_log_file(settings.log_file, args.verbose)
     if args.command != "check":
-        # Under cron (-q) a setup warning would be mailed every 5 minutes:
-        # it goes to log_file only; `check` and a run by hand show it.
+        # Under cron (-q) too: a secret readable by every user of the PACS
+        # server, or sent in clear, is worth a mail until it is fixed.
         for warning in settings.warnings:
-            (log.info if args.quiet else log.warning)("%s", warning)
+            log.warning("%s", warning)
     report = RunReport()
     if (sending or args.command == "reconcile") and hasattr(os, "nice"):
         # On the PACS server, the PACS and its database come first: when the
@@ -3371,6 +3561,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; what was acknowledged is recorded, the rest stays pending")
         exit_code = EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line for cron, the traceback with -v
+        log.debug("internal error", exc_info=True)
+        log.error("%s", internal_error_line(exc))
+        exit_code = EXIT_INTERNAL
     finally:
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous_handler)

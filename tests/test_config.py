@@ -137,7 +137,7 @@ def test_every_command_has_help_and_every_exit_code_a_line():
         assert command in text
     codes = text.split("exit codes:\n", 1)[1]
     assert [line.split()[0] for line in codes.splitlines()] == [
-        "0", "2", "3", "4", "5", "6", "7", "8", "9", "130", "143"
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "130", "143"
     ]  # fmt: skip
     assert codes.endswith("recorded\n")
 
@@ -203,3 +203,87 @@ def test_misspelt_field_is_named_in_a_warning(tmp_path, pacs, service, configs, 
     err = capsys.readouterr().err
     assert "config.json: unknown field 'concurency' ignored (misspelt?)" in err
     assert "config.json: unknown field 'database.hots' ignored (misspelt?)" in err
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"], ids=["utf8-bom", "utf16-notepad"])
+def test_files_saved_by_a_windows_editor_are_read(tmp_path, pacs, service, configs, encoding):
+    study = pacs.add_study(pacs.add_patient())
+    for name in ("config.json", "server.json"):
+        path = tmp_path / name
+        text = path.read_text().replace("\n", "\r\n")
+        path.write_bytes(text.encode(encoding))
+    assert client.main(configs) == 0
+    assert service.study_pks() == [study]
+
+
+def test_config_json_in_latin1_is_one_line_saying_so(tmp_path, pacs, service, configs, capsys):
+    path = _write(tmp_path, configs, "config.json", {"webservice_url": "http://x/año"})
+    path.write_bytes(path.read_text().replace("\\u00f1", "ñ").encode("latin-1"))
+    assert client.main(configs) == client.EXIT_CONFIG
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(
+        f"ERROR {path}: is not UTF-8 text (saved as ANSI or Latin-1?): save it as UTF-8"
+    )
+
+
+def test_empty_environment_variables_do_not_hide_the_configured_secrets(
+    tmp_path, pacs, service, configs, monkeypatch
+):
+    pacs.add_study(pacs.add_patient())
+    monkeypatch.setenv("DICOM_INDEXER_KEY", "")
+    monkeypatch.setenv("DICOM_INDEXER_DB_PASSWORD", "  ")
+    assert client.main(configs) == 0
+    assert service.received[0].headers["X-Api-Key"] == API_KEY
+
+
+def test_secrets_are_stripped_of_surrounding_whitespace(tmp_path, pacs, service, configs):
+    pacs.add_study(pacs.add_patient())
+    _write(
+        tmp_path,
+        configs,
+        "config.json",
+        {"key": f" {API_KEY}\r\n", "database.password": f"{INDEXER_PASSWORD}\n"},
+    )
+    assert client.main(configs) == 0
+    assert service.received[0].headers["X-Api-Key"] == API_KEY
+
+
+BAD_KEYS = [
+    ("key-with\nnewline", "character 9 of 16 is a control character"),
+    ("key-with-\u00f1and\u00fa", "character 10 of 14 is a non-ASCII character"),
+    ("clave-\u4e2d\u6587", "character 7 of 8 is a non-ASCII character"),
+]
+
+
+@pytest.mark.parametrize("key, problem", BAD_KEYS, ids=["newline", "latin-1", "cjk"])
+def test_a_key_no_header_can_carry_is_a_config_error_before_any_request(
+    tmp_path, pacs, service, configs, capsys, key, problem
+):
+    pacs.add_studies(3)
+    _write(tmp_path, configs, "config.json", {"key": key})
+    assert client.main(["initial", *configs]) == client.EXIT_CONFIG
+    err = capsys.readouterr().err
+    [line] = err.strip().splitlines()
+    assert line.endswith(
+        f"{tmp_path / 'config.json'}: field 'key': the API key cannot be sent in an HTTP"
+        f" header: {problem} (the key is not shown); copy it again"
+    )
+    assert "key-with" not in err and "clave" not in err
+    assert service.attempts == []
+    assert pacs.statuses() == {}  # not even enqueued: the run stopped before the database
+
+    assert client.main(["check", *configs]) == client.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert f"FAILED  configuration: {tmp_path / 'config.json'}: field 'key': the API key" in out
+    assert "skipped webservice: fix the fields above first" in out
+    assert "key-with" not in out and "clave" not in out
+
+
+def test_a_bad_key_from_the_environment_names_the_variable(
+    tmp_path, pacs, service, configs, capsys, monkeypatch
+):
+    monkeypatch.setenv("DICOM_INDEXER_KEY", "abc\ndef")
+    assert client.main(configs) == client.EXIT_CONFIG
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "environment variable DICOM_INDEXER_KEY: the API key cannot be sent" in line
+    assert "abc" not in line

@@ -114,6 +114,7 @@ def test_lock_wait_timeout_is_one_line_exit_4_and_the_next_run_completes(pacs, s
     assert process.returncode == client.EXIT_DATABASE, stderr
     [error] = _errors(stderr)
     assert "lock wait timeout: a PACS transaction held the rows (" in error
+    assert error.endswith("in indexer_process (finding the new and changed studies)")
     assert service.attempts == []
     assert client.main(configs) == 0
     assert service.study_pks() == [study]

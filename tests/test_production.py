@@ -4,6 +4,7 @@ for risky setups, secrets from files, the metrics file, the log file."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -111,10 +112,22 @@ def test_config_readable_by_others_warns_with_the_fix(pacs, service, tmp_path, c
     assert _warnings(capsys.readouterr().err) == []
 
 
+def test_warnings_that_matter_reach_cron_mail_even_when_quiet(pacs, service, tmp_path, capsys):
+    pacs.add_study(pacs.add_patient())
+    args = write_configs(tmp_path, pacs.name, service.url)
+    (tmp_path / "config.json").chmod(0o644)
+    assert client.main(["-q", *args]) == 0
+    err = capsys.readouterr().err
+    [warning] = _warnings(err)
+    assert "holds the database password and the API key and other users" in warning
+    assert " INFO " not in err  # the summary stays out of cron's mail
+
+
 def test_key_and_password_from_files(pacs, service, tmp_path):
     pacs.add_study(pacs.add_patient())
-    (tmp_path / "key").write_text("key-from-file\n")
-    (tmp_path / "db-password").write_text(INDEXER_PASSWORD + "\n")
+    # As Notepad saves them: a byte order mark and CRLF.
+    (tmp_path / "key").write_bytes("key-from-file \r\n".encode("utf-8-sig"))
+    (tmp_path / "db-password").write_bytes((INDEXER_PASSWORD + "\r\n").encode("utf-8-sig"))
     args = write_configs(
         tmp_path,
         pacs.name,
@@ -180,6 +193,42 @@ def test_systemd_units_run_the_quiet_client_every_five_minutes():
     assert "client.py -q" in service
     assert "OnCalendar=*:0/5" in timer
     assert "Persistent=true" in timer
+
+
+HARDENING = (
+    "UMask=0077",
+    "MemoryMax=",
+    "PrivateDevices=true",
+    "ProtectKernelTunables=true",
+    "ProtectKernelModules=true",
+    "ProtectKernelLogs=true",
+    "ProtectControlGroups=true",
+    "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    "SystemCallFilter=@system-service",
+    "LockPersonality=true",
+    "RestrictRealtime=true",
+    "RestrictSUIDSGID=true",
+)
+
+
+def test_systemd_service_is_hardened_and_its_run_time_bounded():
+    from conftest import ROOT
+
+    path = ROOT / "extras" / "dicom-indexer.service"
+    lines = path.read_text().splitlines()
+    for directive in HARDENING:
+        assert any(line.startswith(directive) for line in lines), directive
+    [timeout] = [line for line in lines if line.startswith("TimeoutStartSec=")]
+    assert timeout != "TimeoutStartSec=infinity"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return  # the directives above are what it rates
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", str(path)], capture_output=True, text=True
+    )
+    exposure = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert exposure, result.stdout + result.stderr
+    assert float(exposure.group(1)) <= 2.0, result.stdout
 
 
 def _run_in_subprocess(script: str, args: list[str]) -> subprocess.CompletedProcess:
