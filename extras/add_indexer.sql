@@ -61,6 +61,19 @@ PREPARE indexer_ddl FROM @indexer_ddl;
 EXECUTE indexer_ddl;
 DEALLOCATE PREPARE indexer_ddl;
 
+-- Added in 2.2, to a table an earlier version installed: when a study that
+-- failed is tried again (a study's trouble is that study's: the others go on).
+SET @indexer_ddl = IF(
+  (SELECT COUNT(*) FROM information_schema.COLUMNS
+    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study_service'
+      AND COLUMN_NAME = 'next_attempt_at') = 0,
+  'ALTER TABLE study_service ADD COLUMN next_attempt_at DATETIME(6) NULL
+     COMMENT ''pending after a failure: not tried again before this''',
+  'DO 0');
+PREPARE indexer_ddl FROM @indexer_ddl;
+EXECUTE indexer_ddl;
+DEALLOCATE PREPARE indexer_ddl;
+
 -- The cursor starts at installation time: studies stored from now on are
 -- enqueued by indexer_process; `client.py initial` sends the older ones.
 -- INSERT IGNORE keeps the position of an existing install.
@@ -227,7 +240,7 @@ BEGIN
        study_version, enqueued_at, study_iuid)
     VALUES (row_pk, 'pending', 0, NULL, row_updated, row_version, now_time, row_iuid)
     ON DUPLICATE KEY UPDATE
-      status = 'pending', attempts = 0, last_error = NULL,
+      status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = NULL,
       study_updated_time = row_updated, study_version = row_version,
       enqueued_at = now_time, study_iuid = row_iuid;
     SET enqueued = enqueued + 1;

@@ -30,9 +30,24 @@ CREATE TABLE IF NOT EXISTS study_service (
   sent_at DATETIME(6) NULL,
   study_iuid VARCHAR(255) CHARACTER SET utf8mb4 NULL,
   cursor_pk BIGINT NULL COMMENT 'bookkeeping rows only: a study pk position',
+  next_attempt_at DATETIME(6) NULL
+    COMMENT 'pending after a failure: not tried again before this',
   PRIMARY KEY (study_pk),
   INDEX study_service_status (status, study_pk)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Added in 2.2, to a table an earlier version installed: when a study that
+-- failed is tried again (a study's trouble is that study's: the others go on).
+SET @indexer_ddl = IF(
+  (SELECT COUNT(*) FROM information_schema.COLUMNS
+    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study_service'
+      AND COLUMN_NAME = 'next_attempt_at') = 0,
+  'ALTER TABLE study_service ADD COLUMN next_attempt_at DATETIME(6) NULL
+     COMMENT ''pending after a failure: not tried again before this''',
+  'DO 0');
+PREPARE indexer_ddl FROM @indexer_ddl;
+EXECUTE indexer_ddl;
+DEALLOCATE PREPARE indexer_ddl;
 
 -- The cursor starts at installation time: studies stored from now on are
 -- enqueued by indexer_process; `client.py initial` sends the older ones.
@@ -138,7 +153,7 @@ BEGIN
       -- Withdrawn (complete rejection) and now back (the rejection revoked):
       -- sent again as new. Before status: MySQL assigns left to right.
       sent_version = IF(status IN ('deleted', 'deleting'), NULL, sent_version),
-      status = 'pending', attempts = 0, last_error = NULL,
+      status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = NULL,
       study_updated_time = row_updated, study_version = row_version,
       enqueued_at = now_time, study_iuid = row_iuid;
     SET enqueued = enqueued + 1;

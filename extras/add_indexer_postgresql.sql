@@ -28,8 +28,11 @@ CREATE TABLE IF NOT EXISTS study_service (
   enqueued_at TIMESTAMP,
   sent_at TIMESTAMP,
   study_iuid TEXT,
-  cursor_pk BIGINT
+  cursor_pk BIGINT,
+  next_attempt_at TIMESTAMP
 );
+-- Added in 2.2, to a table an earlier version installed.
+ALTER TABLE study_service ADD COLUMN IF NOT EXISTS next_attempt_at TIMESTAMP;
 CREATE INDEX IF NOT EXISTS study_service_status ON study_service (status, study_pk);
 COMMENT ON TABLE study_service IS
   'DICOM Indexer: studies to register with the central index, and what it acknowledged';
@@ -39,6 +42,8 @@ COMMENT ON COLUMN study_service.study_version IS
   'MD5 of the study row when last enqueued';
 COMMENT ON COLUMN study_service.sent_version IS
   'MD5 of the JSON document last acknowledged by the service';
+COMMENT ON COLUMN study_service.next_attempt_at IS
+  'pending after a failure: not tried again before this';
 
 -- The cursor starts at installation time: studies stored from now on are
 -- enqueued by indexer_process; `client.py initial` sends the older ones.
@@ -136,7 +141,7 @@ BEGIN
       FROM changed c LEFT JOIN study_service known ON known.study_pk = c.pk
      WHERE known.study_version IS DISTINCT FROM c.version
     ON CONFLICT (study_pk) DO UPDATE SET
-      status = 'pending', attempts = 0, last_error = NULL,
+      status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = NULL,
       study_updated_time = EXCLUDED.study_updated_time,
       study_version = EXCLUDED.study_version, enqueued_at = EXCLUDED.enqueued_at,
       study_iuid = EXCLUDED.study_iuid

@@ -16,14 +16,22 @@ would, and faults are injected at random, each several times:
   service_503          ... answering 503
   service_slow         ... answering after the client's read timeout
   service_cut          ... closing connections before answering
+  study_403            ... refusing one study (403, a firewall that dislikes it)
   reconcile_beside     `client.py reconcile` started beside a tick
 
+and all along, one study of the archive is poison: the service answers 500
+to it, whatever it says, until the faults stop. The others must not wait
+for it.
+
 Then the faults stop (and arc-light's scheduler settles what it still owes);
-one `client.py reconcile` and one `client.py` run (with
-send_deletes), and every study is compared: the last document the service
-accepted must equal the one built from the database now, every deleted study
-must have been DELETEd, nothing else may be in the index, and every
-study_service row must say sent or deleted.
+the poison is cured and the refused study let through; the studies waiting
+after a failure see their wait pass (as an hour later); one `client.py
+reconcile` and one `client.py retry-failed` (with send_deletes), and every
+study is compared: the last document the service accepted must equal the
+one built from the database now, every deleted study must have been
+DELETEd, nothing else may be in the index, every study_service row must say
+sent or deleted, and no study but the refused one may have been marked
+failed.
 
     python extras/storm.py --seconds 1800          # the long run
     python extras/storm.py --seconds 90 --json storm.json
@@ -69,6 +77,7 @@ FAULTS = (
     "service_503",
     "service_slow",
     "service_cut",
+    "study_403",
     "reconcile_beside",
 )
 TICK_INTERVAL_SECONDS = 2.0
@@ -235,6 +244,10 @@ class CentralIndex:
         self.posts: collections.Counter = collections.Counter()
         self.deletes: collections.Counter = collections.Counter()
         self.posts_without_counts = 0
+        self.poison: set[int] = set()  # answered 500, never stored
+        self.refused: set[int] = set()  # answered 403, never stored
+        self.refuse_next = False  # the next study posted joins `refused`
+        self.poison_posts = 0
         self.mode = "ok"
         self.port = free_port()
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -273,8 +286,18 @@ class CentralIndex:
                 except ValueError:  # a client killed mid-request: nothing to store
                     self.close_connection = True
                     return
+                pk = document["study_pk"]
+                if self.command == "POST" and pk in index.poison:
+                    index.poison_posts += 1
+                    self._answer(500)
+                    return
+                if self.command == "POST" and index.refuse_next:
+                    index.refuse_next = False
+                    index.refused.add(pk)
+                if self.command == "POST" and pk in index.refused:
+                    self._answer(403)
+                    return
                 with index.lock:
-                    pk = document["study_pk"]
                     if self.command == "POST":
                         index.documents[pk] = document
                         index.posts[pk] += 1
@@ -941,6 +964,7 @@ class Storm:
         self.service_fault_until = 0.0
         self.current = ""  # the fault being injected
         self.log_lines: list[str] = []
+        self.refused_studies: set[int] = set()  # every study the service refused
 
     # -- set-up -------------------------------------------------------------
 
@@ -953,10 +977,12 @@ class Storm:
         for user, password in ((INDEXER_USER, INDEXER_PASSWORD), (PACS_USER, PACS_PASSWORD)):
             self.db.admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
             self.db.admin(f"GRANT ALL ON {DATABASE}.* TO '{user}'@'%'")
-        # An archive from before the install, for `initial`.
+        # An archive from before the install, for `initial`; one of its
+        # studies the service cannot take until the faults stop.
         conn = self.db.connect(PACS_USER, PACS_PASSWORD)
         with conn, conn.cursor() as cur:
             self.writer.seed_archive(cur)
+        self.index.poison.add(self.rng.randint(1, ARCHIVE_STUDIES))
         self.db.run_file(DATABASE, self.writer.indexer_sql)
         config = {
             "database": {
@@ -1016,7 +1042,7 @@ class Storm:
                 self.ticks.remove(process)
                 # -9: killed; -15: SIGTERM before the client set its handler
                 # (still importing), with nothing started.
-                if code not in (0, 4, 5, 8, 143, -9, -15) or "Traceback" in err:
+                if code not in (0, 4, 5, 6, 8, 143, -9, -15) or "Traceback" in err:
                     self.say(f"unexpected: exit {code}: {err.strip()[-500:]}")
                     self.exit_codes["unexpected"] += 1
 
@@ -1074,6 +1100,9 @@ class Storm:
         elif fault.startswith("service_"):
             self.index.set_mode(fault[len("service_") :])
             self.service_fault_until = time.monotonic() + self.rng.uniform(*SERVICE_FAULT_SECONDS)
+        elif fault == "study_403":
+            self.index.refuse_next = True
+            self.service_fault_until = time.monotonic() + self.rng.uniform(*SERVICE_FAULT_SECONDS)
         elif fault == "reconcile_beside":
             self.running_tick()
             self.ticks.append(self.client("reconcile"))
@@ -1095,8 +1124,7 @@ class Storm:
             now = time.monotonic() - storm_started
             self.reap()
             if self.service_fault_until and time.monotonic() > self.service_fault_until:
-                self.index.set_mode("ok")
-                self.service_fault_until = 0.0
+                self._service_heals()
             if schedule and schedule[0][0] <= now and not self.service_fault_until:
                 self.inject(schedule.pop(0)[1])
             if not self.ticks and time.monotonic() - last_tick >= TICK_INTERVAL_SECONDS:
@@ -1107,20 +1135,39 @@ class Storm:
         writer.stopping.set()
         writer.join()
         writer.settle()
-        self.index.set_mode("ok")
+        self._service_heals()
+        poison = set(self.index.poison)
+        self.index.poison.clear()
         for process in self.ticks:
             process.wait()
         self.reap()
         storm_seconds = time.monotonic() - storm_started
 
+        # What an administrator finds: `status` lists the failed studies;
+        # after the fix, `retry-failed` sends them, and the studies waiting
+        # after a failure (which, an hour later, would go by themselves).
+        failed = {
+            row["study_pk"]
+            for row in self.db.admin(
+                "SELECT study_pk FROM study_service WHERE status = 'failed'", database=DATABASE
+            )
+        }
+        self.db.admin(
+            "UPDATE study_service SET next_attempt_at = NOW(6) WHERE next_attempt_at > NOW(6)",
+            database=DATABASE,
+        )
         final_codes = []
-        for command in (("reconcile",), ()):
+        for command in (("reconcile",), ("retry-failed",)):
             process = self.client(*command)
             _, err = process.communicate()
             final_codes.append(process.returncode)
             if process.returncode != 0:
                 self.say(f"final {' '.join(command) or 'run'}: exit {process.returncode}: {err}")
         differences = self.compare()
+        differences += [
+            f"study {pk}: marked failed; the service refused only {sorted(self.refused_studies)}"
+            for pk in sorted(failed - self.refused_studies)
+        ]
         posts = sum(self.index.posts.values())
         db_studies = len(self.writer.expected_documents())
         result = {
@@ -1136,10 +1183,22 @@ class Storm:
             "max_posts_one_study": max(self.index.posts.values(), default=0),
             "deletes": sum(self.index.deletes.values()),
             "posts_without_counts": self.index.posts_without_counts,
+            "poison_study": sorted(poison),
+            "poison_posts": self.index.poison_posts,
+            "refused_studies": sorted(self.refused_studies),
+            "failed_before_retry": sorted(failed),
             "final_exit_codes": final_codes,
             "differences": differences,
         }
         return result
+
+    def _service_heals(self) -> None:
+        """A service fault ends: the service answers, and takes every study."""
+        self.index.set_mode("ok")
+        self.index.refuse_next = False
+        self.refused_studies |= self.index.refused
+        self.index.refused.clear()
+        self.service_fault_until = 0.0
 
     # -- the verdict --------------------------------------------------------
 

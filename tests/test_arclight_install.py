@@ -114,8 +114,11 @@ def _tick_statement(db: ArcDb) -> str:
 
 
 def _statements(db: ArcDb) -> type:
-    engine = client.PostgreSQLStatements if db.postgresql else client.MySQLStatements
-    return client.arclight5_statements(engine, db.postgresql, True, "hideRejected")
+    return client.ArcLight5PostgreSQL if db.postgresql else client.ArcLight5MySQL
+
+
+def _queue_statements(db: ArcDb) -> type:
+    return client.PostgreSQLQueueSQL if db.postgresql else client.MySQLQueueSQL
 
 
 TICK_QUERIES = {
@@ -124,8 +127,12 @@ TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": lambda db: (_statements(db).SELECT_PENDING_PAGE, (0, client.MAX_PK, 1000)),
-    "pending count": lambda db: (_statements(db).COUNT_PENDING, None),
+    "pending page": lambda db: (
+        _statements(db).SELECT_NEW_PAGE,
+        ("hideRejected", 0, client.MAX_PK, 1000),
+    ),
+    "due page": lambda db: (_statements(db).SELECT_DUE_PAGE, ("hideRejected", 0, 1000)),
+    "pending count": lambda db: (_queue_statements(db).COUNT_PENDING, None),
 }
 
 

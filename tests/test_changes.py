@@ -213,7 +213,7 @@ def test_fingerprint_from_the_old_key_names_means_one_resend_then_quiet(
     renamed = {"study_series": "study_num_series", "study_instances": "study_num_instances"}
     document = client.study_document(row, CENTER)
     old = {renamed.get(key, key): value for key, value in document.items()}
-    old_version = client.document_version(client.encode_document(old))
+    old_version = client.document_fingerprint(client.encode_document(old))
     pacs.execute(
         "UPDATE study_service SET sent_version = %s WHERE study_pk = %s", (old_version, pks[0])
     )

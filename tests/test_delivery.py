@@ -58,13 +58,14 @@ def test_422_marks_one_study_failed_others_carry_on_and_it_is_not_reposted(
 
 
 def test_failed_study_is_retried_when_dcm4chee_changes_it(pacs, service, configs):
-    study = pacs.add_study(pacs.add_patient())
-    service.respond = lambda n, r: (422, "no")
+    study, other = pacs.add_studies(2)
+    service.respond = lambda n, r: (422, "no") if r.json["study_pk"] == study else (201, "{}")
     assert client.main(configs) == client.EXIT_REJECTED
+    assert pacs.queue()[study]["status"] == "failed"
     service.respond = lambda n, r: (201, "{}")
     pacs.store_series(study)
     assert client.main(configs) == 0
-    assert service.study_pks() == [study]
+    assert service.study_pks() == [study, other]
 
 
 def test_401_stops_at_once_with_one_clear_line(pacs, service, configs, capsys):

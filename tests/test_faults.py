@@ -37,7 +37,7 @@ def _sent(pacs) -> list[int]:
 )
 def test_database_errors_say_what_happened(code, text, expected):
     exc = pymysql.err.OperationalError(code, text) if text else pymysql.err.InterfaceError(0, "")
-    assert expected in client._mysql_message(exc)
+    assert expected in client._mysql_message(exc, client.MySQLEngine.REASONS)
 
 
 def test_connection_killed_mid_run_is_one_line_exit_4_and_the_next_run_completes(

@@ -178,8 +178,9 @@ TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": (client.MySQLStatements.SELECT_PENDING_PAGE, (0, client.MAX_PK, 1000)),
-    "pending count": (client.MySQLStatements.COUNT_PENDING, None),
+    "pending page": (client.Dcm4chee2MySQL.SELECT_NEW_PAGE, (0, client.MAX_PK, 1000)),
+    "due page": (client.Dcm4chee2MySQL.SELECT_DUE_PAGE, (0, 1000)),
+    "pending count": (client.MySQLQueueSQL.COUNT_PENDING, None),
     "initial state": (
         "SELECT enqueued_at AS started, cursor_pk AS position, status"
         " FROM study_service WHERE study_pk = %s",
@@ -314,9 +315,10 @@ PG_TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": (client.PostgreSQLStatements.SELECT_PENDING_PAGE, (0, client.MAX_PK, 1000)),
-    "pending count": (client.PostgreSQLStatements.COUNT_PENDING, None),
-    "initial state": (client.PostgreSQLStatements.SELECT_BOOKKEEPING, (client.INITIAL_ROW_PK,)),
+    "pending page": (client.Dcm4chee2PostgreSQL.SELECT_NEW_PAGE, (0, client.MAX_PK, 1000)),
+    "due page": (client.Dcm4chee2PostgreSQL.SELECT_DUE_PAGE, (0, 1000)),
+    "pending count": (client.PostgreSQLQueueSQL.COUNT_PENDING, None),
+    "initial state": (client.PostgreSQLQueueSQL.SELECT_BOOKKEEPING, (client.INITIAL_ROW_PK,)),
 }
 
 

@@ -87,10 +87,10 @@ def test_body_is_ascii_json_that_round_trips():
     body = client.encode_document(document)
     assert body.isascii()
     assert json.loads(body) == document
-    assert client.document_version(body) == client.document_version(
+    assert client.document_fingerprint(body) == client.document_fingerprint(
         client.encode_document(dict(document))
     )
-    assert len(client.document_version(body)) == 16
+    assert len(client.document_fingerprint(body)) == 16
 
 
 def test_the_same_rows_give_the_same_bytes_on_both_engines(tmp_path):

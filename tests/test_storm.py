@@ -1,7 +1,7 @@
 """The storm, bounded for CI: a dcm4chee-like writer (2.x, and arc-light 5
 with its size scheduler), ticks every 2 s and every fault injected several
-times (extras/storm.py); then one reconcile and one run, and the central
-index must equal the PACS, study by study."""
+times, a poison study all along (extras/storm.py); then one reconcile and one
+retry-failed, and the central index must equal the PACS, study by study."""
 
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def test_storm_ends_with_the_index_equal_to_the_pacs(schema, capsys):
             f" differences {len(result['differences'])}"
         )
     assert result["differences"] == [], result["differences"][:5]
+    # The poison study was tried, and kept no other study waiting (every
+    # other study converged above); one study was refused for good.
+    assert result["poison_posts"] >= 1
+    assert result["refused_studies"], "the 403 phase refused no study"
     assert result["final_exit_codes"] == [0, 0]
     # Never a study before its counts exist (the final reconcile would mend it).
     assert result["posts_without_counts"] == 0
