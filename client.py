@@ -2480,7 +2480,10 @@ class ConcurrencyLimit:
     it never drifts to a number it never tried.
     """
 
-    def __init__(self, fixed: int | None, maximum: int) -> None:
+    def __init__(
+        self, fixed: int | None, maximum: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.clock = clock  # tests pass their own
         self.adaptive = fixed is None
         self.maximum = maximum if fixed is None else fixed
         self.limit = float(min(AUTO_START_LIMIT, maximum) if fixed is None else fixed)
@@ -2501,7 +2504,7 @@ class ConcurrencyLimit:
         """Waits for a free slot and for any pause to end; False if cancelled."""
         with self.turn:
             while not cancelled():
-                pause = self.paused_until - time.monotonic()
+                pause = self.paused_until - self.clock()
                 if pause <= 0 and self.in_flight < int(self.limit):
                     self.in_flight += 1
                     return True
@@ -2531,7 +2534,7 @@ class ConcurrencyLimit:
         """No request starts for `seconds` (the service's Retry-After);
         True if this starts a pause rather than extending one."""
         with self.turn:
-            now = time.monotonic()
+            now = self.clock()
             started = self.paused_until <= now
             self.paused_until = max(self.paused_until, now + seconds)
             return started and seconds > 0
@@ -2544,7 +2547,7 @@ class ConcurrencyLimit:
     def _measure(self, latency: float, in_flight: int) -> None:
         self.latency_total += latency
         self.latency_count += 1
-        minute = int(time.monotonic() // 60)
+        minute = int(self.clock() // 60)
         if self.base_minutes and self.base_minutes[-1][0] == minute:
             self.base_minutes[-1] = (minute, min(self.base_minutes[-1][1], latency))
         else:
@@ -2579,7 +2582,7 @@ class ConcurrencyLimit:
         return sum(last) / len(last) if last else self.base_latency()
 
     def _decrease(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.slow_start = False
         if self.adaptive and now - self.last_decrease >= max(self.current_latency(), 0.05):
             self.limit = max(1.0, self.limit * AUTO_OVERLOAD_FACTOR)
@@ -2899,6 +2902,7 @@ class Sender:
             pass  # the status line arrived: it is the answer
         finally:
             expired = self.watch.end()
+            complete = complete and not expired  # a cut read can end without an error
             if not complete:
                 # A body too long, or cut: never read the rest, drop the connection.
                 response.close()
@@ -3216,19 +3220,32 @@ class StudyFates:
         self.unresolved.clear()
 
     def _resolve(self, outcome: Outcome, accepted_after: bool) -> None:
-        """A held failure's fate. Refused: for good if the service accepts
-        other studies (this run ended normally after accepting some).
+        """A held failure's fate.
+
+        Refused: for good if the service accepts other studies (one after it,
+        or some before it in a run that ended normally); else pending.
         Failing or unanswered: the study is to blame, and waits before its
-        next attempt, if the service accepted a study after it, or accepted
-        others in this run while this one failed again; else it goes at the
-        next run, after the new studies."""
+        next attempt, if the service accepted a study after it; or, in a run
+        that ended normally, if it accepted any, or the study failed before;
+        or, in a run that stopped (the service down, failing, refusing), if
+        it accepted others while this study failed once more. Otherwise it
+        goes at the next run, after the new studies: a service that was down
+        must not leave studies waiting once it is back."""
         if outcome.kind == REFUSED:
             if accepted_after or (self.accepted and self.report.stop is None):
                 log.warning("study %d refused by the service: %s", outcome.study_pk, outcome.error)
                 self._decide(outcome, FAILED)
             else:
                 self._decide(outcome, PENDING)
-        elif accepted_after or (self.accepted and outcome.attempts > 0):
+            return
+        failed_before = outcome.attempts > 0
+        if accepted_after:
+            blamed = True
+        elif self.report.stop is None:
+            blamed = self.accepted or (outcome.kind == FAILING and failed_before)
+        else:
+            blamed = self.accepted and failed_before
+        if blamed:
             self._decide(outcome, PENDING, study_backoff_seconds(outcome.attempts + 1))
         else:
             self._decide(outcome, PENDING)

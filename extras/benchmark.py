@@ -32,9 +32,7 @@ and the mysql command-line client.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
-import contextlib
 import datetime
 import json
 import multiprocessing
@@ -57,6 +55,8 @@ import pymysql
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from testkit import CentralService, PgConnection, Received, Reply  # noqa: E402
+
 from client import read_metrics  # noqa: E402  (the parser beside the writer)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,30 +99,31 @@ CENTER_RE = re.compile(rb'"center":\s*"([^"]*)"')
 
 
 def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> None:
-    """Answers every POST after `latency_seconds`. With `capacity`, serves
-    at most that many at once, each taking `latency_seconds`, and queues the
-    rest as a real service's worker pool would; the time each request waited
-    in that queue is recorded (the service's view of the clients)."""
+    """The service stand-in (testkit.CentralService), counting instead of
+    keeping: answers every POST after `latency_seconds`. With `capacity`,
+    serves at most that many at once, each taking `latency_seconds`, and
+    queues the rest as a real service's worker pool would; the time each
+    request waited in that queue is recorded (the service's view of the
+    clients). GET /stats and /reset answer at once."""
+    service = CentralService(keep=False)
     state: dict[str, Any] = {}
-    slots = asyncio.Semaphore(capacity) if capacity else None
 
     def reset() -> None:
         state.update(
             posts=0,
             studies=set(),  # (center, study_pk)
-            queue_waits=[],
-            in_flight=0,
-            max_in_flight=0,
             first={},  # per center: first and last post
             last={},
         )
+        service.max_in_flight = 0
+        service.queue_waits.clear()
 
     def stats() -> dict[str, Any]:
-        waits = sorted(state["queue_waits"])
+        waits = sorted(service.queue_waits)
         return {
             "posts": state["posts"],
             "unique_studies": len(state["studies"]),
-            "max_in_flight": state["max_in_flight"],
+            "max_in_flight": service.max_in_flight,
             "queue_p99_ms": round(waits[int(len(waits) * 0.99)] * 1000, 1) if waits else 0.0,
             "queue_max_ms": round(waits[-1] * 1000, 1) if waits else 0.0,
             "centers": {
@@ -139,64 +140,33 @@ def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> N
             },
         }
 
-    async def serve_one(body: bytes) -> None:
-        arrived = time.monotonic()
-        state["in_flight"] += 1
-        state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
-        try:
-            if slots is not None:
-                async with slots:
-                    state["queue_waits"].append(time.monotonic() - arrived)
-                    await asyncio.sleep(latency_seconds)
-            elif latency_seconds:
-                await asyncio.sleep(latency_seconds)
-        finally:
-            state["in_flight"] -= 1
-        now = time.monotonic()
+    def tally(request: Received, answered: float) -> None:
+        if request.method != "POST":
+            return
         state["posts"] += 1
-        match, center = STUDY_PK_RE.search(body), CENTER_RE.search(body)
+        match, center = STUDY_PK_RE.search(request.body), CENTER_RE.search(request.body)
         name = center.group(1).decode() if center else ""
         if match:
             state["studies"].add((name, int(match.group(1))))
-        state["first"].setdefault(name, arrived)
-        state["last"][name] = now
+        state["first"].setdefault(name, request.at)
+        state["last"][name] = answered
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                body = await reader.readexactly(length) if length else b""
-                if head.startswith(b"GET /stats"):
-                    payload = json.dumps(stats()).encode()
-                elif head.startswith(b"GET /reset"):
-                    reset()
-                    payload = b"{}"
-                else:
-                    await serve_one(body)
-                    payload = b'{"status":"registered"}'
-                # asyncio sets TCP_NODELAY: no Nagle stall against delayed ACK.
-                writer.write(
-                    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-        port_out.send(server.sockets[0].getsockname()[1])
-        async with server:
-            await server.serve_forever()
+    def respond(number: int, request: Received) -> Reply:
+        if request.path.startswith("/stats"):
+            return Reply(201, json.dumps(stats()).encode(), delay_seconds=0)
+        if request.path.startswith("/reset"):
+            reset()
+            return Reply(201, delay_seconds=0)
+        return Reply(201, b'{"status":"registered"}')
 
     reset()
-    asyncio.run(serve())
+    service.respond = respond
+    service.on_request = tally
+    service.delay_seconds = latency_seconds
+    if capacity:
+        service.serve_at_most(capacity, latency_seconds)
+    port_out.send(service.port)
+    threading.Event().wait()  # until the benchmark terminates this process
 
 
 class Receiver:
@@ -225,43 +195,11 @@ class Receiver:
 # --------------------------------------------------------------------------
 
 
-class _PgConnection:
-    """pg8000 with PyMySQL's shape, as far as this benchmark uses it."""
-
-    def __init__(self, args: argparse.Namespace, database: str | None) -> None:
-        import pg8000.dbapi
-
-        self.conn = pg8000.dbapi.connect(
-            host=args.host,
-            port=args.port,
-            user=args.user,
-            password=args.password or None,
-            database=database or "postgres",
-        )
-        self.conn.autocommit = True
-
-    def cursor(self) -> Any:
-        return contextlib.closing(self.conn.cursor())
-
-    def begin(self) -> None:
-        self.conn.cursor().execute("BEGIN")
-
-    def commit(self) -> None:
-        self.conn.cursor().execute("COMMIT")
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> _PgConnection:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 def _connect(args: argparse.Namespace, database: str | None = None) -> Any:
     if args.engine == "postgresql":
-        return _PgConnection(args, database)
+        return PgConnection(
+            args.host, args.port, args.user, args.password, database or "postgres", dict_rows=False
+        )
     return pymysql.connect(
         host=args.host,
         port=args.port,

@@ -47,13 +47,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import http.server
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +62,7 @@ from typing import Any
 
 import pymysql
 import pymysql.cursors
+from testkit import CentralService, Received, Reply, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client.py"
@@ -91,12 +90,6 @@ DATABASE = "storm_pacs"
 INDEXER_USER, INDEXER_PASSWORD = "storm_indexer", "storm-indexer-pw"
 PACS_USER, PACS_PASSWORD = "storm_pacs", "storm-pacs-pw"
 MYSQL_CLIENT = shutil.which("mariadb") or shutil.which("mysql") or "mysql"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +225,9 @@ def _os_user() -> str:
 
 
 class CentralIndex:
-    """What the central service holds: the last document accepted per study.
+    """What the central service holds: the last document accepted per study,
+    on the stand-in that tests use too (testkit.CentralService), with the
+    storm's faults.
 
     A request is recorded when it is received, before the answer is written:
     a service commits, then answers; an answer lost on the way (a cut, a
@@ -250,98 +245,60 @@ class CentralIndex:
         self.poison_posts = 0
         self.mode = "ok"
         self.port = free_port()
-        self.server: http.server.ThreadingHTTPServer | None = None
+        self.service: CentralService | None = None
         self.open()
 
     def open(self) -> None:
-        index = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _answer(self, status: int, extra: dict | None = None) -> None:
-                self.send_response(status)
-                for name, value in (extra or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                mode = index.mode
-                if self.command == "GET":
-                    self._answer(200)
-                    return
-                if mode == "503":
-                    self._answer(503, {"Retry-After": "1"})
-                    return
-                try:
-                    document = json.loads(body)
-                except ValueError:  # a client killed mid-request: nothing to store
-                    self.close_connection = True
-                    return
-                pk = document["study_pk"]
-                if self.command == "POST" and pk in index.poison:
-                    index.poison_posts += 1
-                    self._answer(500)
-                    return
-                if self.command == "POST" and index.refuse_next:
-                    index.refuse_next = False
-                    index.refused.add(pk)
-                if self.command == "POST" and pk in index.refused:
-                    self._answer(403)
-                    return
-                with index.lock:
-                    if self.command == "POST":
-                        index.documents[pk] = document
-                        index.posts[pk] += 1
-                        # Sent before the archive counted its series (arc-light:
-                        # before the study settled); reconcile would hide it.
-                        if document.get("study_series") is None:
-                            index.posts_without_counts += 1
-                    else:
-                        index.documents.pop(pk, None)
-                        index.deletes[pk] += 1
-                if mode == "cut":
-                    self.close_connection = True
-                    with contextlib.suppress(OSError):
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if mode == "slow":
-                    time.sleep(READ_TIMEOUT_SECONDS + 0.5)
-                with contextlib.suppress(OSError):
-                    self._answer(201)
-
-            do_POST = do_DELETE = do_GET = _handle
-
-        class Server(http.server.ThreadingHTTPServer):
-            allow_reuse_address = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                # A client killed mid-request (the storm's own doing): not news.
-                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-                    super().handle_error(request, client_address)
-
-        self.server = Server(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.service = CentralService(keep=False, port=self.port)
+        self.service.respond = self._respond
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def _respond(self, number: int, request: Received) -> Reply:
+        if request.method == "GET":
+            return Reply(200)
+        if self.mode == "503":
+            return Reply(503, headers={"Retry-After": "1"})
+        document = json.loads(request.body)
+        pk = document["study_pk"]
+        if request.method == "POST":
+            refused = self._refused(pk)
+            if refused is not None:
+                return refused
+        with self.lock:
+            if request.method == "POST":
+                self.documents[pk] = document
+                self.posts[pk] += 1
+                # Sent before the archive counted its series (arc-light:
+                # before the study settled); reconcile would hide it.
+                if document.get("study_series") is None:
+                    self.posts_without_counts += 1
+            else:
+                self.documents.pop(pk, None)
+                self.deletes[pk] += 1
+        if self.mode == "cut":
+            return Reply(cut=True)
+        if self.mode == "slow":
+            return Reply(201, delay_seconds=READ_TIMEOUT_SECONDS + 0.5)
+        return Reply(201)
+
+    def _refused(self, pk: int) -> Reply | None:
+        """The poison study's 500, the refused study's 403."""
+        if pk in self.poison:
+            self.poison_posts += 1
+            return Reply(500)
+        if self.refuse_next:
+            self.refuse_next = False
+            self.refused.add(pk)
+        return Reply(403) if pk in self.refused else None
 
     def set_mode(self, mode: str) -> None:
-        if mode == "down" and self.server is not None:
+        if mode == "down" and self.service is not None:
             self.close()
-        elif mode != "down" and self.server is None:
+        elif mode != "down" and self.service is None:
             self.open()
         self.mode = mode
 

@@ -5,13 +5,11 @@ to fail."""
 from __future__ import annotations
 
 import datetime
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +21,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "extras"))
+
+# The central service's stand-in and the PostgreSQL helper, shared with the
+# storm and the benchmark.
+from testkit import (  # noqa: E402
+    CentralService,
+    PgConnection,
+    Received,  # noqa: F401 (for the tests)
+    Reply,  # noqa: F401 (for the tests)
+    free_port,  # noqa: F401 (for the tests)
+)
 
 SCHEMA_SQL = ROOT / "tests" / "dcm4chee_schema.sql"
 INDEXER_SQL = ROOT / "extras" / "add_indexer.sql"
@@ -83,72 +92,9 @@ def connect(database: str | None = None, **extra: Any) -> pymysql.connections.Co
     )
 
 
-class _PgCursor:
-    """Enough of a DB-API cursor with dict rows, as PyMySQL's DictCursor."""
-
-    def __init__(self, conn: Any) -> None:
-        self.cur = conn.cursor()
-        self.lastrowid = None
-
-    def __enter__(self) -> _PgCursor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def execute(self, sql: str, args: Any = None) -> int:
-        self.cur.execute(sql, args if args is not None else ())
-        return self.cur.rowcount
-
-    def executemany(self, sql: str, rows: Any) -> None:
-        for row in rows:
-            self.execute(sql, row)
-
-    def fetchall(self) -> list[dict[str, Any]]:
-        if self.cur.description is None:
-            return []
-        names = [column[0] for column in self.cur.description]
-        return [dict(zip(names, row)) for row in self.cur.fetchall()]
-
-    def fetchone(self) -> dict[str, Any] | None:
-        rows = self.fetchall()
-        return rows[0] if rows else None
-
-
-class _PgConnection:
-    def __init__(self, database: str) -> None:
-        import pg8000.dbapi
-
-        self.conn = pg8000.dbapi.connect(
-            host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD or None,
-            database=database,
-        )  # fmt: skip
-        self.conn.autocommit = True
-
-    def cursor(self) -> _PgCursor:
-        return _PgCursor(self.conn)
-
-    def begin(self) -> None:
-        self.cursor().execute("BEGIN")
-
-    def commit(self) -> None:
-        self.cursor().execute("COMMIT")
-
-    def rollback(self) -> None:
-        self.cursor().execute("ROLLBACK")
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> _PgConnection:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def pg_connect(database: str = "postgres") -> _PgConnection:
-    return _PgConnection(database)
+def pg_connect(database: str = "postgres") -> PgConnection:
+    """A PostgreSQL connection as the administrator."""
+    return PgConnection(PG_HOST, PG_PORT, PG_USER, PG_PASSWORD, database)
 
 
 def mysql_client() -> str:
@@ -485,119 +431,6 @@ def _emptied(db: Any, tables: tuple[str, ...]) -> Any:
 # --------------------------------------------------------------------------
 
 
-class Received:
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.body = body
-        self.json = json.loads(body) if body else None
-        self.at = time.monotonic()  # when it arrived
-
-
-class CentralService:
-    """Records every request; `respond` decides each answer (status, body),
-    `delay_seconds` how long each takes, `retry_after` the header sent with a
-    429 or 503; serve_at_most() limits how many it serves at once."""
-
-    def __init__(self) -> None:
-        self.received: list[Received] = []
-        self.lock = threading.Lock()
-        self.respond: Callable[[int, Received], tuple[int, str]] = lambda n, r: (201, "{}")
-        self.delay_seconds = 0.0
-        self.retry_after: str | None = "0"  # None: no header
-        self.slots: threading.Semaphore | None = None  # None: as many at once as arrive
-        self.in_flight = 0
-        self.max_in_flight = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # Without it every answer waits ~40 ms on Nagle against delayed ACK.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                if len(body) < length:
-                    # The client died mid-request: a real service stores nothing.
-                    self.close_connection = True
-                    return
-                request = Received(self.command, self.path, dict(self.headers), body)
-                with outer.lock:
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                    number = len(outer.received) + 1
-                    status, text = outer.respond(number, request)
-                    if 200 <= status < 300:
-                        outer.received.append(request)
-                    outer.attempts.append(request)
-                if outer.slots is not None:
-                    with outer.slots:  # the requests beyond capacity wait here: the queue
-                        time.sleep(outer.delay_seconds)
-                elif outer.delay_seconds:
-                    time.sleep(outer.delay_seconds)
-                with outer.lock:
-                    outer.in_flight -= 1
-                payload = text.encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    if status in (429, 503) and outer.retry_after is not None:
-                        self.send_header("Retry-After", outer.retry_after)
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:
-                    pass
-
-            do_POST = do_GET = do_DELETE = _handle
-
-        self.attempts: list[Received] = []
-
-        class Server(http.server.ThreadingHTTPServer):
-            # socketserver's default backlog of 5 drops the SYNs of a burst of
-            # new connections: they arrive a second later (TCP retransmit).
-            request_queue_size = 128
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                # A client killed mid-request (kill -9 tests): not news.
-                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-                    super().handle_error(request, client_address)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/register"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def serve_at_most(self, capacity: int, seconds_each: float) -> None:
-        """A service with limited capacity: `capacity` requests at once, each
-        taking `seconds_each`; the rest wait their turn, so latency rises with load."""
-        self.slots = threading.Semaphore(capacity)
-        self.delay_seconds = seconds_each
-
-    @property
-    def documents(self) -> list[dict[str, Any]]:
-        """The documents acknowledged with 2xx, in arrival order."""
-        return [r.json for r in self.received if r.method == "POST"]
-
-    def study_pks(self) -> list[int]:
-        return sorted(doc["study_pk"] for doc in self.documents)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.received.clear()
-            self.attempts.clear()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def service() -> Any:
     server = CentralService()
@@ -630,15 +463,6 @@ def read_metrics(path: Path) -> dict[str, float]:
             name, value = line.split()
             values[name.replace("dicom_indexer_", "")] = float(value)
     return values
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening: connections to it are refused."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 API_KEY = "test-key-5f4dcc3b5aa765d61d8327deb882cf99"

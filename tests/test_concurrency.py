@@ -27,10 +27,11 @@ def test_auto_raises_the_limit_on_a_service_that_stays_fast(pacs, service, tmp_p
     assert _run(args, "initial") == 0
     assert service.study_pks() == pks
     values = read_metrics(metrics)
-    # Started at 1; a service that stays fast lets it climb well past the old
-    # fixed 4 (to 64 on a quiet machine; a busy one adds its own latency).
-    assert service.max_in_flight > 8
-    assert values["concurrency_limit"] > 8
+    # Started at 1; a service that stays fast lets it climb past the old
+    # fixed 4 (to 64 on a quiet machine: a busy one adds its own latency,
+    # and how far it gets is the machine's; the climb is the code's).
+    assert service.max_in_flight > 4
+    assert values["concurrency_limit"] > 4
     assert values["unloaded_latency_seconds"] >= 0.05
     assert values["latency_seconds"] >= values["unloaded_latency_seconds"]
 
@@ -39,25 +40,25 @@ def test_auto_lowers_the_limit_when_latency_rises_with_load(pacs, service, tmp_p
     metrics = tmp_path / "indexer.prom"
     args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
     pks = pacs.add_studies(400)
-    service.delay_seconds = 0.02
+    service.delay_seconds = 0.05
     in_flight_when_fast = []
 
     def saturate_after_300(number, request):
         if number == 300:
-            # From now on one request at a time, 20 ms each: every request
-            # more in flight only waits in the service's queue, 20 ms longer.
+            # From now on one request at a time, 50 ms each: every request
+            # more in flight only waits in the service's queue, 50 ms longer.
             in_flight_when_fast.append(service.max_in_flight)
-            service.serve_at_most(1, 0.02)
+            service.serve_at_most(1, 0.05)
         return 201, "{}"
 
     service.respond = saturate_after_300
     assert _run(args, "initial") == 0
     assert service.study_pks() == pks
-    assert in_flight_when_fast[0] > 8  # it had climbed...
+    assert in_flight_when_fast[0] > 4  # it had climbed...
     assert read_metrics(metrics)["concurrency_limit"] <= 2  # ...and came down
     # The summary line says where it settled and what the service's latency was.
     summary = capsys.readouterr().err.splitlines()[-1]
-    pattern = r", concurrency [12] \(auto, up to 64\), latency \d+ ms \(unloaded 2\d ms\)"
+    pattern = r", concurrency [12] \(auto, up to 64\), latency \d+ ms \(unloaded [5-9]\d ms\)"
     assert re.search(pattern, summary), summary
 
 
@@ -77,7 +78,7 @@ def test_auto_never_exceeds_max_concurrency(pacs, service, tmp_path):
     service.delay_seconds = 0.03
     assert _run(args, "initial") == 0
     assert service.study_pks() == pks
-    assert service.max_in_flight == 6
+    assert service.max_in_flight <= 6  # reaching it is the machine's pace: see below
 
 
 def test_429_with_retry_after_pauses_all_sending_and_loses_nothing(pacs, service, tmp_path):
@@ -135,3 +136,74 @@ def test_concurrency_auto_and_bad_values_in_config_json(pacs, service, tmp_path,
     pacs.add_studies(2)
     assert _run(args) == 0
     assert len(service.documents) == 2
+
+
+# The decisions of "auto", fed answers as a clock of their own ticks: what
+# the limit does does not depend on how busy the machine is.
+
+
+class _Feed:
+    """Answers for a ConcurrencyLimit, every slot it allows in use."""
+
+    def __init__(self, limit: client.ConcurrencyLimit) -> None:
+        self.limit = limit
+        self.now = 1000.0
+        limit.clock = lambda: self.now
+
+    def answers(self, count: int, latency, failed: bool = False, seconds: float = 0.001) -> None:
+        for _ in range(count):
+            while self.limit.in_flight < int(self.limit.limit):
+                assert self.limit.acquire(lambda: False)
+            self.now += seconds
+            seconds_now = latency(self.limit.in_flight) if callable(latency) else latency
+            if failed:
+                self.limit.release(None, failed=True)
+            else:
+                self.limit.release(seconds_now)
+
+
+def test_auto_grows_to_its_maximum_while_the_latency_holds():
+    limit = client.ConcurrencyLimit(None, 64)
+    feed = _Feed(limit)
+    feed.answers(2000, 0.05)
+    assert int(limit.limit) == 64
+
+
+def test_auto_sheds_when_each_request_more_only_waits_longer():
+    limit = client.ConcurrencyLimit(None, 64)
+    feed = _Feed(limit)
+    feed.answers(2000, 0.05)
+    # One at a time, 50 ms each: latency grows with what is in flight.
+    feed.answers(400, lambda in_flight: 0.05 * in_flight)
+    assert int(limit.limit) <= 2
+
+
+def test_a_backend_failing_one_request_in_four_does_not_lower_the_limit():
+    limit = client.ConcurrencyLimit(None, 64)
+    feed = _Feed(limit)
+    feed.answers(2000, 0.05)
+    assert int(limit.limit) == 64
+    for _ in range(200):
+        feed.answers(3, 0.05)
+        feed.answers(1, None, failed=True)
+    assert int(limit.limit) == 64
+
+
+def test_mostly_5xx_halves_the_limit_at_most_once_per_round_trip():
+    limit = client.ConcurrencyLimit(None, 64)
+    feed = _Feed(limit)
+    feed.answers(2000, 0.05)
+    # 200 failures within one round trip (50 ms): one halving, not 200.
+    feed.answers(200, None, failed=True, seconds=0.0001)
+    assert int(limit.limit) == 32
+    feed.now += 0.06
+    feed.answers(1, None, failed=True)
+    assert int(limit.limit) == 16
+
+
+def test_fixed_concurrency_is_not_moved_by_latency_or_failures():
+    limit = client.ConcurrencyLimit(3, 64)
+    feed = _Feed(limit)
+    feed.answers(100, lambda in_flight: 0.05 * in_flight)
+    feed.answers(100, None, failed=True)
+    assert limit.limit == 3

@@ -51,11 +51,9 @@ def https_service(tmp_path):
         check=True,
         capture_output=True,
     )
-    service = CentralService()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    service.server.socket = context.wrap_socket(service.server.socket, server_side=True)
-    service.url = service.url.replace("http://", "https://")
+    service = CentralService(tls=context)
     service.ca_file = str(cert)
     yield service
     service.stop()

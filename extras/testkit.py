@@ -1,0 +1,332 @@
+"""What the tests (tests/conftest.py), the storm (extras/storm.py) and the
+benchmark (extras/benchmark.py) share: a stand-in for the central service,
+and a PostgreSQL connection shaped like PyMySQL's.
+
+CentralService is a real HTTP/1.1 server on loopback (asyncio, on a thread
+of its own), keep-alive like a real one, that records what it receives and
+answers as it is told: a status and a text, or a Reply that misbehaves (a
+redirect, a body trickled a byte at a time, a huge body, a connection cut
+before the answer), after a delay, serving at most so many requests at once
+(the rest wait in its queue, as in a real service's worker pool), over
+TLS if given a context. The
+benchmark runs it in a process of its own, so that it is never the
+bottleneck. Not used by client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Received:
+    """One request as the service got it."""
+
+    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.at = time.monotonic()  # when it arrived
+        self._json: Any = None
+
+    @property
+    def json(self) -> Any:
+        if self._json is None and self.body:
+            self._json = json.loads(self.body)
+        return self._json
+
+    def header(self, name: str) -> str | None:
+        """A header, by its name in any case."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
+
+
+@dataclasses.dataclass
+class Reply:
+    """An answer beyond (status, text), for a service that misbehaves: extra
+    headers; a body of `size` bytes made up as it is sent (a huge one); the
+    body (or the head: `trickle_head`) one byte every `trickle_seconds`; no
+    answer at all (`cut`: the connection closed once the request is in); and
+    `delay_seconds` before it, instead of the service's own."""
+
+    status: int = 201
+    body: bytes = b"{}"
+    headers: dict = dataclasses.field(default_factory=dict)
+    size: int = 0
+    trickle_seconds: float = 0.0
+    trickle_head: bool = False
+    cut: bool = False
+    delay_seconds: float | None = None
+
+
+def _as_reply(answer: Any, retry_after: str | None) -> Reply:
+    if isinstance(answer, Reply):
+        return answer
+    status, text = answer[:2]
+    headers = {"Content-Type": "application/json"}
+    if status in (429, 503) and retry_after is not None:
+        headers["Retry-After"] = retry_after
+    return Reply(status, text.encode() if isinstance(text, str) else text, headers)
+
+
+REASONS = {200: "OK", 201: "Created", 301: "Moved Permanently", 400: "Bad Request"}
+
+
+class CentralService:
+    """The central service's stand-in, on a free loopback port.
+
+    `respond(number, request)` decides each answer (number: how many were
+    accepted before, plus one); it returns (status, text) or a Reply. Every
+    request goes to `attempts`, the 2xx ones to `received`, unless `keep` is
+    False (the benchmark counts instead, in `on_request`). `delay_seconds`:
+    how long each takes; serve_at_most(): how many at once."""
+
+    def __init__(self, keep: bool = True, port: int = 0, tls: Any = None) -> None:
+        self.keep = keep
+        self.received: list[Received] = []
+        self.attempts: list[Received] = []
+        self.lock = threading.Lock()
+        self.respond: Callable[[int, Received], Any] = lambda n, r: (201, "{}")
+        self.on_request: Callable[[Received, float], None] | None = None
+        self.delay_seconds = 0.0
+        self.retry_after: str | None = "0"  # with a 429 or 503; None: no header
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.queue_waits: list[float] = []  # how long each waited for a slot
+        self._slots: asyncio.Semaphore | None = None
+        self._capacity = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: Any = None
+        self._writers: set[Any] = set()  # open connections, closed by stop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(port, tls, ready), daemon=True)
+        self._thread.start()
+        ready.wait()
+        self.port = self._server.sockets[0].getsockname()[1]
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/api/v1/register"
+
+    # -- what tests see --------------------------------------------------------
+
+    @property
+    def documents(self) -> list[dict[str, Any]]:
+        """The documents acknowledged with 2xx, in arrival order."""
+        return [r.json for r in self.received if r.method == "POST"]
+
+    def study_pks(self) -> list[int]:
+        return sorted(doc["study_pk"] for doc in self.documents)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.received.clear()
+            self.attempts.clear()
+
+    def serve_at_most(self, capacity: int, seconds_each: float) -> None:
+        """A service with limited capacity: `capacity` requests at once, each
+        taking `seconds_each`; the rest wait their turn, so latency rises with load."""
+        self._capacity = capacity
+        self.delay_seconds = seconds_each
+        self._loop.call_soon_threadsafe(self._set_slots)
+
+    def stop(self) -> None:
+        """Stops listening and drops every connection (a service going down)."""
+
+        async def close() -> None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # -- the server ------------------------------------------------------------
+
+    def _set_slots(self) -> None:
+        self._slots = asyncio.Semaphore(self._capacity) if self._capacity else None
+
+    def _serve(self, port: int, tls: Any, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._connection, "127.0.0.1", port, backlog=1024, ssl=tls)
+        )
+        ready.set()
+        self._loop.run_forever()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: Any) -> None:
+        self._writers.add(writer)
+        try:
+            while await self._exchange(reader, writer):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, OSError):
+            pass  # a client gone mid-request (killed, or its deadline): a real
+            # service stores nothing of it
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: Any) -> bool:
+        """One request and its answer; False when the connection is done."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path = lines[0].split(" ")[:2]
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        length = next((int(v) for k, v in headers.items() if k.lower() == "content-length"), 0)
+        body = await reader.readexactly(length) if length else b""
+        request = Received(method, path, headers, body)
+        with self.lock:
+            reply = _as_reply(self.respond(len(self.received) + 1, request), self.retry_after)
+            self.attempts.append(request)
+            if 200 <= reply.status < 300 and self.keep:
+                self.received.append(request)
+        if not self.keep:
+            self.attempts.clear()
+        await self._take_time(request, reply.delay_seconds)
+        if reply.cut:
+            return False
+        await self._answer(writer, reply)
+        return not (reply.size or reply.trickle_seconds or reply.trickle_head)
+
+    async def _take_time(self, request: Received, delay: float | None) -> None:
+        if delay == 0:
+            return  # at once, past any queue (the benchmark's /stats)
+        delay = self.delay_seconds if delay is None else delay
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self._slots is not None:
+                async with self._slots:  # the requests beyond capacity wait here: the queue
+                    self.queue_waits.append(time.monotonic() - request.at)
+                    await asyncio.sleep(delay)
+            elif delay:
+                await asyncio.sleep(delay)
+        finally:
+            self.in_flight -= 1
+        if self.on_request is not None:
+            self.on_request(request, time.monotonic())
+
+    async def _answer(self, writer: Any, reply: Reply) -> None:
+        length = reply.size or len(reply.body)
+        head = (
+            f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Whatever')}\r\n"
+            f"Content-Length: {length}\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
+            + "\r\n"
+        ).encode()
+        if reply.trickle_head:
+            await self._trickle(writer, head, reply.trickle_seconds)
+            return
+        writer.write(head)
+        if reply.size:
+            chunk = b"x" * 65536
+            for _ in range(reply.size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+        elif reply.trickle_seconds:
+            await self._trickle(writer, reply.body, reply.trickle_seconds)
+        else:
+            writer.write(reply.body)
+        await writer.drain()
+
+    @staticmethod
+    async def _trickle(writer: Any, data: bytes, seconds: float) -> None:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(seconds)
+
+
+class PgConnection:
+    """A pg8000 connection with PyMySQL's shape, as far as the tests, the
+    storm and the benchmark use it: cursors as context managers that return
+    rows as dicts (or tuples, as PyMySQL's default cursor), begin, commit,
+    rollback, autocommit."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        password: str | None,
+        database: str,
+        dict_rows: bool = True,
+    ) -> None:
+        import pg8000.dbapi
+
+        self.conn = pg8000.dbapi.connect(
+            host=host, port=port, user=user, password=password or None, database=database
+        )
+        self.conn.autocommit = True
+        self.dict_rows = dict_rows
+
+    def cursor(self) -> PgCursor:
+        return PgCursor(self.conn, self.dict_rows)
+
+    def begin(self) -> None:
+        self.cursor().execute("BEGIN")
+
+    def commit(self) -> None:
+        self.cursor().execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.cursor().execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> PgConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class PgCursor:
+    """Enough of a DB-API cursor with dict rows, as PyMySQL's DictCursor."""
+
+    def __init__(self, conn: Any, dict_rows: bool = True) -> None:
+        self.cur = conn.cursor()
+        self.dict_rows = dict_rows
+        self.lastrowid = None
+
+    def __enter__(self) -> PgCursor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cur.close()
+
+    def execute(self, sql: str, args: Any = None) -> int:
+        self.cur.execute(sql, args if args is not None else ())
+        return self.cur.rowcount
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+    def fetchall(self) -> list[Any]:
+        if self.cur.description is None:
+            return []
+        if not self.dict_rows:
+            return [tuple(row) for row in self.cur.fetchall()]
+        names = [column[0] for column in self.cur.description]
+        return [dict(zip(names, row)) for row in self.cur.fetchall()]
+
+    def fetchone(self) -> Any:
+        rows = self.fetchall()
+        return rows[0] if rows else None
