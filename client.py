@@ -2344,6 +2344,7 @@ OVERLOAD_STATUSES = (429, 503)
 # "this request breaks me": max_retries).
 TRANSIENT_STATUSES = (408, 429, 502, 503, 504)
 TRANSIENT_RETRY_FACTOR = 3
+QUICK_RETRY_FACTOR = 0.1  # of the backoff, while most requests succeed
 ERROR_TEXT_CHARS = 200  # how much of a refusal's body is kept in last_error
 ERROR_BODY_BYTES = 4096  # read of an error's body; the rest is never read
 SUCCESS_BODY_BYTES = 65536  # read of a 2xx body (unused), to keep the connection
@@ -2483,10 +2484,12 @@ class ConcurrencyLimit:
     def __init__(
         self, fixed: int | None, maximum: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        # self.allowed: how many requests may be in flight, a float that
+        # grows by fractions; int(allowed) of them start.
         self.clock = clock  # tests pass their own
         self.adaptive = fixed is None
         self.maximum = maximum if fixed is None else fixed
-        self.limit = float(min(AUTO_START_LIMIT, maximum) if fixed is None else fixed)
+        self.allowed = float(min(AUTO_START_LIMIT, maximum) if fixed is None else fixed)
         self.in_flight = 0
         self.paused_until = 0.0
         self.slow_start = True
@@ -2505,7 +2508,7 @@ class ConcurrencyLimit:
         with self.turn:
             while not cancelled():
                 pause = self.paused_until - self.clock()
-                if pause <= 0 and self.in_flight < int(self.limit):
+                if pause <= 0 and self.in_flight < int(self.allowed):
                     self.in_flight += 1
                     return True
                 self.turn.wait(timeout=min(pause, 0.25) if pause > 0 else 0.25)
@@ -2521,14 +2524,14 @@ class ConcurrencyLimit:
         with self.turn:
             in_flight = self.in_flight
             self.in_flight -= 1
-            before = int(self.limit)
+            before = int(self.allowed)
             if failed or latency is not None:
                 self.failures.append(failed)
-            if overloaded or (failed and self._mostly_failing()):
+            if overloaded or (failed and self.mostly_failing()):
                 self._decrease()
             elif latency is not None:
                 self._measure(latency, in_flight)
-            self.turn.notify(1 + max(0, int(self.limit) - before))
+            self.turn.notify(1 + max(0, int(self.allowed) - before))
 
     def pause(self, seconds: float) -> bool:
         """No request starts for `seconds` (the service's Retry-After);
@@ -2539,8 +2542,9 @@ class ConcurrencyLimit:
             self.paused_until = max(self.paused_until, now + seconds)
             return started and seconds > 0
 
-    def _mostly_failing(self) -> bool:
-        window = max(AUTO_FAILURE_MIN_ANSWERS, int(self.limit))
+    def mostly_failing(self) -> bool:
+        """Whether most answers of the last round trip were 5xx."""
+        window = max(AUTO_FAILURE_MIN_ANSWERS, int(self.allowed))
         last = list(itertools.islice(reversed(self.failures), window))
         return len(last) >= AUTO_FAILURE_MIN_ANSWERS and sum(last) > AUTO_FAILURE_SHARE * len(last)
 
@@ -2553,31 +2557,31 @@ class ConcurrencyLimit:
         else:
             self.base_minutes.append((minute, latency))
         self.recent.append(latency)
-        if not self.adaptive or in_flight < self.limit / 2:
+        if not self.adaptive or in_flight < self.allowed / 2:
             return  # the client, not the service, is what limits the pace now
         base = self.base_latency()
         target = max(AUTO_TARGET_SECONDS, AUTO_TARGET_FRACTION * base)
         delay = self.current_latency() - base
         if self.slow_start and delay <= target / 2:
-            self.limit = min(self.maximum, self.limit + AUTO_SLOW_START_STEP)
+            self.allowed = min(self.maximum, self.allowed + AUTO_SLOW_START_STEP)
             return
         self.slow_start = False
         if delay <= target:
             # LEDBAT's increase: in proportion to the room left under the
             # target, +1 per round trip at most (one answer in `limit`).
             room = (target - delay) / target
-            self.limit = min(float(self.maximum), self.limit + AUTO_GAIN * room / self.limit)
+            self.allowed = min(float(self.maximum), self.allowed + AUTO_GAIN * room / self.allowed)
         else:
             # Down by a share of the limit, not by a constant as LEDBAT does:
             # additive increase with multiplicative decrease is what makes
             # several clients converge to equal shares (Chiu and Jain), so ten
             # centers loading together end up at the same pace.
             excess = min(1.0, (delay - target) / target)
-            self.limit = max(1.0, self.limit - AUTO_DECREASE_PER_ROUND_TRIP * excess)
+            self.allowed = max(1.0, self.allowed - AUTO_DECREASE_PER_ROUND_TRIP * excess)
 
     def current_latency(self) -> float:
         """The mean of the last half round trip's answers."""
-        window = max(2, int(self.limit / 2))
+        window = max(2, int(self.allowed / 2))
         last = list(itertools.islice(reversed(self.recent), window))
         return sum(last) / len(last) if last else self.base_latency()
 
@@ -2585,7 +2589,7 @@ class ConcurrencyLimit:
         now = self.clock()
         self.slow_start = False
         if self.adaptive and now - self.last_decrease >= max(self.current_latency(), 0.05):
-            self.limit = max(1.0, self.limit * AUTO_OVERLOAD_FACTOR)
+            self.allowed = max(1.0, self.allowed * AUTO_OVERLOAD_FACTOR)
             self.last_decrease = now
 
     def base_latency(self) -> float:
@@ -2598,7 +2602,7 @@ class ConcurrencyLimit:
     def describe(self) -> str:
         """For the summary line and -v: "concurrency 37 (auto, up to 64), latency 51 ms"."""
         mode = f"auto, up to {self.maximum}" if self.adaptive else "fixed"
-        text = f"concurrency {int(self.limit)} ({mode})"
+        text = f"concurrency {int(self.allowed)} ({mode})"
         mean = self.mean_latency()
         if mean is not None:
             text += f", latency {mean * 1000:.0f} ms (unloaded {self.base_latency() * 1000:.0f} ms)"
@@ -3163,6 +3167,7 @@ class StudyFates:
     def __init__(self, settings: Settings, report: RunReport) -> None:
         self.settings = settings
         self.report = report
+        self.concurrency = report.concurrency  # what it says of the service's health
         self.accepted = False  # the service accepted a study in this run
         self.streak: dict[int, str] = {}  # not accepted since the last acceptance: pk -> kind
         self.unresolved: list[Outcome] = []  # final failures since the last acceptance
@@ -3308,9 +3313,16 @@ class StudyFates:
         return outcome.tries <= self.settings.max_retries * factor
 
     def _retry_in(self, outcome: Outcome) -> float:
+        """When to send a failing study again: the service's Retry-After; or,
+        while most other requests succeed (a backend failing now and then),
+        soon, behind the others, so that the run does not wait long for its
+        last studies; or, while most fail, after an exponential backoff."""
         if outcome.retry_after is not None:
             return outcome.retry_after  # every request waits as long (ConcurrencyLimit.pause)
-        backoff = self.settings.backoff_seconds * 2 ** (outcome.tries - 1)
+        if self.concurrency is not None and not self.concurrency.mostly_failing():
+            backoff = self.settings.backoff_seconds * QUICK_RETRY_FACTOR
+        else:
+            backoff = self.settings.backoff_seconds * 2 ** (outcome.tries - 1)
         return min(backoff * random.uniform(0.5, 1.5), MAX_RETRY_AFTER_SECONDS)
 
     def _decide(self, outcome: Outcome, fate: str, wait: int | None = None) -> None:
@@ -3376,7 +3388,7 @@ class SendPool:
 
     def submit(self, outcome: Outcome, timeout: float) -> bool:
         """Hands one study over; False if none could be taken within `timeout`."""
-        wanted = min(self.concurrency.maximum, int(self.concurrency.limit))
+        wanted = min(self.concurrency.maximum, int(self.concurrency.allowed))
         while len(self.workers) < wanted:
             worker = threading.Thread(
                 target=self._work, name=f"sender-{len(self.workers)}", daemon=True
@@ -3476,9 +3488,9 @@ class Delivery:
         self.report = report
         self.stop = stop
         self.progress = _progress_bar(total, "sending")
+        report.concurrency = ConcurrencyLimit(settings.concurrency, settings.max_concurrency)
         self.fates = StudyFates(settings, report)
         self.acks = Acknowledgements(pacs.queue)
-        report.concurrency = ConcurrencyLimit(settings.concurrency, settings.max_concurrency)
         self.pool = SendPool(sender, report.concurrency, self.halted)
         self.retries: list[tuple[float, int, Outcome]] = []  # a heap, by when they are due
         self.sequence = itertools.count()
@@ -4188,7 +4200,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the JSON that would be sent; send and change nothing",
     )
-    parser.add_argument("--limit", type=int, metavar="N", help="send at most N studies in this run")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        dest="max_studies",
+        metavar="N",
+        help="send (reconcile: check) at most N studies in this run",
+    )
     parser.add_argument("--json", action="store_true", help="status: machine-readable output")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="one line per study")
@@ -4251,7 +4269,7 @@ def write_metrics(path: Path, report: RunReport, exit_code: int) -> None:
     }
     concurrency = report.concurrency
     if concurrency is not None and concurrency.latency_count:
-        values["concurrency_limit"] = int(concurrency.limit)
+        values["concurrency_limit"] = int(concurrency.allowed)
         values["latency_seconds"] = concurrency.mean_latency()
         values["unloaded_latency_seconds"] = concurrency.base_latency()
     lines = []
@@ -4389,7 +4407,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_NO_PYTHON
-    if args.limit is not None and args.limit < 1:
+    if args.max_studies is not None and args.max_studies < 1:
         parser.error("--limit must be at least 1")
     if (args.command == "adopt") != (args.adopt_from is not None):
         parser.error("adopt needs --from OLD/config.json, and only adopt takes it")
@@ -4509,13 +4527,15 @@ SENDING_COMMANDS = ("run", "initial", "retry-failed")
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, RunReport, Stop], int]] = {
     "status": lambda args, settings, report, stop: run_status(settings, args.json),
     "check": lambda args, settings, report, stop: run_check(settings),
-    "reconcile": lambda args, settings, report, stop: run_reconcile(settings, args.limit, stop),
+    "reconcile": lambda args, settings, report, stop: run_reconcile(
+        settings, args.max_studies, stop
+    ),
     "adopt": lambda args, settings, report, stop: run_adopt(settings, args.adopt_from),
     **{
         name: lambda args, settings, report, stop: (
-            run_dry(settings, args.limit)
+            run_dry(settings, args.max_studies)
             if args.dry_run
-            else run_send(settings, args.command, args.limit, report, stop)
+            else run_send(settings, args.command, args.max_studies, report, stop)
         )
         for name in SENDING_COMMANDS
     },

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark of the DICOM Indexer client on this machine.
 
-Builds a throwaway dcm4chee-like database with N studies spread over ten
-years, installs extras/add_indexer.sql, starts a loopback receiver in its own
-process, and measures:
+Builds a throwaway PACS database with N studies spread over ten years
+(dcm4chee 2.x, or dcm4chee-arc-light 5 with --schema arc5; on MySQL/MariaDB,
+or PostgreSQL with --engine postgresql), installs the indexer with that
+schema's and engine's script, starts the central-service stand-in
+(extras/testkit.py) in a process of its own, and measures:
 
-  - `client.py initial` (enqueue and send) as a subprocess: studies/s and peak RSS
+  - `client.py initial` (enqueue and send) as a subprocess: studies/s, the
+    client's own peak memory (VmHWM) and CPU
   - the same number of POSTs from a bare requests.Session loop, the reference
   - a no-op `client.py` tick: wall time
   - the PACS's view: while `initial` runs, a second connection updates random
@@ -13,20 +16,27 @@ process, and measures:
     longest of those updates is reported, split into statement and commit,
     beside the same probe run alone first (the machine's own floor)
 
+With --scene, the scenes of adaptive delivery instead: a WAN (50 ms per
+answer), a service at its capacity, ten centers loading at once, and a
+service failing one request in four (flaky); --scene adaptive runs them all.
+
 Before measuring, it waits until the database server has finished writing
 what the build wrote (InnoDB quiet for 10 s): the probe should show the
 client, not the build's aftermath.
 
     python extras/benchmark.py                      # 100,000 studies
     python extras/benchmark.py --studies 1000000
+    python extras/benchmark.py --engine postgresql --schema arc5 --studies 100000
     python extras/benchmark.py --studies 20000 --latency-ms 50 --concurrency 16
+    python extras/benchmark.py --scene adaptive --json scenes.json
     python extras/benchmark.py --json results.json
     python extras/benchmark.py --studies 1000000 --keep       # keep the archive
     python extras/benchmark.py --database dicom_indexer_bench_1a2b3c4d   # reuse it
 
-Needs a MySQL/MariaDB server where it may create and drop a database
-(default root@127.0.0.1:3306, or DICOM_INDEXER_TEST_DB_HOST/_PORT/_USER/_PASSWORD)
-and the mysql command-line client.
+Needs a database server where it may create and drop a database (default
+root@127.0.0.1:3306 or postgres@127.0.0.1:5432, or
+DICOM_INDEXER_TEST_DB_* / DICOM_INDEXER_TEST_PG_*) and its command-line
+client (mysql, or psql).
 """
 
 from __future__ import annotations
@@ -98,19 +108,24 @@ STUDY_PK_RE = re.compile(rb'"study_pk":\s*(\d+)')
 CENTER_RE = re.compile(rb'"center":\s*"([^"]*)"')
 
 
-def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> None:
+def _receiver_process(
+    port_out: Any, latency_seconds: float, capacity: int, fail_every: int
+) -> None:
     """The service stand-in (testkit.CentralService), counting instead of
     keeping: answers every POST after `latency_seconds`. With `capacity`,
     serves at most that many at once, each taking `latency_seconds`, and
     queues the rest as a real service's worker pool would; the time each
     request waited in that queue is recorded (the service's view of the
-    clients). GET /stats and /reset answer at once."""
+    clients). With `fail_every`, every so many POSTs is answered 503 without
+    Retry-After (one backend of several failing behind a load balancer).
+    GET /stats and /reset answer at once."""
     service = CentralService(keep=False)
     state: dict[str, Any] = {}
 
     def reset() -> None:
         state.update(
             posts=0,
+            failed=0,  # answered 503
             studies=set(),  # (center, study_pk)
             first={},  # per center: first and last post
             last={},
@@ -122,6 +137,7 @@ def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> N
         waits = sorted(service.queue_waits)
         return {
             "posts": state["posts"],
+            "failed_posts": state["failed"],
             "unique_studies": len(state["studies"]),
             "max_in_flight": service.max_in_flight,
             "queue_p99_ms": round(waits[int(len(waits) * 0.99)] * 1000, 1) if waits else 0.0,
@@ -144,6 +160,9 @@ def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> N
         if request.method != "POST":
             return
         state["posts"] += 1
+        if getattr(request, "failed", False):
+            state["failed"] += 1
+            return
         match, center = STUDY_PK_RE.search(request.body), CENTER_RE.search(request.body)
         name = center.group(1).decode() if center else ""
         if match:
@@ -157,6 +176,10 @@ def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> N
         if request.path.startswith("/reset"):
             reset()
             return Reply(201, delay_seconds=0)
+        state["arrived"] = state.get("arrived", 0) + 1
+        if fail_every and state["arrived"] % fail_every == 0:
+            request.failed = True  # type: ignore[attr-defined]
+            return Reply(503, b'{"error": "no backend available"}')
         return Reply(201, b'{"status":"registered"}')
 
     reset()
@@ -170,10 +193,12 @@ def _receiver_process(port_out: Any, latency_seconds: float, capacity: int) -> N
 
 
 class Receiver:
-    def __init__(self, latency_ms: float, capacity: int = 0) -> None:
+    def __init__(self, latency_ms: float, capacity: int = 0, fail_every: int = 0) -> None:
         parent, child = multiprocessing.Pipe()
         self.process = multiprocessing.Process(
-            target=_receiver_process, args=(child, latency_ms / 1000.0, capacity), daemon=True
+            target=_receiver_process,
+            args=(child, latency_ms / 1000.0, capacity, fail_every),
+            daemon=True,
         )
         self.process.start()
         self.port = parent.recv()
@@ -793,6 +818,9 @@ SERVICE_MS = 20.0  # ...each taking this long: 400 studies/s
 CAPACITY_RUNS = (("auto", 5_000), (64, 5_000), (4, 5_000))
 CENTERS = 10
 CENTER_STUDIES = 2_000
+FLAKY_STUDIES = 5_000
+FLAKY_SERVICE_MS = 1.0
+FLAKY_EVERY = 4  # every 4th POST answered 503
 AUTO_MAX_CONCURRENCY = 64  # the client's default max_concurrency
 
 
@@ -966,6 +994,32 @@ def scene_ten_centers(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def scene_flaky(args: argparse.Namespace) -> dict[str, Any]:
+    """Scene 4: a service of 1 ms whose every 4th POST is a 503 without
+    Retry-After (one backend in four failing), against the same service
+    clean, in the same run, with the default settings."""
+    name = f"dicom_indexer_bench_{uuid.uuid4().hex[:8]}"
+    studies = _scaled(args, FLAKY_STUDIES)
+    print(f"scene 4: {studies:,} studies, every {FLAKY_EVERY}th POST answered 503", file=sys.stderr)
+    build_database(_with_studies(args, studies), name)
+    runs = {}
+    try:
+        for label, fail_every in (("clean", 0), ("flaky", FLAKY_EVERY)):
+            receiver = Receiver(FLAKY_SERVICE_MS, fail_every=fail_every)
+            try:
+                runs[label] = _initial_run(args, name, receiver, "auto", studies)
+                runs[label]["failed_posts"] = receiver.stats()["failed_posts"]
+            finally:
+                receiver.stop()
+    finally:
+        if not args.keep:
+            _drop_database(args, name)
+    runs["ratio"] = round(
+        runs["flaky"]["studies_per_second"] / max(runs["clean"]["studies_per_second"], 1e-6), 2
+    )
+    return runs
+
+
 def print_scenes(results: dict[str, Any]) -> None:
     if "wan" in results:
         print(f"\nScene 1: WAN, {WAN_LATENCY_MS:g} ms per answer (`--scene wan`)\n")
@@ -1014,6 +1068,26 @@ def print_scenes(results: dict[str, Any]) -> None:
         print("| measure | value |\n| ------- | ----- |")
         for label, value in rows:
             print(f"| {label} | {value} |")
+    if "flaky" in results:
+        _print_flaky(results["flaky"])
+
+
+def _print_flaky(runs: dict[str, Any]) -> None:
+    print(
+        f"\nScene 4: a service of {FLAKY_SERVICE_MS:g} ms, every {FLAKY_EVERY}th POST answered"
+        ' 503 without Retry-After, "auto" (`--scene flaky`)\n'
+    )
+    print("| service | studies/s | delivered / studies | POSTs (503) | settled at | exit |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label in ("clean", "flaky"):
+        run = runs[label]
+        print(
+            f"| {label} | {run['studies_per_second']:,.0f}"
+            f" | {run['unique_studies']:,} / {run['studies']:,}"
+            f" | {run['posts']:,} ({run['failed_posts']:,}) | {run['settled_limit']}"
+            f" | {run['exit_code']} |"
+        )
+    print(f"\nflaky / clean: {runs['ratio']:.2f}")
 
 
 def _probe_summary(probe: dict[str, Any]) -> str:
@@ -1092,10 +1166,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scene",
-        choices=("loopback", "wan", "capacity", "centers", "adaptive"),
+        choices=("loopback", "wan", "capacity", "centers", "flaky", "adaptive"),
         default="loopback",
         help="loopback: the table above (default); wan, capacity, centers: the scenes of"
-        " adaptive delivery; adaptive: all three",
+        " adaptive delivery; flaky: a service failing one request in four; adaptive: all four",
     )
     parser.add_argument(
         "--max-studies-per-second",
@@ -1176,6 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[scene] = scenes[scene]
         if args.scene in ("centers", "adaptive"):
             results["centers"] = scene_ten_centers(args)
+        if args.scene in ("flaky", "adaptive"):
+            results["flaky"] = scene_flaky(args)
         print_scenes(results)
         print(f"\nmachine: {results['machine']}")
     if args.json:

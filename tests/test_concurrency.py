@@ -152,7 +152,7 @@ class _Feed:
 
     def answers(self, count: int, latency, failed: bool = False, seconds: float = 0.001) -> None:
         for _ in range(count):
-            while self.limit.in_flight < int(self.limit.limit):
+            while self.limit.in_flight < int(self.limit.allowed):
                 assert self.limit.acquire(lambda: False)
             self.now += seconds
             seconds_now = latency(self.limit.in_flight) if callable(latency) else latency
@@ -166,7 +166,7 @@ def test_auto_grows_to_its_maximum_while_the_latency_holds():
     limit = client.ConcurrencyLimit(None, 64)
     feed = _Feed(limit)
     feed.answers(2000, 0.05)
-    assert int(limit.limit) == 64
+    assert int(limit.allowed) == 64
 
 
 def test_auto_sheds_when_each_request_more_only_waits_longer():
@@ -175,18 +175,18 @@ def test_auto_sheds_when_each_request_more_only_waits_longer():
     feed.answers(2000, 0.05)
     # One at a time, 50 ms each: latency grows with what is in flight.
     feed.answers(400, lambda in_flight: 0.05 * in_flight)
-    assert int(limit.limit) <= 2
+    assert int(limit.allowed) <= 2
 
 
 def test_a_backend_failing_one_request_in_four_does_not_lower_the_limit():
     limit = client.ConcurrencyLimit(None, 64)
     feed = _Feed(limit)
     feed.answers(2000, 0.05)
-    assert int(limit.limit) == 64
+    assert int(limit.allowed) == 64
     for _ in range(200):
         feed.answers(3, 0.05)
         feed.answers(1, None, failed=True)
-    assert int(limit.limit) == 64
+    assert int(limit.allowed) == 64
 
 
 def test_mostly_5xx_halves_the_limit_at_most_once_per_round_trip():
@@ -195,10 +195,10 @@ def test_mostly_5xx_halves_the_limit_at_most_once_per_round_trip():
     feed.answers(2000, 0.05)
     # 200 failures within one round trip (50 ms): one halving, not 200.
     feed.answers(200, None, failed=True, seconds=0.0001)
-    assert int(limit.limit) == 32
+    assert int(limit.allowed) == 32
     feed.now += 0.06
     feed.answers(1, None, failed=True)
-    assert int(limit.limit) == 16
+    assert int(limit.allowed) == 16
 
 
 def test_fixed_concurrency_is_not_moved_by_latency_or_failures():
@@ -206,4 +206,4 @@ def test_fixed_concurrency_is_not_moved_by_latency_or_failures():
     feed = _Feed(limit)
     feed.answers(100, lambda in_flight: 0.05 * in_flight)
     feed.answers(100, None, failed=True)
-    assert limit.limit == 3
+    assert limit.allowed == 3
