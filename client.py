@@ -2853,25 +2853,26 @@ class Sender:
         else:
             outcome.error = redact(_answer_line(answer))
 
-    def probe(self) -> tuple[bool, str]:
+    def probe(self) -> tuple[int, str]:
         """For `check`: reaches the service with the key without registering
-        anything (a GET). A redirect fails: a POST would not follow it."""
+        anything (a GET); the exit code a run would meet (EXIT_OK: fine)
+        and one line. A redirect fails: a POST would not follow it."""
         where = _safe_url(self.url)
         answer = self._exchange("GET", None)
         code = answer.status
         if code is None:
-            return False, f"{where}: {answer.error}"
+            return EXIT_DELIVERY, f"{where}: {answer.error}"
         if 300 <= code < 400:
-            return False, (
+            return EXIT_DELIVERY, (
                 f"{where} answered HTTP {code}, a redirect to"
                 f" {_safe_url(answer.location or '(no Location)')}: set webservice_url to the"
                 " address it redirects to (a POST is never redirected)"
             )
         if code in (401, 403):
-            return False, f"the service refused the key (HTTP {code})"
+            return EXIT_KEY_REFUSED, f"the service refused the key (HTTP {code})"
         if code >= 500:
-            return False, f"the service is failing (HTTP {code})"
-        return True, f"{where} answered HTTP {code}"
+            return EXIT_DELIVERY, f"the service is failing (HTTP {code})"
+        return EXIT_OK, f"{where} answered HTTP {code}"
 
     def _exchange(self, method: str, body: bytes | None) -> Answer:
         answer = Answer()
@@ -3468,7 +3469,9 @@ class SendPool:
         elif outcome.kind == FAILING:
             concurrency.release(None, overloaded=outcome.timed_out, failed=True)
         else:
-            concurrency.release(outcome.latency)
+            # Only an acceptance is a reason to send more at once: a service
+            # refusing every study quickly must not draw a burst of refusals.
+            concurrency.release(outcome.latency if outcome.delivered else None)
 
 
 class Delivery:
@@ -4110,11 +4113,10 @@ def run_check(settings: Settings) -> int:
 def _check_service(settings: Settings) -> tuple[str, str, int]:
     sender = Sender(settings)
     try:
-        ok, message = sender.probe()
+        code, message = sender.probe()
     finally:
         sender.close()
-    code = EXIT_KEY_REFUSED if "refused the key" in message else EXIT_DELIVERY
-    return ("ok" if ok else "FAILED", f"webservice: {message}", code)
+    return ("ok" if code == EXIT_OK else "FAILED", f"webservice: {message}", code)
 
 
 def _check_database(settings: Settings) -> list[tuple[str, str, int]]:

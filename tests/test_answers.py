@@ -222,7 +222,8 @@ def test_403_for_every_study_is_the_key_and_leaves_them_pending(pacs, service, c
     err = capsys.readouterr().err
     assert "run stopped: the service refused the API key (HTTP 403: forbidden): 5 studies" in err
     assert pacs.statuses() == {"pending": 30}
-    assert len(service.attempts) < 15
+    # One at a time while nothing is accepted: the 5, and what was on its way.
+    assert len(service.attempts) <= 8
 
 
 def test_a_service_refusing_every_study_is_not_a_verdict_on_them(pacs, service, configs, capsys):
