@@ -85,6 +85,10 @@ EXIT_CODE_HELP = (
 
 ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
 ENV_KEY = "DICOM_INDEXER_KEY"
+ENV_ORTHANC_PASSWORD = "DICOM_INDEXER_ORTHANC_PASSWORD"
+# An Orthanc site's queue (study_service in SQLite), beside config.json
+# unless queue_file says otherwise.
+QUEUE_FILE_NAME = "dicom_indexer_queue.sqlite3"
 
 # study_service bookkeeping rows (see extras/add_indexer.sql).
 CURSOR_ROW_PK = 0
@@ -155,7 +159,8 @@ class Settings:
     server.json holds "server", the center's code, sent as "center".
     """
 
-    db_engine: str  # a key of ENGINES
+    source: str  # "dcm4chee" (a database: "database") or "orthanc" (REST: "orthanc")
+    db_engine: str  # a key of ENGINES; "sqlite" for an Orthanc site's queue
     db_host: str
     db_port: int
     db_user: str
@@ -165,6 +170,11 @@ class Settings:
     webservice_url: str
     key: str = field(repr=False)
     key_source: str  # where the key came from, for messages: never the key itself
+    orthanc_url: str
+    orthanc_user: str
+    orthanc_password: str = field(repr=False)
+    orthanc_ca_bundle: str | None
+    queue_file: Path  # Orthanc: the queue's SQLite file
     center: str
     config_path: Path
     server_path: Path
@@ -399,10 +409,20 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
     problems: list[ConfigError] = []
     top = _Fields(config_path, _read_json_object(config_path), problems)
     server = _Fields(server_path, _read_json_object(server_path), problems)
-    db = top.section("database")
     top.ignore("server")  # the original's placeholder: "see server.json"
+    if "orthanc" in top.data:
+        # An Orthanc site: its REST API, and the queue in a file of its own.
+        if "database" in top.data:
+            top.problem("orthanc", "and 'database' are both set: keep the one this site's PACS is")
+        db = _Fields(config_path, {}, [], "database.")
+        orthanc = top.section("orthanc")
+        source = _orthanc_fields(orthanc, top, config_path)
+    else:
+        db = top.section("database")
+        orthanc = _Fields(config_path, {}, [], "orthanc.")
+        source = {**_connection_fields(db), **_NO_ORTHANC}
     settings = Settings(
-        **_connection_fields(db),
+        **source,
         **_service_fields(top),
         **_tuning_fields(top),
         center=server.code("server"),
@@ -411,7 +431,7 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
     )
     warnings = [
         f"{fields.path}: unknown field '{name}' ignored (misspelt?)"
-        for fields in (top, db, server)
+        for fields in (top, db, orthanc, server)
         for name in fields.unknown()
     ]
     warnings += _exposure_warnings(settings, db, top)
@@ -425,6 +445,7 @@ def _connection_fields(db: _Fields) -> dict[str, Any]:
     # surrounding whitespace (a pasted newline) is never part of one.
     password, _ = _secret(db, "password", "password_file", ENV_DB_PASSWORD)
     return {
+        "source": "dcm4chee",
         "db_engine": engine,
         "db_host": db.text("host", default="localhost"),
         "db_port": db.number(
@@ -434,6 +455,42 @@ def _connection_fields(db: _Fields) -> dict[str, Any]:
         "db_password": password,
         "db_name": db.text("name"),
         "db_unix_socket": db.text("unix_socket", default=None),
+    }
+
+
+_NO_ORTHANC: dict[str, Any] = {
+    "orthanc_url": "",
+    "orthanc_user": "",
+    "orthanc_password": "",
+    "orthanc_ca_bundle": None,
+    "queue_file": Path(QUEUE_FILE_NAME),
+}
+
+
+def _orthanc_fields(orthanc: _Fields, top: _Fields, config_path: Path) -> dict[str, Any]:
+    """ "orthanc": its REST API's address and credentials; and where the queue is."""
+    url = orthanc.text("url", default="http://127.0.0.1:8042").rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        orthanc.problem("url", "must start with http:// or https://")
+    password, _ = _secret(orthanc, "password", "password_file", ENV_ORTHANC_PASSWORD)
+    ca_bundle = orthanc.text("ca_bundle", default=None)
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        orthanc.problem("ca_bundle", f"file not found: {ca_bundle}", separator=": ")
+    queue_file = top.file_path("queue_file") or config_path.resolve().with_name(QUEUE_FILE_NAME)
+    return {
+        "source": "orthanc",
+        "db_engine": "sqlite",
+        "db_host": "",
+        "db_port": 0,
+        "db_user": "",
+        "db_password": "",
+        "db_name": str(queue_file),
+        "db_unix_socket": None,
+        "orthanc_url": url,
+        "orthanc_user": orthanc.text("user", default="", allow_empty=True) or "",
+        "orthanc_password": password,
+        "orthanc_ca_bundle": ca_bundle,
+        "queue_file": queue_file,
     }
 
 
@@ -488,10 +545,12 @@ def _exposure_warnings(settings: Settings, db: _Fields, top: _Fields) -> list[st
     sent in clear to another host."""
     warnings = []
     config_path, url = settings.config_path, settings.webservice_url
+    orthanc = top.data.get("orthanc")
     secrets = [
         secret
         for secret, present in (
             ("database password", db.data.get("password")),
+            ("Orthanc password", isinstance(orthanc, dict) and orthanc.get("password")),
             ("API key", top.data.get("key")),
         )
         if present
@@ -1316,6 +1375,7 @@ class Dcm4chee2:
 
     name = "dcm4chee 2.x"
     STATEMENTS: Mapping[str, Any] = {"mysql": Dcm4chee2MySQL, "postgresql": Dcm4chee2PostgreSQL}
+    UNSETTLED = "the archive has not computed its counts yet (arc-light: study_query_attrs)"
     SCRIPTS = {
         "mysql": ("mysql DBNAME < extras/add_indexer.sql", "extras/grant_indexer.sql"),
         "postgresql": (
@@ -1509,18 +1569,20 @@ def hold_reason(
     """Why a pending study is not sent in this run, or None to send it."""
     reason = window.hold(row) if window is not None else None
     if reason is None and not schema.settled(row):
-        reason = "the archive has not computed its counts yet (arc-light: study_query_attrs)"
+        reason = schema.UNSETTLED
     return reason
 
 
-class PacsDatabase:
-    """One connection to the PACS's database, through its engine; the schema
-    found there; its source (the studies) and its queue (study_service)."""
+class Database:
+    """One connection through an engine: what the queue (and a dcm4chee
+    source) run their statements on."""
 
-    def __init__(self, settings: Settings) -> None:
+    install_script = grant_script = ""  # set where a script installs the queue
+
+    def __init__(self, settings: Settings, engine: Any, where: str) -> None:
         self.settings = settings
-        self.where = f"database '{settings.db_name}' on {settings.db_host}:{settings.db_port}"
-        self.engine = ENGINES[settings.db_engine](settings)
+        self.where = where
+        self.engine = engine
         self.Error = self.engine.Error
         self.statement = ""  # the last one run: named when it fails
         try:
@@ -1532,17 +1594,6 @@ class PacsDatabase:
         except DatabaseError as exc:
             raise DatabaseError(f"cannot connect to {self.where}: {exc}") from None
         self.queue = StudyServiceQueue(self)
-        try:
-            found = {(row["t"], row["c"]) for row in self.query(self.queue.sql.SCHEMA_COLUMNS)}
-            self.schema = detect_schema(found, settings.query_view)
-        except self.Error as exc:
-            self.close()
-            raise DatabaseError(f"cannot read {self.where}: {self.describe(exc)}") from None
-        except DatabaseError:
-            self.close()
-            raise
-        self.source = PacsSource(self, self.schema)
-        self.install_script, self.grant_script = self.schema.SCRIPTS[settings.db_engine]
 
     def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
         """Runs one statement (autocommit, or inside begin()); rows as dicts."""
@@ -1615,6 +1666,29 @@ class PacsDatabase:
             )
         return DatabaseError(message)
 
+
+class PacsDatabase(Database):
+    """One connection to the PACS's database, through its engine; the schema
+    found there; its source (the studies) and its queue (study_service)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            settings,
+            ENGINES[settings.db_engine](settings),
+            f"database '{settings.db_name}' on {settings.db_host}:{settings.db_port}",
+        )
+        try:
+            found = {(row["t"], row["c"]) for row in self.query(self.queue.sql.SCHEMA_COLUMNS)}
+            self.schema = detect_schema(found, settings.query_view)
+        except self.Error as exc:
+            self.close()
+            raise DatabaseError(f"cannot read {self.where}: {self.describe(exc)}") from None
+        except DatabaseError:
+            self.close()
+            raise
+        self.source = PacsSource(self, self.schema)
+        self.install_script, self.grant_script = self.schema.SCRIPTS[settings.db_engine]
+
     def privilege_problems(self) -> list[str]:
         """What a run needs and this user may not do, found by statements
         that touch no row (the server checks privileges before rows)."""
@@ -1636,14 +1710,17 @@ class PacsDatabase:
         return str(self.query(self.queue.sql.SERVER_VERSION)[0]["v"])
 
 
-def open_pacs(settings: Settings) -> PacsDatabase:
-    """The PACS database that config.json names, on its engine."""
-    return PacsDatabase(settings)
+def open_pacs(settings: Settings) -> Any:
+    """The PACS that config.json names: a dcm4chee database on its engine
+    (PacsDatabase), or an Orthanc (OrthancPacs)."""
+    return OrthancPacs(settings) if settings.source == "orthanc" else PacsDatabase(settings)
 
 
 class PacsSource:
     """The studies of a dcm4chee database, read with its schema's statements
     for its engine."""
+
+    pipelined_initial = True  # read in pk order: sent while the load goes on
 
     def __init__(self, db: PacsDatabase, schema: Dcm4chee2) -> None:
         self.db = db
@@ -1658,9 +1735,25 @@ class PacsSource:
     def count_studies(self) -> int:
         return int(self.db.query(self.sql.COUNT_STUDIES)[0]["n"])
 
-    def study_page(self, after: int) -> list[dict[str, Any]]:
-        """The archive's studies after pk `after`, with their row versions."""
-        return self.db.query(self.sql.SELECT_STUDY_PAGE, (after, self.page_size))
+    def initial_page(self, after: int) -> tuple[list[tuple], int]:
+        """The initial load's next page: the archive's studies after pk
+        `after`, as ENQUEUE_FOR_INITIAL takes them, and the page's last pk."""
+        page = self.db.query(self.sql.SELECT_STUDY_PAGE, (after, self.page_size))
+        rows = [
+            (
+                row["pk"],
+                _datetime_or_none(row["updated_time"]),
+                row["row_version"],
+                _text(row["study_iuid"]),
+            )
+            for row in page
+        ]
+        return rows, page[-1]["pk"] if page else after
+
+    def initial_enqueued(self, queue: StudyServiceQueue, position: int) -> None:
+        """Every study up to here is enqueued: the tick need not re-read them
+        by pk (late rows with lower pks are still caught by its time window)."""
+        queue.raise_tick_cursor(position)
 
     def new_studies(
         self, frontier: Callable[[int], int | None] | None = None
@@ -1713,6 +1806,11 @@ class PacsSource:
         """Every pending study: never tried first, then those due again."""
         return itertools.chain(self.new_studies(), self.due_studies())
 
+    def reconcile(
+        self, pacs: PacsDatabase, settings: Settings, max_studies: int | None, stop: Stop
+    ) -> ReconcileReport:
+        return reconcile(pacs, settings, max_studies, stop)
+
     def reconcile_page(self, after: int, size: int) -> list[dict[str, Any]]:
         return self.db.query(
             self.sql.SELECT_RECONCILE_PAGE, (*self.schema.join_args(), after, size)
@@ -1750,6 +1848,513 @@ class PacsSource:
         if self.db.settings.db_engine == "postgresql":
             return bool(names)
         return "study_updated" in names
+
+
+# --------------------------------------------------------------------------
+# Source: Orthanc, through its REST API
+#
+# Orthanc keeps its index where it likes (SQLite, or the PostgreSQL/MySQL
+# plugins): the indexer reads only its REST API, the same for all. What
+# changed comes from its change log (/changes, paged by Seq, kept in the
+# queue's cursor row); a study is sent once Orthanc calls it stable (or it
+# has been quiet long enough); deletions are not logged, so reconcile lists
+# every study and finds the ones gone. The queue, with no database of ours
+# to live in, is a SQLite file (SQLiteEngine), with the same table.
+# --------------------------------------------------------------------------
+
+ORTHANC_MINIMUM_VERSION = (1, 10)
+# The SQLite queue's clock: local time, as a dcm4chee database's, to the millisecond.
+SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now', 'localtime')"
+ORTHANC_CHANGES_PAGE = 1000  # change log rows per request
+ORTHANC_LIST_PAGE = 1000  # study IDs per /studies request
+ORTHANC_FETCH_THREADS = 8  # studies read at once (each: two GETs)
+# Orthanc calls a study stable StableAge seconds (60 by default) after its
+# last image; it keeps that in memory only, so a study stored just before a
+# restart never gets a StableStudy. A study quiet for this long counts as
+# stable whatever Orthanc says (or stable_age_seconds, if longer).
+ORTHANC_QUIET_SECONDS = 120
+# The change log's entries that make a study worth reading again.
+ORTHANC_STUDY_CHANGES = frozenset(
+    {"NewStudy", "NewSeries", "NewInstance", "StableStudy", "UpdatedMetadata"}
+)
+
+
+class OrthancError(IndexerError):
+    """Orthanc is unreachable, refused the credentials, or is too old."""
+
+    exit_code = EXIT_DATABASE
+
+
+def orthanc_pk(orthanc_id: str) -> int:
+    """A study's (or patient's) pk, as the central index stores dcm4chee's:
+    a JSON integer, from the first 13 hex digits of its Orthanc ID (itself
+    a SHA-1 of PatientID and StudyInstanceUID): 52 bits, below 2**53, the
+    same on a rebuilt queue or another host. Two studies of an archive share
+    one with a chance of n**2 / 2**53: about 1 in 9,000 for a million."""
+    return int(orthanc_id.replace("-", "")[:13], 16) or 1
+
+
+class OrthancClient:
+    """GETs of JSON from Orthanc's REST API, over keep-alive connections.
+    Orthanc closes idle ones after about a second: urllib3 reconnects, and
+    retries a GET (safe to repeat) that met a closed connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        import urllib3
+
+        self.base = settings.orthanc_url
+        headers = {"Accept": "application/json"}
+        if settings.orthanc_user or settings.orthanc_password:
+            credentials = f"{settings.orthanc_user}:{settings.orthanc_password}"
+            headers.update(urllib3.make_headers(basic_auth=credentials))
+            hide_secrets(settings.orthanc_password, headers["authorization"].split()[-1])
+        options: dict[str, Any] = {
+            "num_pools": 1,
+            "maxsize": ORTHANC_FETCH_THREADS + 2,
+            "headers": headers,
+            "retries": urllib3.util.Retry(
+                total=2, connect=2, read=2, status=0, redirect=0, backoff_factor=0.1
+            ),
+            "timeout": urllib3.Timeout(
+                connect=settings.connect_timeout_seconds, read=settings.read_timeout_seconds
+            ),
+        }
+        if self.base.startswith("https://"):
+            options["cert_reqs"] = "CERT_REQUIRED"
+            options["ca_certs"] = settings.orthanc_ca_bundle or _default_ca_bundle()
+        self.pool = urllib3.PoolManager(**options)
+        self.http_error = urllib3.exceptions.HTTPError
+
+    def get(self, path: str, missing_ok: bool = False) -> Any:
+        """The JSON at `path`; None for a 404 when `missing_ok` (a resource
+        deleted between the change log and its read: nothing to retry)."""
+        try:
+            response = self.pool.request("GET", self.base + path, redirect=False)
+        except self.http_error as exc:
+            raise OrthancError(
+                f"cannot reach Orthanc at {self.base}: {_reason(_cause_chain(exc))}"
+            ) from None
+        if response.status == 404 and missing_ok:
+            return None
+        if response.status in (401, 403):
+            raise OrthancError(
+                f"Orthanc at {self.base} refused the credentials (HTTP {response.status}):"
+                " check orthanc.user and orthanc.password in config.json"
+            )
+        if response.status != 200:
+            raise OrthancError(
+                f"Orthanc at {self.base} answered HTTP {response.status} to GET"
+                f" {path.split('?')[0]}"
+            )
+        try:
+            return json.loads(response.data)
+        except ValueError:
+            raise OrthancError(
+                f"Orthanc at {self.base} answered GET {path.split('?')[0]} with no JSON"
+            ) from None
+
+    def version(self) -> str:
+        """Orthanc's version; refuses one older than 1.10 (its REST API)."""
+        version = str(self.get("/system").get("Version", "?"))
+        numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+        if version.lower() != "mainline" and numbers < ORTHANC_MINIMUM_VERSION:
+            raise OrthancError(
+                f"Orthanc at {self.base} is version {version}: this client reads Orthanc"
+                " 1.10 and later; upgrade Orthanc"
+            )
+        return version
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+class OrthancStatements:
+    """The SQLite queue's statements that only an Orthanc source runs."""
+
+    QUEUE_COLUMNS = (
+        "SELECT study_pk AS queued_pk, sent_version, study_iuid AS known_iuid,"
+        " enqueued_at AS queued_at, attempts, source_id FROM study_service"
+    )
+    SELECT_NEW_PAGE = (
+        QUEUE_COLUMNS + " WHERE status = 'pending' AND attempts = 0 AND study_pk > ?"
+        " ORDER BY study_pk LIMIT ?"
+    )
+    SELECT_DUE_PAGE = (
+        QUEUE_COLUMNS + " WHERE status = 'pending' AND attempts > 0"
+        f" AND (next_attempt_at IS NULL OR next_attempt_at <= {SQLITE_NOW})"
+        " AND study_pk > ? ORDER BY study_pk LIMIT ?"
+    )
+    # A change in Orthanc: the study pending again (its Orthanc ID kept).
+    # Rows: (study_pk, Orthanc ID).
+    ENQUEUE_CHANGE = (
+        "INSERT OR IGNORE INTO study_service (study_pk, status, attempts, enqueued_at, source_id)"
+        f" VALUES (?1, 'pending', 0, {SQLITE_NOW}, ?2);\n"
+        "UPDATE study_service SET"
+        " sent_version = CASE WHEN status IN ('deleted', 'deleting') THEN NULL"
+        " ELSE sent_version END, status = 'pending', attempts = 0, last_error = NULL,"
+        f" next_attempt_at = NULL, enqueued_at = {SQLITE_NOW}, source_id = ?2"
+        " WHERE study_pk = ?1"
+    )
+    QUEUE_STATE = "SELECT study_pk, status, sent_version FROM study_service WHERE study_pk IN "
+    MARK_RECONCILED = f"UPDATE study_service SET reconciled_at = {SQLITE_NOW} WHERE study_pk = ?"
+    # What reconcile did not find in Orthanc since its sweep began.
+    SELECT_UNSEEN = (
+        "SELECT study_pk, study_iuid, source_id FROM study_service WHERE study_pk > 0"
+        " AND status IN ('pending', 'sent', 'failed') AND COALESCE(reconciled_at, '') < ?"
+    )
+    SELECT_DELIVERED_IUIDS = (
+        "SELECT study_iuid FROM study_service WHERE status = 'sent' AND study_iuid IN "
+    )
+
+
+class Orthanc:
+    """Orthanc's studies as the document's fields:
+
+    - patient_pk and study_pk: orthanc_pk() of the Orthanc IDs.
+    - patient_id, patient_name: PatientMainDicomTags (the name without its
+      trailing empty components, as 2.x sends it).
+    - study_datetime: StudyDate and StudyTime, as arc-light's; description,
+      UID: MainDicomTags.
+    - study_modality: the distinct modalities of its series, in alphabetical
+      order; study_series and study_instances: its series, and their images.
+    - A study is sent once stable: IsStable, or quiet for
+      ORTHANC_QUIET_SECONDS (Orthanc forgets what it was waiting for when it
+      restarts). A study Orthanc no longer has is withdrawn.
+    """
+
+    name = "Orthanc"
+    UNSETTLED = "Orthanc has not marked it stable yet (images may still come)"
+
+    def __init__(self, quiet_seconds: int) -> None:
+        self.quiet_seconds = quiet_seconds
+
+    def join_args(self) -> tuple[Any, ...]:
+        return ()
+
+    def fields(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        fields = dict(row)
+        name = row["pat_name"]
+        fields["pat_name"] = (name.rstrip("^") or None) if name else None
+        fields["study_desc"] = row["study_desc"] or None
+        fields["study_datetime"] = _arclight_datetime(row["study_date"], row["study_time"])
+        return fields
+
+    def settled(self, row: Mapping[str, Any]) -> bool:
+        if row["is_stable"]:
+            return True
+        updated = _orthanc_time(row["last_update"])
+        if updated is None:
+            return False
+        now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        return (now - updated).total_seconds() > self.quiet_seconds
+
+    def withdrawn(self, row: Mapping[str, Any]) -> bool:
+        return row["study_pk"] is None
+
+
+def _orthanc_time(value: Any) -> datetime.datetime | None:
+    """Orthanc's "20261202T023015" (its clock, in UTC)."""
+    try:
+        return datetime.datetime.strptime(str(value), "%Y%m%dT%H%M%S")
+    except ValueError:
+        return None
+
+
+class OrthancSource:
+    """The studies of an Orthanc, read through its REST API, with the change
+    log's cursor and the pending studies in the SQLite queue."""
+
+    sql = OrthancStatements
+    pipelined_initial = False  # Orthanc lists studies in no order: enqueued first
+
+    def __init__(self, db: Database, client: OrthancClient, schema: Orthanc) -> None:
+        self.db = db
+        self.client = client
+        self.schema = schema
+        self.page_size = db.settings.page_size
+
+    # -- what changed --------------------------------------------------------
+
+    def enqueue_changes(self) -> int:
+        """Reads the change log after the cursor and enqueues the studies it
+        names; the first call (a new queue) starts the cursor at the end of
+        the log, as installing the indexer does on dcm4chee."""
+        state = self.db.queue.bookkeeping(CURSOR_ROW_PK)
+        if state is None:
+            last = int(self.client.get("/changes?last")["Last"])
+            self.db.queue.start_bookkeeping(CURSOR_ROW_PK, "cursor", last)
+            return 0
+        cursor, enqueued = int(state["position"] or 0), 0
+        while True:
+            page = self.client.get(f"/changes?since={cursor}&limit={ORTHANC_CHANGES_PAGE}")
+            changes, last = page["Changes"], int(page["Last"])
+            if self._history_lost(cursor, changes, last):
+                return enqueued + self._resynchronise(cursor, last)
+            if not changes:
+                return enqueued
+            studies = self._studies_of(changes)
+            cursor = int(changes[-1]["Seq"])
+            self._enqueue(studies, cursor)
+            enqueued += len(studies)
+            if page["Done"]:
+                return enqueued
+
+    def _history_lost(self, cursor: int, changes: list[dict], last: int) -> bool:
+        """Whether the log no longer goes back to the cursor: Orthanc's
+        database replaced or restored (its newest Seq below the cursor), or
+        its log cleared (its oldest row past the cursor: the rows of deleted
+        resources go too, but never all of the older ones)."""
+        if not changes:
+            return last < cursor
+        if int(changes[0]["Seq"]) == cursor + 1:
+            return False
+        oldest = self.client.get("/changes?since=0&limit=1")["Changes"]
+        return bool(oldest) and int(oldest[0]["Seq"]) > cursor + 1
+
+    def _resynchronise(self, cursor: int, last: int) -> int:
+        log.warning(
+            "Orthanc's change log no longer goes back to where this indexer left it (Seq %d;"
+            " newest now %d): its database was replaced or restored, or its log cleared;"
+            " every study is enqueued again and only what changed will be sent",
+            cursor,
+            last,
+        )
+        count, offset = 0, 0
+        while True:
+            ids = self.client.get(f"/studies?since={offset}&limit={ORTHANC_LIST_PAGE}")
+            if not ids:
+                break
+            self._enqueue(ids, None)
+            count, offset = count + len(ids), offset + len(ids)
+        self.db.query(self.db.queue.sql.SET_CURSOR, (last, CURSOR_ROW_PK))
+        return count
+
+    def _studies_of(self, changes: list[dict]) -> list[str]:
+        """The studies the changes are about, in order, once each (a series
+        or an instance is looked up: its study is not in the entry)."""
+        wanted = [c for c in changes if c["ChangeType"] in ORTHANC_STUDY_CHANGES]
+        series_study: dict[str, str | None] = {}
+
+        def study_of(change: dict) -> str | None:
+            kind, ident = change["ResourceType"], change["ID"]
+            if kind == "Study":
+                return ident
+            if kind == "Instance":
+                instance = self.client.get(f"/instances/{ident}", missing_ok=True)
+                ident = instance["ParentSeries"] if instance else None
+            if kind in ("Series", "Instance") and ident is not None:
+                if ident not in series_study:
+                    series = self.client.get(f"/series/{ident}", missing_ok=True)
+                    series_study[ident] = series["ParentStudy"] if series else None
+                return series_study[ident]
+            return None  # a patient's change: its studies log their own
+
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as pool:
+            found = list(pool.map(study_of, wanted))
+        return list(dict.fromkeys(ident for ident in found if ident))
+
+    def _enqueue(self, studies: list[str], cursor: int | None) -> None:
+        rows = [(orthanc_pk(ident), ident) for ident in studies]
+
+        def work() -> None:
+            self.db.execute_batch(self.sql.ENQUEUE_CHANGE, rows)
+            if cursor is not None:
+                self.db.query(self.db.queue.sql.SET_CURSOR, (cursor, CURSOR_ROW_PK))
+
+        self.db.in_transaction(work)
+
+    # -- the studies ----------------------------------------------------------
+
+    def count_studies(self) -> int:
+        return int(self.client.get("/statistics")["CountStudies"])
+
+    def initial_page(self, offset: int) -> tuple[list[tuple], int]:
+        """The initial load's next page of Orthanc's studies (by offset: it
+        lists them in no order; a study added meanwhile is in the change log
+        anyway), as ENQUEUE_FOR_INITIAL takes them."""
+        ids = self.client.get(f"/studies?since={offset}&limit={ORTHANC_LIST_PAGE}")
+        return [(orthanc_pk(ident), ident) for ident in ids], offset + len(ids)
+
+    def initial_enqueued(self, queue: StudyServiceQueue, position: int) -> None:
+        """The change log's cursor was set when the queue was made."""
+
+    def new_studies(
+        self, frontier: Callable[[int], int | None] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The pending studies not tried since enqueued, with their fields."""
+        return self._stream(self.sql.SELECT_NEW_PAGE)
+
+    def due_studies(self) -> Iterator[dict[str, Any]]:
+        """The pending studies that failed before, whose next attempt is due."""
+        return self._stream(self.sql.SELECT_DUE_PAGE)
+
+    def pending_studies(self) -> Iterator[dict[str, Any]]:
+        return itertools.chain(self.new_studies(), self.due_studies())
+
+    def _stream(self, sql: str) -> Iterator[dict[str, Any]]:
+        import concurrent.futures
+
+        after = 0
+        with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as pool:
+            while True:
+                page = self.db.query(sql, (after, self.page_size))
+                if not page:
+                    return
+                yield from pool.map(self._with_fields, page)
+                after = page[-1]["queued_pk"]
+
+    def _with_fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A queue row with its study's fields, read from Orthanc (two GETs);
+        study_pk None if Orthanc no longer has it."""
+        return {**row, **self.study_fields(row["source_id"])}
+
+    def study_fields(self, ident: str, study: dict | None = None) -> dict[str, Any]:
+        study = study or self.client.get(f"/studies/{ident}", missing_ok=True)
+        series = self.client.get(f"/studies/{ident}/series", missing_ok=True) if study else None
+        if study is None or series is None:
+            return {"study_pk": None, "rejection_state": None}
+        tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
+        modalities = {s.get("MainDicomTags", {}).get("Modality") for s in series} - {None, ""}
+        return {
+            "study_pk": orthanc_pk(study["ID"]),
+            "study_iuid": tags.get("StudyInstanceUID"),
+            "study_date": tags.get("StudyDate"),
+            "study_time": tags.get("StudyTime"),
+            "study_desc": tags.get("StudyDescription"),
+            "updated_time": None,
+            "mods_in_study": "\\".join(sorted(modalities)) or None,
+            "num_series": len(series),
+            "num_instances": sum(len(s.get("Instances", ())) for s in series),
+            "patient_pk": orthanc_pk(study["ParentPatient"]),
+            "pat_id": patient.get("PatientID"),
+            "pat_name": patient.get("PatientName"),
+            "is_stable": bool(study.get("IsStable")),
+            "last_update": study.get("LastUpdate"),
+        }
+
+    # -- reconcile -----------------------------------------------------------
+
+    def reconcile(
+        self, pacs: OrthancPacs, settings: Settings, max_studies: int | None, stop: Stop
+    ) -> ReconcileReport:
+        """Lists every study of Orthanc, enqueueing those whose document is
+        not what the service holds; then, once the sweep is whole, the
+        studies it did not find, each checked gone, as deleted (Orthanc
+        logs no deletion: this is how they are followed)."""
+        report, queue = ReconcileReport(), pacs.queue
+        offset = queue.reconcile_position()
+        started = queue.bookkeeping(RECONCILE_ROW_PK)["started"]
+        bar = _progress_bar(self.count_studies, "reconciling")
+        cap = RateCap(settings.reconcile_rows_per_second)
+        try:
+            while (max_studies is None or report.checked < max_studies) and not stop.requested():
+                ids = self.client.get(f"/studies?since={offset}&limit={self.page_size}")
+                if not ids:
+                    report.gone = self._mark_unseen_gone(queue, started)
+                    report.finished = True
+                    queue.finish_reconcile()
+                    break
+                offset += len(ids)
+                self._reconcile_page(queue, ids, offset, settings.center, report)
+                bar.update(len(ids))
+                cap.passed(len(ids))
+        finally:
+            bar.close()
+            report.seconds = time.monotonic() - cap.started
+        return report
+
+    def _reconcile_page(
+        self, queue: StudyServiceQueue, ids: list[str], offset: int, center: str, report: Any
+    ) -> None:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as pool:
+            fields = list(pool.map(self.study_fields, ids))
+        pks = [orthanc_pk(ident) for ident in ids]
+        placeholders = "(" + ", ".join(["?"] * len(pks)) + ")"  # placeholders, never values
+        rows = self.db.query(self.sql.QUEUE_STATE + placeholders, pks)
+        state = {row["study_pk"]: row for row in rows}
+        changed = []
+        for pk, study in zip(pks, fields):
+            known = state.get(pk)
+            if known is None:
+                report.untracked += 1
+            elif needs_resend({**known, **study}, center, self.schema):
+                changed.append(pk)
+        report.checked += len(ids)
+        report.changed += len(changed)
+
+        def work() -> None:
+            self.db.execute_batch(queue.sql.ENQUEUE_CHANGED, [(pk,) for pk in changed])
+            self.db.execute_batch(self.sql.MARK_RECONCILED, [(pk,) for pk in pks])
+            self.db.query(queue.sql.SET_CURSOR, (offset, RECONCILE_ROW_PK))
+
+        self.db.in_transaction(work)
+
+    def _mark_unseen_gone(self, queue: StudyServiceQueue, started: Any) -> int:
+        """The studies the sweep did not see, that Orthanc confirms gone."""
+        unseen = self.db.query(self.sql.SELECT_UNSEEN, (str(started),))
+        gone = [
+            (row["study_pk"], row["study_iuid"])
+            for row in unseen
+            if row["source_id"] is None
+            or self.client.get(f"/studies/{row['source_id']}", missing_ok=True) is None
+        ]
+        queue.mark_gone(gone)
+        return len(gone)
+
+    # -- for check and adopt ---------------------------------------------------
+
+    def time_index(self) -> tuple[bool, str]:
+        state = self.db.queue.bookkeeping(CURSOR_ROW_PK)
+        seq = state["position"] if state else "(not started yet)"
+        return True, (
+            f"Orthanc's change log: each tick reads only the changes after Seq {seq}"
+            " (deletions are found by the nightly `client.py reconcile`)"
+        )
+
+    def delivered_iuids(self, iuids: list[str | None]) -> set[str]:
+        wanted = [iuid for iuid in iuids if iuid]
+        if not wanted:
+            return set()
+        placeholders = "(" + ", ".join(["?"] * len(wanted)) + ")"  # placeholders, never values
+        rows = self.db.query(self.sql.SELECT_DELIVERED_IUIDS + placeholders, wanted)
+        return {row["study_iuid"] for row in rows}
+
+
+class OrthancPacs:
+    """An Orthanc, as the commands see a PACS: its REST API (the source)
+    and the queue in a SQLite file (queue_file, beside config.json)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.where = f"Orthanc at {settings.orthanc_url}"
+        self.client = OrthancClient(settings)
+        self.version = self.client.version()  # also proves the credentials
+        self.db = Database(settings, SQLiteEngine(settings), f"queue {settings.queue_file}")
+        self.Error = self.db.Error
+        self.queue = self.db.queue
+        self.schema = Orthanc(max(ORTHANC_QUIET_SECONDS, settings.stable_age_seconds))
+        self.source = OrthancSource(self.db, self.client, self.schema)
+        self.install_script = self.grant_script = ""
+
+    def explain(self, exc: BaseException) -> DatabaseError:
+        return self.db.explain(exc)
+
+    def describe(self, exc: BaseException) -> str:
+        return self.db.describe(exc)
+
+    def server_version(self) -> str:
+        return f"Orthanc {self.version}"
+
+    def privilege_problems(self) -> list[str]:
+        return []  # the credentials were accepted; Orthanc has no finer rights to read
+
+    def close(self) -> None:
+        self.client.close()
+        self.db.close()
 
 
 # --------------------------------------------------------------------------
@@ -2021,7 +2626,211 @@ class PostgreSQLQueueSQL:
     )
 
 
-QUEUE_STATEMENTS = {"mysql": MySQLQueueSQL, "postgresql": PostgreSQLQueueSQL}
+class SQLiteQueueSQL:
+    """study_service in a SQLite file: the queue of a PACS that has no
+    database the indexer may add a table to (Orthanc). Plain SQLite 3.7
+    (CentOS 7's): no UPSERT, so an upsert is an INSERT OR IGNORE and an
+    UPDATE, with numbered parameters that both take from one row."""
+
+    CREATE = (
+        "CREATE TABLE IF NOT EXISTS study_service ("
+        " study_pk INTEGER NOT NULL PRIMARY KEY, status TEXT NOT NULL DEFAULT 'pending',"
+        " attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, study_updated_time TEXT,"
+        " study_version BLOB, sent_version BLOB, enqueued_at TEXT, sent_at TEXT,"
+        " study_iuid TEXT, cursor_pk INTEGER, next_attempt_at TEXT,"
+        # Orthanc's ID of the study, and when reconcile last found it there.
+        " source_id TEXT, reconciled_at TEXT)",
+        "CREATE INDEX IF NOT EXISTS study_service_status ON study_service (status, study_pk)",
+    )
+    SERVER_VERSION = "SELECT 'SQLite ' || sqlite_version() AS v"
+    DATABASE_NOW = f"SELECT {SQLITE_NOW} AS now"
+    STUDY_SERVICE_COLUMNS = "PRAGMA table_info(study_service)"
+    # The change capture is the client's own (OrthancSource.enqueue_changes).
+    INDEXER_PROCESS_COUNT = "SELECT 1 AS n"
+    # ENQUEUE_FOR_INITIAL reads when the initial load started from its row.
+    SET_INITIAL_STARTED = "SELECT ? AS started"
+    # Rows: (study_pk, Orthanc ID). What the service acknowledged since this
+    # initial load began keeps its state: an interrupted load carries on.
+    ENQUEUE_FOR_INITIAL = (
+        "INSERT OR IGNORE INTO study_service (study_pk, status, attempts, enqueued_at, source_id)"
+        f" VALUES (?1, 'pending', 0, {SQLITE_NOW}, ?2);\n"
+        "UPDATE study_service SET status = 'pending', attempts = 0, next_attempt_at = NULL,"
+        f" sent_version = NULL, enqueued_at = {SQLITE_NOW}, source_id = ?2"
+        " WHERE study_pk = ?1 AND COALESCE(sent_at, '') < COALESCE("
+        f"(SELECT enqueued_at FROM study_service WHERE study_pk = {INITIAL_ROW_PK}), '9999')"
+    )
+    START_BOOKKEEPING = (
+        "INSERT OR IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
+        f" VALUES (?, ?, {SQLITE_NOW}, 0)"
+    )
+    SELECT_BOOKKEEPING = (
+        "SELECT enqueued_at AS started, cursor_pk AS position, status"
+        " FROM study_service WHERE study_pk = ?"
+    )
+    SET_CURSOR = "UPDATE study_service SET cursor_pk = ? WHERE study_pk = ?"
+    RAISE_CURSOR = (
+        "UPDATE study_service SET cursor_pk = MAX(COALESCE(cursor_pk, 0), ?) WHERE study_pk = ?"
+    )
+    SET_STATUS = "UPDATE study_service SET status = ? WHERE study_pk = ?"
+    DELETE_ROW = "DELETE FROM study_service WHERE study_pk = ?"
+    SELECT_DELETING_PAGE = (
+        "SELECT study_pk, study_iuid FROM study_service"
+        " WHERE status = 'deleting' AND study_pk > ? ORDER BY study_pk LIMIT ?"
+    )
+    RECORD_SENT = (
+        "UPDATE study_service SET status = 'sent', attempts = attempts + 1, last_error = NULL,"
+        f" next_attempt_at = NULL, sent_version = ?2, sent_at = {SQLITE_NOW}, study_iuid = ?3"
+        " WHERE study_pk = ?1"
+    )
+    RECORD_DELETED = (
+        "UPDATE study_service SET status = 'deleted', attempts = attempts + 1,"
+        f" last_error = NULL, next_attempt_at = NULL, sent_at = {SQLITE_NOW} WHERE study_pk = ?"
+    )
+    RECORD_FAILURE = (
+        "UPDATE study_service SET status = ?1, attempts = attempts + 1, last_error = ?2,"
+        " next_attempt_at = CASE WHEN ?3 IS NULL THEN NULL ELSE"
+        " strftime('%Y-%m-%d %H:%M:%f', 'now', 'localtime', '+' || ?3 || ' seconds') END"
+        " WHERE study_pk = ?4"
+    )
+    RECORD_UNCHANGED = (
+        "UPDATE study_service SET status = 'sent', last_error = NULL, next_attempt_at = NULL"
+        " WHERE study_pk = ?"
+    )
+    MARK_GONE = (
+        "UPDATE study_service SET status = ?, attempts = 0, next_attempt_at = NULL,"
+        " last_error = 'study no longer in the PACS' WHERE study_pk = ?"
+    )
+    ENQUEUE_CHANGED = (
+        "UPDATE study_service SET"
+        " sent_version = CASE WHEN status IN ('deleted', 'deleting') THEN NULL"
+        " ELSE sent_version END, status = 'pending', attempts = 0, last_error = NULL,"
+        f" next_attempt_at = NULL, enqueued_at = {SQLITE_NOW} WHERE study_pk = ?"
+    )
+    RETRY_FAILED = MySQLQueueSQL.RETRY_FAILED
+    COUNT_BY_STATUS = MySQLQueueSQL.COUNT_BY_STATUS
+    COUNT_PENDING = MySQLQueueSQL.COUNT_PENDING
+    COUNT_WAITING = (
+        "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_at FROM study_service"
+        f" WHERE status = 'pending' AND next_attempt_at > {SQLITE_NOW}"
+    )
+    OLDEST_PENDING_SECONDS = (
+        "SELECT CAST((julianday('now', 'localtime') - julianday(MIN(enqueued_at))) * 86400"
+        " AS INTEGER) AS age FROM study_service WHERE status IN ('pending', 'deleting')"
+    )
+    LAST_SENT = MySQLQueueSQL.LAST_SENT
+    RECENT_ERRORS = (
+        "SELECT study_pk, status, attempts, last_error, next_attempt_at FROM study_service"
+        " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
+        " ORDER BY enqueued_at DESC LIMIT 5"
+    )
+    PRIVILEGE_PROBES: tuple = ()  # the client's own file: see SQLiteEngine.connect
+
+
+class SQLiteEngine:
+    """The queue of an Orthanc site: a SQLite file, through the standard
+    library; WAL, one writer at a time (the run lock), every commit durable.
+    Created by the client, readable by its user only, like config.json."""
+
+    name = "sqlite"
+    # Columns (or aliases) that hold times: SQLite keeps them as text.
+    TIMES = frozenset({"now", "started", "queued_at", "next_at", "t", "next_attempt_at"})
+    BUSY_TIMEOUT_SECONDS = 50  # as MySQL's lock wait, for a reader beside the run
+
+    def __init__(self, settings: Settings) -> None:
+        import sqlite3
+
+        self.settings = settings
+        self.driver = sqlite3
+        self.Error: tuple[type[BaseException], ...] = (sqlite3.Error,)
+        self.path = settings.queue_file
+        self.conn: Any = None
+        self.lock_file: Any = None
+
+    def connect(self) -> None:
+        try:
+            # Created readable by its owner only: it names every study sent.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DatabaseError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        self.conn = self.driver.connect(
+            str(self.path),
+            timeout=self.BUSY_TIMEOUT_SECONDS,
+            isolation_level=None,  # autocommit, BEGIN and COMMIT as the queue says
+            check_same_thread=False,  # the initial load's thread opens its own
+        )
+        self.conn.row_factory = self.driver.Row
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        for statement in SQLiteQueueSQL.CREATE:
+            self.conn.execute(statement)
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        rows = self.conn.execute(sql, args if args is not None else ()).fetchall()
+        return [self._dict(row) for row in rows]
+
+    def _dict(self, row: Any) -> dict[str, Any]:
+        values = dict(zip(row.keys(), row))
+        for name in self.TIMES.intersection(values):
+            if isinstance(values[name], str):
+                values[name] = datetime.datetime.fromisoformat(values[name])
+        return values
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        return int(self.conn.execute(sql, args if args is not None else ()).rowcount)
+
+    def execute_batch(self, sql: str, rows: list[tuple]) -> None:
+        """Each statement of `sql` (an upsert is two) for every row."""
+        for statement in sql.split(";\n"):
+            self.conn.executemany(statement, rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.close()  # releases the run lock
+        self.conn.close()
+
+    def error_code(self, exc: BaseException) -> Any:
+        return getattr(exc, "sqlite_errorname", None) or str(exc)
+
+    def describe(self, exc: BaseException) -> str:
+        return f"{self.path}: {' '.join(str(exc).split())}"
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        return "no such" in str(exc)
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return "locked" in str(exc)
+
+    def try_lock(self, name: str) -> bool:
+        """One run at a time per queue: an exclusive lock on a file beside
+        it, which the system releases when the process ends, even on kill -9."""
+        import fcntl
+
+        if self.lock_file is None:
+            self.lock_file = open(f"{self.path}.lock", "a")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+
+QUEUE_STATEMENTS = {
+    "mysql": MySQLQueueSQL,
+    "postgresql": PostgreSQLQueueSQL,
+    "sqlite": SQLiteQueueSQL,
+}
 
 
 class StudyServiceQueue:
@@ -2030,7 +2839,7 @@ class StudyServiceQueue:
 
     def __init__(self, db: PacsDatabase) -> None:
         self.db = db
-        self.sql = QUEUE_STATEMENTS[db.settings.db_engine]
+        self.sql = QUEUE_STATEMENTS[db.engine.name]
         self.settings = db.settings
 
     # -- installation --------------------------------------------------------
@@ -2071,10 +2880,18 @@ class StudyServiceQueue:
 
     # -- the initial load ----------------------------------------------------
 
+    def bookkeeping(self, pk: int) -> dict[str, Any] | None:
+        """A bookkeeping row: when it started, its position, its status."""
+        rows = self.db.query(self.sql.SELECT_BOOKKEEPING, (pk,))
+        return rows[0] if rows else None
+
+    def start_bookkeeping(self, pk: int, status: str, position: int) -> None:
+        self.db.query(self.sql.START_BOOKKEEPING, (pk, status))
+        self.db.query(self.sql.SET_CURSOR, (position, pk))
+
     def initial_state(self) -> dict[str, Any] | None:
         """The unfinished initial load, if any: when it began and how far it got."""
-        rows = self.db.query(self.sql.SELECT_BOOKKEEPING, (INITIAL_ROW_PK,))
-        return rows[0] if rows else None
+        return self.bookkeeping(INITIAL_ROW_PK)
 
     def start_initial(self) -> None:
         """Records that an initial load began, unless one is already unfinished."""
@@ -2097,33 +2914,25 @@ class StudyServiceQueue:
         total = 0
         self.db.query(self.sql.SET_INITIAL_STARTED, (str(state["started"]),))
         while keep_going():
-            page = source.study_page(position)
-            if not page:
-                # Every study up to here is enqueued: the tick need not re-read
-                # them by pk (late rows with lower pks are still caught by its
-                # time window).
-                self.db.query(self.sql.RAISE_CURSOR, (position, CURSOR_ROW_PK))
+            rows, after = source.initial_page(position)
+            if not rows:
+                source.initial_enqueued(self, position)
                 self.db.query(self.sql.SET_STATUS, ("initial-sending", INITIAL_ROW_PK))
                 break
-            position = page[-1]["pk"]
-            rows = [
-                (
-                    row["pk"],
-                    _datetime_or_none(row["updated_time"]),
-                    row["row_version"],
-                    _text(row["study_iuid"]),
-                )
-                for row in page
-            ]
+            position = after
             self.db.in_transaction(
                 lambda rows=rows, position=position: (
                     self.db.execute_batch(self.sql.ENQUEUE_FOR_INITIAL, rows),
                     self.db.query(self.sql.SET_CURSOR, (position, INITIAL_ROW_PK)),
                 )
             )
-            total += len(page)
-            on_page(len(page), position)
+            total += len(rows)
+            on_page(len(rows), position)
         return total  # stopped early: still 'initial', the next run carries on
+
+    def raise_tick_cursor(self, position: int) -> None:
+        """The tick need not re-read by pk what the initial load enqueued."""
+        self.db.query(self.sql.RAISE_CURSOR, (position, CURSOR_ROW_PK))
 
     def finish_initial(self) -> bool:
         """Forgets the initial load once nothing it enqueued is pending."""
@@ -2618,14 +3427,16 @@ class DeadlineWatch:
     """Ends any request still running at its deadline (connect + read
     timeouts), by shutting its socket down. urllib3's timeouts bound each
     wait for a byte, not the exchange: a service that trickles its answer a
-    byte at a time would hold a worker, and the run, as long as it liked."""
+    byte at a time would hold a worker, and the run, as long as it liked.
+
+    Each thread writes only its own entry (deadline, connections, expired),
+    and the watching thread reads a copy: under the interpreter lock that
+    needs no lock of its own, which 64 senders would queue on."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.lock = threading.Lock()
-        # thread id -> (deadline, the connections of its current attempt)
-        self.running: dict[int, tuple[float, list[Any]]] = {}
-        self.expired: set[int] = set()
+        # thread id -> [deadline, connections, expired (ever), shut (this attempt)]
+        self.running: dict[int, list[Any]] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="deadlines", daemon=True)
         self.thread.start()
@@ -2633,25 +3444,19 @@ class DeadlineWatch:
     def begin(self) -> None:
         """A request starts on this thread."""
         _THREAD_WATCH.value = self
-        with self.lock:
-            self.running[threading.get_ident()] = (time.monotonic() + self.seconds, [])
+        self.running[threading.get_ident()] = [time.monotonic() + self.seconds, (), False, False]
 
     def attempt(self, connection: Any) -> None:
         """urllib3 starts an attempt on `connection` (its first, or a retry):
         each attempt has the whole deadline."""
-        ident = threading.get_ident()
-        with self.lock:
-            if ident in self.running:
-                self.running[ident] = (time.monotonic() + self.seconds, [connection])
+        entry = self.running.get(threading.get_ident())
+        if entry is not None:
+            entry[0], entry[1], entry[3] = time.monotonic() + self.seconds, (connection,), False
 
     def end(self) -> bool:
         """The request is over; True if its deadline passed meanwhile."""
-        ident = threading.get_ident()
-        with self.lock:
-            self.running.pop(ident, None)
-            expired = ident in self.expired
-            self.expired.discard(ident)
-        return expired
+        entry = self.running.pop(threading.get_ident(), None)
+        return entry is not None and entry[2]
 
     def close(self) -> None:
         self.stopping.set()
@@ -2659,14 +3464,11 @@ class DeadlineWatch:
     def _watch(self) -> None:
         while not self.stopping.wait(DEADLINE_CHECK_SECONDS):
             now = time.monotonic()
-            with self.lock:
-                late = [(i, c) for i, (deadline, c) in self.running.items() if deadline <= now]
-                for ident, connections in late:
-                    self.expired.add(ident)
-                    self.running[ident] = (float("inf"), connections)
-            for _, connections in late:
-                for connection in connections:
-                    _shut_down(connection)
+            for entry in list(self.running.values()):
+                if entry[0] <= now and not entry[3]:
+                    entry[2] = entry[3] = True
+                    for connection in entry[1]:
+                        _shut_down(connection)
 
 
 def _shut_down(connection: Any) -> None:
@@ -3812,10 +4614,15 @@ def run_send(
         # otherwise lock the same rows in different orders.
         report.enqueued += pacs.source.enqueue_changes()
         state = pacs.queue.initial_state()
-        if state is not None and state["status"] == "initial":
+        if state is not None and state["status"] == "initial" and pacs.source.pipelined_initial:
             log.info("enqueueing the whole archive (initial load) and sending as it goes")
             loader = InitialLoad(settings)
             loader.start()
+        elif state is not None and state["status"] == "initial":
+            log.info("enqueueing the whole archive (initial load), then sending")
+            report.enqueued += pacs.queue.enqueue_initial(
+                pacs.source, lambda count, position: None, lambda: not stop.requested()
+            )
         pending = pacs.queue.count_pending()
         if pending or loader:
             sender = Sender(settings)
@@ -3944,7 +4751,7 @@ def run_reconcile(settings: Settings, max_studies: int | None, stop: Stop) -> in
     pacs = open_pacs(settings)
     try:
         pacs.queue.acquire_run_lock()
-        result = reconcile(pacs, settings, max_studies, stop)
+        result = pacs.source.reconcile(pacs, settings, max_studies, stop)
     except pacs.Error as exc:
         raise pacs.explain(exc) from None
     finally:
@@ -4127,13 +4934,12 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
     results = []
     try:
         version = pacs.server_version()
-        results.append(
-            (
-                "ok",
-                f"database: connected to {pacs.where} as {settings.db_user} (server {version})",
-                0,
-            )
-        )
+        if settings.source == "orthanc":
+            user = settings.orthanc_user or "no user"
+            line = f"source: {pacs.where}, {version}, as {user}; queue {settings.queue_file}"
+        else:
+            line = f"database: connected to {pacs.where} as {settings.db_user} (server {version})"
+        results.append(("ok", line, 0))
         results.append(("ok", f"schema: {pacs.schema.name}", 0))
         try:
             pacs.queue.check_installed()
@@ -4431,7 +5237,7 @@ def run_command(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return exc.exit_code
     _SECRETS.clear()
-    hide_secrets(settings.key, settings.db_password)
+    hide_secrets(settings.key, settings.db_password, settings.orthanc_password)
     sending = args.command in SENDING_COMMANDS and not args.dry_run
     if args.command != "check":  # check lists every problem and warning itself
         problems = list(settings.problems)

@@ -121,6 +121,8 @@ def _receiver_process(
     GET /stats and /reset answer at once."""
     service = CentralService(keep=False)
     state: dict[str, Any] = {}
+    REGISTERED = Reply(201, b'{"status":"registered"}')  # noqa: N806 (made once, sent often)
+    UNAVAILABLE = Reply(503, b'{"error": "no backend available"}')  # noqa: N806
 
     def reset() -> None:
         state.update(
@@ -179,8 +181,8 @@ def _receiver_process(
         state["arrived"] = state.get("arrived", 0) + 1
         if fail_every and state["arrived"] % fail_every == 0:
             request.failed = True  # type: ignore[attr-defined]
-            return Reply(503, b'{"error": "no backend available"}')
-        return Reply(201, b'{"status":"registered"}')
+            return UNAVAILABLE
+        return REGISTERED
 
     reset()
     service.respond = respond
@@ -1020,6 +1022,155 @@ def scene_flaky(args: argparse.Namespace) -> dict[str, Any]:
     return runs
 
 
+# --------------------------------------------------------------------------
+# Orthanc (--source orthanc): a real Orthanc, fed DICOM files
+# --------------------------------------------------------------------------
+
+ORTHANC_IMAGES_PER_STUDY = 3
+ORTHANC_UPLOAD_THREADS = 8
+
+
+def _orthanc_archive(orthanc: Any, studies: int) -> list[str]:
+    """`studies` studies of ORTHANC_IMAGES_PER_STUDY images (two series),
+    uploaded through POST /instances as a modality would; their IDs, once
+    Orthanc calls every one stable."""
+    import concurrent.futures
+
+    from testkit import dicom_instance, new_uid
+
+    def upload(number: int) -> str:
+        study_uid, patient = (
+            new_uid(),
+            (f"{10_000_000 + number // 2}-{number % 10}", "APELLIDO^NOMBRE"),
+        )
+        series = [new_uid(), new_uid()]
+        answer: dict[str, Any] = {}
+        for image in range(ORTHANC_IMAGES_PER_STUDY):
+            modality = "CT" if image % 2 == 0 else "SR"
+            answer = orthanc.upload(
+                dicom_instance(*patient, study_uid, series[image % 2], modality)
+            )
+        return answer["ParentStudy"]
+
+    with concurrent.futures.ThreadPoolExecutor(ORTHANC_UPLOAD_THREADS) as pool:
+        ids = list(pool.map(upload, range(studies)))
+    while not all(s["IsStable"] for s in orthanc.get("/studies?expand&since=0&limit=100000")):
+        time.sleep(0.5)
+    return ids
+
+
+def orthanc_reference_loop(orthanc: Any, url: str, ids: list[str]) -> float:
+    """A bare requests.Session doing what the client does for each study,
+    one at a time: the two REST reads, the document, the POST. Studies/s."""
+    headers = {"X-Api-Key": "bench-key"}
+    with requests.Session() as session:
+        session.auth = orthanc.http.auth
+        started = time.monotonic()
+        for ident in ids:
+            study = session.get(f"{orthanc.url}/studies/{ident}", timeout=30).json()
+            series = session.get(f"{orthanc.url}/studies/{ident}/series", timeout=30).json()
+            tags, patient = study["MainDicomTags"], study["PatientMainDicomTags"]
+            document = {
+                "patient_pk": int(study["ParentPatient"].replace("-", "")[:13], 16),
+                "patient_id": patient.get("PatientID"),
+                "patient_name": patient.get("PatientName"),
+                "study_pk": int(ident.replace("-", "")[:13], 16),
+                "study_iuid": tags.get("StudyInstanceUID"),
+                "study_datetime": tags.get("StudyDate"),
+                "study_description": tags.get("StudyDescription"),
+                "study_modality": "\\".join(
+                    sorted({s["MainDicomTags"]["Modality"] for s in series})
+                ),
+                "study_series": len(series),
+                "study_instances": sum(len(s["Instances"]) for s in series),
+                "center": "BENCH",
+            }
+            session.post(url, json=document, headers=headers, timeout=30).raise_for_status()
+        return len(ids) / (time.monotonic() - started)
+
+
+def _write_orthanc_config(config_dir: Path, orthanc: Any, url: str) -> None:
+    config_dir.mkdir(parents=True, exist_ok=True)
+    user, password = orthanc.http.auth
+    config = {
+        "orthanc": {"url": orthanc.url, "user": user, "password": password},
+        "key": "bench-key",
+        "webservice_url": url,
+    }
+    for file_name, data in (("config.json", config), ("server.json", {"server": "BENCH"})):
+        (config_dir / file_name).write_text(json.dumps(data))
+        (config_dir / file_name).chmod(0o600)
+
+
+def benchmark_orthanc(args: argparse.Namespace) -> dict[str, Any]:
+    """`client.py initial` from an Orthanc of args.studies studies, beside a
+    bare loop doing the same reads and POSTs; then the idle tick."""
+    from testkit import OrthancServer
+
+    results: dict[str, Any] = {"source": "orthanc", "studies": args.studies, "machine": _machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        orthanc = OrthancServer(Path(tmp) / "orthanc", stable_age_seconds=1)
+        receiver = Receiver(args.latency_ms)
+        try:
+            print(f"uploading {args.studies:,} studies to Orthanc ...", file=sys.stderr)
+            started = time.monotonic()
+            ids = _orthanc_archive(orthanc, args.studies)
+            results["orthanc_version"] = orthanc.get("/system")["Version"]
+            results["upload_seconds"] = round(time.monotonic() - started, 1)
+            config_dir = Path(tmp) / "client"
+            _write_orthanc_config(config_dir, orthanc, receiver.url)
+            print("client.py initial ...", file=sys.stderr)
+            wall, rss, code, cpu = run_client(config_dir, "initial")
+            stats = receiver.stats()
+            results["initial"] = {
+                "exit_code": code,
+                "seconds": round(wall, 2),
+                "studies_per_second": round(stats["unique_studies"] / wall, 1),
+                "peak_rss_mb": round(rss, 1),
+                "cpu_seconds_per_1000": round(cpu * 1000 / args.studies, 3),
+                "posts": stats["posts"],
+                "unique_studies": stats["unique_studies"],
+            }
+            print("reference: the same reads and POSTs, one study at a time ...", file=sys.stderr)
+            reference = orthanc_reference_loop(orthanc, receiver.url, ids)
+            results["reference_studies_per_second"] = round(reference, 1)
+            results["ratio"] = round(results["initial"]["studies_per_second"] / reference, 2)
+            ticks = [run_client(config_dir) for _ in range(NOOP_REPEATS)]
+            results["idle_tick_seconds"] = round(statistics.median(t[0] for t in ticks), 3)
+            results["idle_tick_max_seconds"] = round(max(t[0] for t in ticks), 3)
+            results["idle_tick_posts"] = receiver.stats()["posts"] - stats["posts"]
+        finally:
+            receiver.stop()
+            orthanc.stop()
+    return results
+
+
+def print_orthanc(results: dict[str, Any]) -> None:
+    run = results["initial"]
+    rows = [
+        ("studies (images each)", f"{results['studies']:,} ({ORTHANC_IMAGES_PER_STUDY})"),
+        ("Orthanc", results["orthanc_version"]),
+        ("initial: studies/s", f"{run['studies_per_second']:,.0f} ({run['seconds']} s)"),
+        (
+            "reference (same reads and POSTs): studies/s",
+            f"{results['reference_studies_per_second']:,.0f}",
+        ),
+        ("ratio client / reference", f"{results['ratio']:.2f}"),
+        ("initial: peak RSS", f"{run['peak_rss_mb']} MB"),
+        ("initial: CPU per 1,000 studies", f"{run['cpu_seconds_per_1000']} s"),
+        ("initial: delivered (posts / unique)", f"{run['posts']:,} / {run['unique_studies']:,}"),
+        (
+            "idle tick: wall (median of 5)",
+            f"{results['idle_tick_seconds']} s (max {results['idle_tick_max_seconds']} s)",
+        ),
+        ("idle tick: posts", str(results["idle_tick_posts"])),
+    ]
+    print("| measure | value |\n| ------- | ----- |")
+    for label, value in rows:
+        print(f"| {label} | {value} |")
+    print(f"\nmachine: {results['machine']}")
+
+
 def print_scenes(results: dict[str, Any]) -> None:
     if "wan" in results:
         print(f"\nScene 1: WAN, {WAN_LATENCY_MS:g} ms per answer (`--scene wan`)\n")
@@ -1165,6 +1316,13 @@ def main(argv: list[str] | None = None) -> int:
         help='the client\'s concurrency setting: "auto" (default) or a number',
     )
     parser.add_argument(
+        "--source",
+        choices=("dcm4chee", "orthanc"),
+        default="dcm4chee",
+        help="the PACS: a dcm4chee database (default), or a real Orthanc fed DICOM files"
+        " (Debian's orthanc package; --studies, default 100000, is worth lowering)",
+    )
+    parser.add_argument(
         "--scene",
         choices=("loopback", "wan", "capacity", "centers", "flaky", "adaptive"),
         default="loopback",
@@ -1238,7 +1396,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             value = os.environ.get(prefix + name.upper(), default)
             setattr(args, name, int(value) if name == "port" else value)
-    if args.scene == "loopback":
+    if args.source == "orthanc":
+        results = benchmark_orthanc(args)
+        print_orthanc(results)
+    elif args.scene == "loopback":
         results = benchmark(args)
         print_table(results)
     else:

@@ -73,6 +73,22 @@ class Reply:
     delay_seconds: float | None = None
 
 
+def _head(reply: Reply) -> bytes:
+    """The status line and headers of `reply`, kept on it: a Reply answered
+    many times (the benchmark's) is encoded once."""
+    head = reply.__dict__.get("_head")
+    if head is None:
+        length = reply.size or len(reply.body)
+        head = (
+            f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Whatever')}\r\n"
+            f"Content-Length: {length}\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
+            + "\r\n"
+        ).encode()
+        reply.__dict__["_head"] = head
+    return head
+
+
 def _as_reply(answer: Any, retry_after: str | None) -> Reply:
     if isinstance(answer, Reply):
         return answer
@@ -222,15 +238,13 @@ class CentralService:
             self.on_request(request, time.monotonic())
 
     async def _answer(self, writer: Any, reply: Reply) -> None:
-        length = reply.size or len(reply.body)
-        head = (
-            f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Whatever')}\r\n"
-            f"Content-Length: {length}\r\n"
-            + "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
-            + "\r\n"
-        ).encode()
+        head = _head(reply)
         if reply.trickle_head:
             await self._trickle(writer, head, reply.trickle_seconds)
+            return
+        if not (reply.size or reply.trickle_seconds):
+            writer.write(head + reply.body)  # one packet, as a real server sends it
+            await writer.drain()
             return
         writer.write(head)
         if reply.size:
@@ -330,3 +344,157 @@ class PgCursor:
     def fetchone(self) -> Any:
         rows = self.fetchall()
         return rows[0] if rows else None
+
+
+# --------------------------------------------------------------------------
+# Orthanc: a real one (Debian's package), and DICOM files to feed it
+# --------------------------------------------------------------------------
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+
+
+class OrthancServer:
+    """A real Orthanc on a free loopback port, with a throwaway storage in
+    `directory`, users `indexer` (and its password) only. Stopped by its own
+    process id (SIGTERM, as systemd does, or SIGKILL)."""
+
+    USER, PASSWORD = "indexer", "orthanc-pw-for-tests"
+
+    def __init__(self, directory: Any, stable_age_seconds: int = 2, **settings: Any) -> None:
+        import pathlib
+
+        import requests
+
+        self.directory = pathlib.Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "Name": "dicom-indexer-test",
+            "HttpPort": self.port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "StorageDirectory": str(self.directory / "storage"),
+            "IndexDirectory": str(self.directory / "index"),
+            "StableAge": stable_age_seconds,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.USER: self.PASSWORD},
+            "HttpCompressionEnabled": False,
+            **settings,
+        }
+        self.config = self.directory / "orthanc.json"
+        self.config.write_text(json.dumps(config, indent=2))
+        self.http = requests.Session()
+        self.http.auth = (self.USER, self.PASSWORD)
+        self.process: Any = None
+        self.start()
+
+    def start(self, timeout_seconds: float = 30.0) -> None:
+        import subprocess
+
+        log = open(self.directory / "orthanc.log", "ab")  # noqa: SIM115 (the process keeps it)
+        self.process = subprocess.Popen(
+            [ORTHANC_BINARY, str(self.config)], stdout=log, stderr=log, cwd=self.directory
+        )
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                if self.http.get(self.url + "/system", timeout=2).status_code == 200:
+                    return
+            except OSError:
+                pass
+            except Exception:  # requests' ConnectionError, before it listens
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: see {self.directory / 'orthanc.log'}")
+            time.sleep(0.05)
+
+    def stop(self, kill: bool = False) -> None:
+        import signal
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.process.wait(timeout=60)
+        self.process = None
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill)
+        self.start()
+
+    def get(self, path: str) -> Any:
+        response = self.http.get(self.url + path, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: Any) -> Any:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = self.http.post(self.url + path, data=data, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def delete(self, path: str) -> None:
+        self.http.delete(self.url + path, timeout=30).raise_for_status()
+
+    def upload(self, dicom: bytes) -> dict[str, Any]:
+        """POST /instances; the answer names the instance, its study, its patient."""
+        return self.post("/instances", dicom)
+
+    def studies(self) -> list[str]:
+        return self.get("/studies?since=0&limit=100000")
+
+
+_UID_COUNTER = [0]
+
+
+def new_uid() -> str:
+    """A fresh DICOM UID (2.25 + a random 128-bit number, as DICOM allows)."""
+    import uuid
+
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def dicom_instance(
+    patient_id: str = "12345678-5",
+    patient_name: str = "PEREZ^JUAN",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    modality: str = "CT",
+    study_date: str = "20240517",
+    study_time: str = "094210.000",
+    study_description: str | None = "TC DE CEREBRO",
+) -> bytes:
+    """A small DICOM file (one 2x2 secondary capture image), as bytes."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    sop_uid = new_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop_uid
+    ds.PatientID, ds.PatientName = patient_id, patient_name
+    ds.StudyInstanceUID = study_uid or new_uid()
+    ds.SeriesInstanceUID = series_uid or new_uid()
+    ds.Modality, ds.StudyDate, ds.StudyTime = modality, study_date, study_time
+    if study_description is not None:
+        ds.StudyDescription = study_description
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = b"\x00\x01\x02\x03"
+    buffer = io.BytesIO()
+    try:
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)  # pydicom 3
+    except TypeError:  # pydicom 2 (Python 3.8, 3.9)
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.preamble = b"\x00" * 128
+        pydicom.dcmwrite(buffer, ds, write_like_original=False)
+    return buffer.getvalue()
