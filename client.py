@@ -2172,8 +2172,9 @@ class OrthancSource:
 
     def initial_page(self, offset: int) -> tuple[list[tuple], int]:
         """The initial load's next page of Orthanc's studies (by offset: it
-        lists them in no order; a study added meanwhile is in the change log
-        anyway), as ENQUEUE_FOR_INITIAL takes them."""
+        lists them in no order, so an interrupted load starts over; a study
+        added meanwhile is in the change log anyway), as ENQUEUE_FOR_INITIAL
+        takes them."""
         ids = self.client.get(f"/studies?since={offset}&limit={ORTHANC_LIST_PAGE}")
         return [(orthanc_pk(ident), ident) for ident in ids], offset + len(ids)
 
@@ -2910,7 +2911,10 @@ class StudyServiceQueue:
         state = self.initial_state()
         if state is None or state["status"] != "initial":
             return 0
-        position = int(state["position"] or 0)
+        # A listing in no order (Orthanc's) could skip studies if resumed at
+        # an offset: it starts over; what was acknowledged since the load
+        # began keeps its state (ENQUEUE_FOR_INITIAL), so nothing is resent.
+        position = int(state["position"] or 0) if source.pipelined_initial else 0
         total = 0
         self.db.query(self.sql.SET_INITIAL_STARTED, (str(state["started"]),))
         while keep_going():
@@ -4927,37 +4931,46 @@ def _check_service(settings: Settings) -> tuple[str, str, int]:
 
 
 def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
+    """The PACS's lines of `check`: connection, schema, installation,
+    privileges, how a tick finds what changed."""
     try:
         pacs = open_pacs(settings)
-    except DatabaseError as exc:
-        return [("FAILED", f"database: {exc}", EXIT_DATABASE)]
+    except IndexerError as exc:
+        return [("FAILED", f"{'source' if settings.source == 'orthanc' else 'database'}: {exc}",
+                 exc.exit_code)]  # fmt: skip
     results = []
     try:
-        version = pacs.server_version()
-        if settings.source == "orthanc":
-            user = settings.orthanc_user or "no user"
-            line = f"source: {pacs.where}, {version}, as {user}; queue {settings.queue_file}"
-        else:
-            line = f"database: connected to {pacs.where} as {settings.db_user} (server {version})"
-        results.append(("ok", line, 0))
-        results.append(("ok", f"schema: {pacs.schema.name}", 0))
-        try:
-            pacs.queue.check_installed()
-            results.append(("ok", "study_service and indexer_process are installed and current", 0))
-        except DatabaseError as exc:
-            results.append(("FAILED", f"indexer: {exc}", EXIT_DATABASE))
-        else:
-            problems = pacs.privilege_problems()
-            fix = f"; fix: run {pacs.grant_script} (see README)"
-            results += [("FAILED", f"privileges: {p}{fix}", EXIT_DATABASE) for p in problems]
-            if not problems:
-                results.append(("ok", f"privileges: {settings.db_user} may do what a run does", 0))
+        results += _check_connection(settings, pacs)
         fast, message = pacs.source.time_index()
         results.append(("ok" if fast else "warning", message, 0))
     except pacs.Error as exc:
         results.append(("FAILED", f"database: {pacs.describe(exc)}", EXIT_DATABASE))
     finally:
         pacs.close()
+    return results
+
+
+def _check_connection(settings: Settings, pacs: Any) -> list[tuple[str, str, int]]:
+    version = pacs.server_version()
+    if settings.source == "orthanc":
+        user = settings.orthanc_user or "no user"
+        results = [("ok", f"source: {pacs.where}, {version}, credentials of {user} accepted", 0)]
+    else:
+        line = f"database: connected to {pacs.where} as {settings.db_user} (server {version})"
+        results = [("ok", line, 0), ("ok", f"schema: {pacs.schema.name}", 0)]
+    try:
+        pacs.queue.check_installed()
+    except DatabaseError as exc:
+        return [*results, ("FAILED", f"indexer: {exc}", EXIT_DATABASE)]
+    if settings.source == "orthanc":
+        queue_version = pacs.db.query(pacs.queue.sql.SERVER_VERSION)[0]["v"]
+        return [*results, ("ok", f"queue: {settings.queue_file} ({queue_version}), current", 0)]
+    results.append(("ok", "study_service and indexer_process are installed and current", 0))
+    problems = pacs.privilege_problems()
+    fix = f"; fix: run {pacs.grant_script} (see README)"
+    results += [("FAILED", f"privileges: {p}{fix}", EXIT_DATABASE) for p in problems]
+    if not problems:
+        results.append(("ok", f"privileges: {settings.db_user} may do what a run does", 0))
     return results
 
 
@@ -5104,6 +5117,7 @@ LOG_FILE_BACKUPS = 5
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # The API key and the database password, once known: no log line shows them.
 _SECRETS: set[str] = set()
+SHORT_SECRET_CHARS = 6
 
 
 def hide_secrets(*secrets: str | None) -> None:
@@ -5117,8 +5131,12 @@ def redact(text: str) -> str:
     error, a traceback, a service that echoes the key back)."""
     for secret in _SECRETS:
         for form in {secret, repr(secret)[1:-1], urllib.parse.quote(secret, safe="")}:
-            if form:
+            if len(form) >= SHORT_SECRET_CHARS:
                 text = text.replace(form, "***")
+            elif form:
+                # A secret of a few characters (a test's) would blank every
+                # word it is part of: only where it stands alone.
+                text = re.sub(rf"(?<!\w){re.escape(form)}(?!\w)", "***", text)
     return text
 
 

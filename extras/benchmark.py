@@ -1135,10 +1135,11 @@ def benchmark_orthanc(args: argparse.Namespace) -> dict[str, Any]:
             reference = orthanc_reference_loop(orthanc, receiver.url, ids)
             results["reference_studies_per_second"] = round(reference, 1)
             results["ratio"] = round(results["initial"]["studies_per_second"] / reference, 2)
+            posts_before = receiver.stats()["posts"]
             ticks = [run_client(config_dir) for _ in range(NOOP_REPEATS)]
             results["idle_tick_seconds"] = round(statistics.median(t[0] for t in ticks), 3)
             results["idle_tick_max_seconds"] = round(max(t[0] for t in ticks), 3)
-            results["idle_tick_posts"] = receiver.stats()["posts"] - stats["posts"]
+            results["idle_tick_posts"] = receiver.stats()["posts"] - posts_before
         finally:
             receiver.stop()
             orthanc.stop()

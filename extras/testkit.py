@@ -437,8 +437,19 @@ class OrthancServer:
         self.http.delete(self.url + path, timeout=30).raise_for_status()
 
     def upload(self, dicom: bytes) -> dict[str, Any]:
-        """POST /instances; the answer names the instance, its study, its patient."""
-        return self.post("/instances", dicom)
+        """POST /instances; the answer names the instance, its study, its
+        patient. Orthanc's own SQLite index can be busy under parallel
+        uploads (HTTP 500): tried again, as a modality would."""
+        import requests
+
+        for attempt in range(5):
+            try:
+                return self.post("/instances", dicom)
+            except requests.HTTPError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def studies(self) -> list[str]:
         return self.get("/studies?since=0&limit=100000")

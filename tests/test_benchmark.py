@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, connect
@@ -91,3 +92,21 @@ def test_peak_memory_reported_is_the_clients_not_the_benchmarks():
     assert code == 0
     assert 40 < peak_mb < 100, peak_mb
     del ballast
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(), reason="needs Debian's orthanc package")
+def test_orthanc_benchmark_runs_and_loses_nothing(tmp_path):
+    """--source orthanc with a handful of studies: it keeps working."""
+    results = tmp_path / "orthanc.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "extras" / "benchmark.py"), "--source", "orthanc"]
+        + ["--studies", "20", "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(results.read_text())
+    assert report["initial"]["exit_code"] == 0
+    assert report["initial"]["unique_studies"] == report["initial"]["posts"] == 20
+    assert report["idle_tick_posts"] == 0

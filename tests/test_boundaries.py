@@ -113,3 +113,16 @@ def test_postgresql_statement_waiting_20_s_on_a_lock_waits_and_delivers(
         holder.close()
     assert time.monotonic() - started >= 19
     assert service.study_pks() == [study]
+
+
+def test_secrets_are_blanked_out_of_any_text_but_a_short_one_only_as_a_word(monkeypatch):
+    monkeypatch.setattr(client, "_SECRETS", set())
+    client.hide_secrets("s3cr3t-key-value", "pw", None, "")
+    assert client.redact("key s3cr3t-key-value, repr 's3cr3t-key-value'") == "key ***, repr '***'"
+    assert (
+        client.redact("ok: pw is the password, pwned stays")
+        == "ok: *** is the password, pwned stays"
+    )
+    assert client.redact("url user:s3cr3t%2Dkey") == "url user:s3cr3t%2Dkey"  # not this secret
+    client.hide_secrets("a b/c")
+    assert client.redact("proxy http://u:a%20b%2Fc@host") == "proxy http://u:***@host"

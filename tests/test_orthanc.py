@@ -276,14 +276,15 @@ def test_wrong_credentials_are_one_line_exit_4(orthanc, service, tmp_path, capsy
     assert "wrong-password-here" not in line
 
 
-def test_check_names_the_source_its_version_and_the_queue(orthanc, service, args, capsys):
+def test_check_names_the_source_its_version_and_the_queue(orthanc, service, args, tmp_path, capsys):
     assert client.main(["check", *args]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith(
-        f"ok      source: Orthanc at {orthanc.url}, Orthanc 1.10.1, as indexer"
+    assert out[1] == (
+        f"ok      source: Orthanc at {orthanc.url}, Orthanc 1.10.1, credentials of indexer accepted"
     )
-    assert out[2] == "ok      schema: Orthanc"
-    assert "Orthanc's change log: each tick reads only the changes after Seq" in out[5]
+    assert out[2].startswith(f"ok      queue: {tmp_path / client.QUEUE_FILE_NAME} (SQLite 3.")
+    assert out[2].endswith("), current")
+    assert out[3].startswith("ok      Orthanc's change log: each tick reads only the changes after")
 
 
 def test_an_orthanc_older_than_1_10_is_refused_in_one_line(service, tmp_path, capsys):
