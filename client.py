@@ -1027,6 +1027,26 @@ SCHEMA_PROBES = (
 RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
 
 
+# How the statements that list pending studies end, whatever their schema:
+# those not tried since enqueued, a page at a time in pk order up to a bound
+# (how far the initial load has enqueued); and those that failed before,
+# whose next attempt is due (NULL: at the next run, after the new ones).
+NEW_PENDING = (
+    " WHERE q.status = 'pending' AND q.attempts = 0 AND q.study_pk > %s AND q.study_pk <= %s"
+    " ORDER BY q.study_pk LIMIT %s"
+)
+DUE_PENDING_MYSQL = (
+    " WHERE q.status = 'pending' AND q.attempts > 0"
+    " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= NOW(6))"
+    " AND q.study_pk > %s ORDER BY q.study_pk LIMIT %s"
+)
+DUE_PENDING_POSTGRESQL = (
+    " WHERE q.status = 'pending' AND q.attempts > 0"
+    " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= LOCALTIMESTAMP)"
+    " AND q.study_pk > %s ORDER BY q.study_pk LIMIT %s"
+)
+
+
 class Dcm4chee2MySQL:
     """dcm4chee 2.x on MySQL/MariaDB (extras/add_indexer.sql)."""
 
@@ -1066,21 +1086,8 @@ class Dcm4chee2MySQL:
         " LEFT JOIN study s ON s.pk = q.study_pk"
         " LEFT JOIN patient p ON p.pk = s.patient_fk"
     )
-    # Pending studies not tried since enqueued, a page at a time in pk order,
-    # up to a bound (how far the initial load has enqueued).
-    SELECT_NEW_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts = 0 AND q.study_pk > %s AND q.study_pk <= %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
-    # Pending studies that failed before, whose next attempt is due (NULL:
-    # at the next run, after the new ones).
-    SELECT_DUE_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts > 0 AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= NOW(6))"
-        " AND q.study_pk > %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
+    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
+    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_MYSQL
     # reconcile: a page of the archive with what the service acknowledged
     # for each; then the queue rows of that pk range whose study is gone.
     SELECT_RECONCILE_PAGE = (
@@ -1157,17 +1164,8 @@ class Dcm4chee2PostgreSQL:
         " LEFT JOIN study s ON s.pk = q.study_pk"
         " LEFT JOIN patient p ON p.pk = s.patient_fk"
     )
-    SELECT_NEW_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts = 0 AND q.study_pk > %s AND q.study_pk <= %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
-    SELECT_DUE_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts > 0 AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= LOCALTIMESTAMP)"
-        " AND q.study_pk > %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
+    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
+    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_POSTGRESQL
     SELECT_RECONCILE_PAGE = Dcm4chee2MySQL.SELECT_RECONCILE_PAGE
     SELECT_GONE_IN_RANGE = Dcm4chee2MySQL.SELECT_GONE_IN_RANGE
     SELECT_DELIVERED_IUIDS = (
@@ -1223,17 +1221,8 @@ class ArcLight5MySQL:
         " FROM study_service q FORCE INDEX (study_service_status)"
         " LEFT JOIN study s ON s.pk = q.study_pk" + STUDY_JOINS
     )
-    SELECT_NEW_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts = 0 AND q.study_pk > %s AND q.study_pk <= %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
-    SELECT_DUE_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts > 0 AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= NOW(6))"
-        " AND q.study_pk > %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
+    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
+    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_MYSQL
     SELECT_RECONCILE_PAGE = (
         "SELECT" + STUDY_COLUMNS + ", q.status, q.sent_version"
         " FROM study s" + STUDY_JOINS + " LEFT JOIN study_service q ON q.study_pk = s.pk"
@@ -1299,17 +1288,8 @@ class ArcLight5PostgreSQL:
     STUDY_JOINS = ArcLight5MySQL.STUDY_JOINS
     QUEUE_COLUMNS = Dcm4chee2MySQL.QUEUE_COLUMNS
     PENDING_FROM = " FROM study_service q LEFT JOIN study s ON s.pk = q.study_pk" + STUDY_JOINS
-    SELECT_NEW_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts = 0 AND q.study_pk > %s AND q.study_pk <= %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
-    SELECT_DUE_PAGE = (
-        QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + " WHERE q.status = 'pending'"
-        " AND q.attempts > 0 AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= LOCALTIMESTAMP)"
-        " AND q.study_pk > %s"
-        " ORDER BY q.study_pk LIMIT %s"
-    )
+    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
+    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_POSTGRESQL
     SELECT_RECONCILE_PAGE = ArcLight5MySQL.SELECT_RECONCILE_PAGE
     SELECT_GONE_IN_RANGE = ArcLight5MySQL.SELECT_GONE_IN_RANGE
     SELECT_DELIVERED_IUIDS = Dcm4chee2PostgreSQL.SELECT_DELIVERED_IUIDS
