@@ -1022,6 +1022,8 @@ SCHEMA_PROBES = (
     ("person_name", "alphabetic_name"),  # arc-light 5.23 and later
     ("patient_id", "patient_fk"),  # arc-light 5.31 and later: 1..n IDs per patient
 )
+# SCHEMA_PROBES as the list of an SQL `(table, column) IN (...)`, the same on both engines.
+SCHEMA_PROBE_PAIRS = ", ".join(f"('{table}', '{column}')" for table, column in SCHEMA_PROBES)
 # Without dcm4chee's study_updated index, indexer_process re-reads this many
 # of the newest studies on each call (recent_rows in the install scripts).
 RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
@@ -1452,8 +1454,7 @@ class ArcLight5(Dcm4chee2):
 
     def fields(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = dict(row)
-        name = _text(row["pat_name"])
-        fields["pat_name"] = name.rstrip("^") or None if name is not None else None
+        fields["pat_name"] = _person_name_as_2x(row["pat_name"])
         fields["study_desc"] = _absent_as_none(row["study_desc"])
         fields["study_datetime"] = _arclight_datetime(row["study_date"], row["study_time"])
         mods = _absent_as_none(row["mods_in_study"])
@@ -1486,6 +1487,13 @@ class ArcLight5(Dcm4chee2):
 def _absent_as_none(value: Any) -> str | None:
     text = _text(value)
     return None if text in (None, "", "*") else text
+
+
+def _person_name_as_2x(value: Any) -> str | None:
+    """A person name as dcm4chee 2.x sends it: without trailing empty
+    components ('PEREZ^JUAN^^^' is 'PEREZ^JUAN'); None when nothing is left."""
+    name = _text(value)
+    return (name.rstrip("^") or None) if name else None
 
 
 def _arclight_datetime(date: Any, time_of_day: Any) -> datetime.datetime | None:
@@ -2013,8 +2021,7 @@ class Orthanc:
 
     def fields(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = dict(row)
-        name = row["pat_name"]
-        fields["pat_name"] = (name.rstrip("^") or None) if name else None
+        fields["pat_name"] = _person_name_as_2x(row["pat_name"])
         fields["study_desc"] = row["study_desc"] or None
         fields["study_datetime"] = _arclight_datetime(row["study_date"], row["study_time"])
         return fields
@@ -2195,7 +2202,7 @@ class OrthancSource:
         study = study or self.client.get(f"/studies/{ident}", missing_ok=True)
         series = self.client.get(f"/studies/{ident}/series", missing_ok=True) if study else None
         if study is None or series is None:
-            return {"study_pk": None, "rejection_state": None}
+            return {"study_pk": None}
         tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
         modalities = {s.get("MainDicomTags", {}).get("Modality") for s in series} - {None, ""}
         return {
@@ -2364,9 +2371,8 @@ class MySQLQueueSQL:
     # The columns of SCHEMA_PROBES this user can see: which schema this is.
     SCHEMA_COLUMNS = (
         "SELECT LOWER(TABLE_NAME) AS t, LOWER(COLUMN_NAME) AS c FROM information_schema.COLUMNS"
-        " WHERE TABLE_SCHEMA = DATABASE() AND (LOWER(TABLE_NAME), LOWER(COLUMN_NAME)) IN ("
-        + ", ".join(f"('{table}', '{column}')" for table, column in SCHEMA_PROBES)
-        + ")"
+        " WHERE TABLE_SCHEMA = DATABASE() AND (LOWER(TABLE_NAME), LOWER(COLUMN_NAME))"
+        " IN (" + SCHEMA_PROBE_PAIRS + ")"
     )
     STUDY_SERVICE_COLUMNS = (
         "SELECT COLUMN_NAME AS name FROM information_schema.COLUMNS"
@@ -2496,9 +2502,8 @@ class PostgreSQLQueueSQL:
     DATABASE_NOW = "SELECT LOCALTIMESTAMP AS now"
     SCHEMA_COLUMNS = (
         "SELECT LOWER(TABLE_NAME) AS t, LOWER(COLUMN_NAME) AS c FROM information_schema.COLUMNS"
-        " WHERE table_schema = current_schema() AND (LOWER(TABLE_NAME), LOWER(COLUMN_NAME)) IN ("
-        + ", ".join(f"('{table}', '{column}')" for table, column in SCHEMA_PROBES)
-        + ")"
+        " WHERE table_schema = current_schema() AND (LOWER(TABLE_NAME), LOWER(COLUMN_NAME))"
+        " IN (" + SCHEMA_PROBE_PAIRS + ")"
     )
     STUDY_SERVICE_COLUMNS = (
         "SELECT column_name AS name FROM information_schema.columns"
