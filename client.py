@@ -983,6 +983,8 @@ def statement_label(sql: str) -> str:
     on study_service', 'SELECT from study'. Never its arguments."""
     if "indexer_process" in sql:
         return "indexer_process (finding the new and changed studies)"
+    if re.search(r"_lock\(", sql, re.IGNORECASE):  # GET_LOCK, pg_try_advisory_lock
+        return "the run lock (one run at a time per database)"
     verb = sql.split(None, 1)[0].upper() if sql.strip() else "statement"
     table = re.search(r"\b(FROM|INTO|UPDATE)\s+(\w+)", sql, re.IGNORECASE)
     if table is None:
@@ -1596,6 +1598,11 @@ class Database:
         if rows:
             self.statement = sql
             self.engine.execute_batch(sql, rows)
+
+    def try_lock(self, name: str) -> bool:
+        # The SQLite queue locks a file, with no statement to name.
+        self.statement = getattr(self.engine, "TRY_LOCK", "")
+        return self.engine.try_lock(name)
 
     def begin(self) -> None:
         self.engine.begin()
@@ -2848,8 +2855,7 @@ class StudyServiceQueue:
     def acquire_run_lock(self) -> None:
         """One run at a time per database, across hosts: a lock the server
         releases when this connection ends, even on kill -9."""
-        self.db.statement = "run lock"
-        if not self.db.engine.try_lock(("dicom_indexer." + self.settings.db_name)[:64]):
+        if not self.db.try_lock(("dicom_indexer." + self.settings.db_name)[:64]):
             raise LockedError(
                 f"another dicom-indexer run is working on {self.db.where}; this run stands aside"
             )

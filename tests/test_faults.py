@@ -40,6 +40,20 @@ def test_database_errors_say_what_happened(code, text, expected):
     assert expected in client._mysql_message(exc, client.MySQLEngine.REASONS)
 
 
+@pytest.mark.parametrize(
+    "sql, label",
+    [
+        (client.MySQLEngine.TRY_LOCK, "the run lock (one run at a time per database)"),
+        (client.PostgreSQLEngine.TRY_LOCK, "the run lock (one run at a time per database)"),
+        ("CALL indexer_process(%s)", "indexer_process (finding the new and changed studies)"),
+        ("UPDATE study_service SET status = %s", "UPDATE on study_service"),
+        ("SELECT pk FROM study WHERE pk = %s", "SELECT from study"),
+    ],
+)
+def test_a_database_error_names_what_it_was_doing_never_its_arguments(sql, label):
+    assert client.statement_label(sql) == label
+
+
 def test_connection_killed_mid_run_is_one_line_exit_4_and_the_next_run_completes(
     pacs, service, configs
 ):
