@@ -401,9 +401,7 @@ class OrthancServer:
             try:
                 if self.http.get(self.url + "/system", timeout=2).status_code == 200:
                     return
-            except OSError:
-                pass
-            except Exception:  # requests' ConnectionError, before it listens
+            except OSError:  # requests' errors are OSErrors: not listening yet
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Orthanc did not start: see {self.directory / 'orthanc.log'}")
@@ -453,9 +451,6 @@ class OrthancServer:
 
     def studies(self) -> list[str]:
         return self.get("/studies?since=0&limit=100000")
-
-
-_UID_COUNTER = [0]
 
 
 def new_uid() -> str:

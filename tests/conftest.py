@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT / "extras"))
 from testkit import (  # noqa: E402
     CentralService,
     PgConnection,
-    Received,  # noqa: F401 (for the tests)
     Reply,  # noqa: F401 (for the tests)
     free_port,  # noqa: F401 (for the tests)
 )

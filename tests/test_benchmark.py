@@ -13,37 +13,32 @@ from conftest import ROOT, connect
 
 sys.path.insert(0, str(ROOT / "extras"))
 import benchmark  # noqa: E402
+from testkit import ORTHANC_BINARY  # noqa: E402
+
+
+def run_benchmark(tmp_path: Path, *args: str, timeout: int) -> tuple[str, dict]:
+    """extras/benchmark.py as a user runs it: its report, and what it wrote in --json."""
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "extras" / "benchmark.py"), *args, "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout, json.loads(results.read_text())
 
 
 @pytest.mark.parametrize("schema", ["dcm4chee2", "arc5"])
 def test_benchmark_reports_every_study_delivered_once(tmp_path, schema):
-    results = tmp_path / "results.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "extras" / "benchmark.py"),
-            "--schema",
-            schema,
-            "--studies",
-            "300",
-            "--reference-studies",
-            "100",
-            "--baseline-seconds",
-            "1",
-            "--max-settle-seconds",
-            "0",
-            "--no-wait",
-            "--json",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
+    stdout, report = run_benchmark(
+        tmp_path,
+        *("--schema", schema, "--studies", "300", "--reference-studies", "100"),
+        *("--baseline-seconds", "1", "--max-settle-seconds", "0", "--no-wait"),
         timeout=400,
     )
-    assert run.returncode == 0, run.stderr
-    assert "| ratio client / reference" in run.stdout
-    assert "PACS probe during initial: longest update" in run.stdout
-    report = json.loads(results.read_text())
+    assert "| ratio client / reference" in stdout
+    assert "PACS probe during initial: longest update" in stdout
     assert report["initial"]["exit_code"] == 0
     assert report["initial"]["posts"] == report["initial"]["unique_studies"] == 300
     assert report["noop_tick"]["posts"] == 0
@@ -55,17 +50,8 @@ def test_benchmark_reports_every_study_delivered_once(tmp_path, schema):
 
 def test_adaptive_scenes_run_and_lose_nothing(tmp_path):
     """The four scenes of adaptive delivery at 1% of their size."""
-    results = tmp_path / "scenes.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "extras" / "benchmark.py"), "--scene", "adaptive"]
-        + ["--scale", "0.01", "--json", str(results)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "Scene 3: 10 centers" in run.stdout
-    report = json.loads(results.read_text())
+    stdout, report = run_benchmark(tmp_path, "--scene", "adaptive", "--scale", "0.01", timeout=400)
+    assert "Scene 3: 10 centers" in stdout
     assert [r["concurrency"] for r in report["wan"]] == [4, 16, 64, "auto"]
     for r in report["wan"] + report["capacity"]:
         assert r["exit_code"] == 0
@@ -94,19 +80,10 @@ def test_peak_memory_reported_is_the_clients_not_the_benchmarks():
     del ballast
 
 
-@pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(), reason="needs Debian's orthanc package")
+@pytest.mark.skipif(not Path(ORTHANC_BINARY).exists(), reason="needs Debian's orthanc package")
 def test_orthanc_benchmark_runs_and_loses_nothing(tmp_path):
     """--source orthanc with a handful of studies: it keeps working."""
-    results = tmp_path / "orthanc.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "extras" / "benchmark.py"), "--source", "orthanc"]
-        + ["--studies", "20", "--json", str(results)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    report = json.loads(results.read_text())
+    _, report = run_benchmark(tmp_path, "--source", "orthanc", "--studies", "20", timeout=300)
     assert report["initial"]["exit_code"] == 0
     assert report["initial"]["unique_studies"] == report["initial"]["posts"] == 20
     assert report["idle_tick_posts"] == 0

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import API_KEY, CENTER, ROOT, client_process, wait_until
@@ -29,13 +27,6 @@ def orthanc(tmp_path):
     server = OrthancServer(tmp_path / "orthanc", stable_age_seconds=1)
     yield server
     server.stop(kill=True)
-
-
-@pytest.fixture
-def service():
-    server = CentralService()
-    yield server
-    server.stop()
 
 
 def write_orthanc_configs(directory, orthanc, url, **extra):
@@ -359,9 +350,6 @@ def test_status_and_retry_failed_work_on_the_sqlite_queue(orthanc, service, args
     assert len(posts_of(service, bad)) == 1
 
 
-@pytest.mark.skipif(
-    shutil.which("Orthanc") is None and not os.path.exists(ORTHANC_BINARY), reason=""
-)
 def test_client_kill_9_mid_run_loses_nothing(orthanc, service, args):
     assert client.main(args) == 0
     studies = [upload_study(orthanc, f"{i}-{i}") for i in range(40)]
@@ -375,4 +363,3 @@ def test_client_kill_9_mid_run_loses_nothing(orthanc, service, args):
     service.delay_seconds = 0
     assert client.main(args) == 0
     assert {r.json["study_pk"] for r in service.received} == {client.orthanc_pk(s) for s in studies}
-    time.sleep(0)
