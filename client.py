@@ -875,6 +875,19 @@ class PostgreSQLEngine:
     SET_LOCK_TIMEOUT = (
         "SELECT set_config('lock_timeout', %s, false) WHERE current_setting('lock_timeout') = '0'"
     )
+    # Every statement of the client reads its rows through an index: a tick
+    # reads what changed and what is pending, not the archive. The planner
+    # picks by statistics, which lag: a queue ANALYZEd during `initial`, when
+    # every row was pending, says that a tick's page of pending studies is the
+    # whole table, and it read all of study_service and study by hash joins.
+    # Priced this way, an index and a nested loop by primary key are the only
+    # paths it can afford, whatever it guesses (MySQL: FORCE INDEX). For this
+    # session only; indexer_process() sets the same for itself.
+    INDEX_PATHS_ONLY = (
+        "SELECT set_config('enable_seqscan', 'off', false),"
+        " set_config('enable_hashjoin', 'off', false),"
+        " set_config('enable_mergejoin', 'off', false)"
+    )
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -911,6 +924,7 @@ class PostgreSQLEngine:
         if sock is not None:
             sock.settimeout(DB_READ_TIMEOUT_SECONDS)
         self._run(self.SET_LOCK_TIMEOUT, (f"{PG_LOCK_TIMEOUT_SECONDS}s",))
+        self._run(self.INDEX_PATHS_ONLY, None)
 
     def _run(self, sql: str, args: Any) -> Any:
         cur = self.conn.cursor()
@@ -1044,10 +1058,21 @@ DUE_PENDING_MYSQL = (
     " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= NOW(6))"
     " AND q.study_pk > %s ORDER BY q.study_pk LIMIT %s"
 )
+# PostgreSQL has no index hints: the pending range is written as a range of
+# study_service_status itself, (status, study_pk) from ('pending', after) to
+# ('pending', bound), ordered as that index is. No other index can serve that
+# condition or that order, so the planner cannot walk the primary key through
+# every sent study instead, whatever its statistics say (with a separate
+# status = 'pending', the primary key's order would serve as well).
+NEW_PENDING_POSTGRESQL = (
+    " WHERE (q.status, q.study_pk) > ('pending', %s) AND (q.status, q.study_pk) <= ('pending', %s)"
+    " AND q.attempts = 0 ORDER BY q.status, q.study_pk LIMIT %s"
+)
 DUE_PENDING_POSTGRESQL = (
-    " WHERE q.status = 'pending' AND q.attempts > 0"
+    " WHERE (q.status, q.study_pk) > ('pending', %s)"
+    f" AND (q.status, q.study_pk) <= ('pending', {MAX_PK}) AND q.attempts > 0"
     " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= LOCALTIMESTAMP)"
-    " AND q.study_pk > %s ORDER BY q.study_pk LIMIT %s"
+    " ORDER BY q.status, q.study_pk LIMIT %s"
 )
 
 
@@ -1168,7 +1193,7 @@ class Dcm4chee2PostgreSQL:
         " LEFT JOIN study s ON s.pk = q.study_pk"
         " LEFT JOIN patient p ON p.pk = s.patient_fk"
     )
-    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
+    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING_POSTGRESQL
     SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_POSTGRESQL
     SELECT_RECONCILE_PAGE = Dcm4chee2MySQL.SELECT_RECONCILE_PAGE
     SELECT_GONE_IN_RANGE = Dcm4chee2MySQL.SELECT_GONE_IN_RANGE
@@ -1292,7 +1317,7 @@ class ArcLight5PostgreSQL:
     STUDY_JOINS = ArcLight5MySQL.STUDY_JOINS
     QUEUE_COLUMNS = Dcm4chee2MySQL.QUEUE_COLUMNS
     PENDING_FROM = " FROM study_service q LEFT JOIN study s ON s.pk = q.study_pk" + STUDY_JOINS
-    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
+    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING_POSTGRESQL
     SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_POSTGRESQL
     SELECT_RECONCILE_PAGE = ArcLight5MySQL.SELECT_RECONCILE_PAGE
     SELECT_GONE_IN_RANGE = ArcLight5MySQL.SELECT_GONE_IN_RANGE
@@ -2554,7 +2579,9 @@ class PostgreSQLQueueSQL:
     DELETE_ROW = MySQLQueueSQL.DELETE_ROW
     SELECT_DELETING_PAGE = (
         "SELECT study_pk, study_iuid FROM study_service"
-        " WHERE status = 'deleting' AND study_pk > %s ORDER BY study_pk LIMIT %s"
+        " WHERE (status, study_pk) > ('deleting', %s)"
+        f" AND (status, study_pk) <= ('deleting', {MAX_PK})"
+        " ORDER BY status, study_pk LIMIT %s"
     )
     RECORD_SENT = (
         "INSERT INTO study_service AS q"

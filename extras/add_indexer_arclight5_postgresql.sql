@@ -75,6 +75,17 @@ BEGIN;
 CREATE OR REPLACE FUNCTION indexer_process() RETURNS INTEGER
 LANGUAGE plpgsql
 SECURITY INVOKER
+-- Every statement below finds its rows through an index, whatever the
+-- planner would guess. Its guess comes from statistics, which lag (ANALYZE
+-- ran during a burst of rewrites, or never), and after five calls in one
+-- session PL/pgSQL may switch to a generic plan that knows none of the
+-- values: either way it chose to read all of study and study_service by
+-- hash joins. Priced this way, an index read and a nested loop by primary
+-- key are the only paths it can afford, on 9.6 as on 17 (plan_cache_mode
+-- exists only from 12). The settings hold inside this function only.
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
   safety_window INTERVAL := INTERVAL '300 seconds';

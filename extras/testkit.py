@@ -504,3 +504,101 @@ def dicom_instance(
         ds.preamble = b"\x00" * 128
         pydicom.dcmwrite(buffer, ds, write_like_original=False)
     return buffer.getvalue()
+
+
+class TableReads:
+    """The rows each table of one database has read, as its server counts
+    them: what statements cost the PACS, whoever ran them and however they
+    were planned. PostgreSQL: pg_stat_user_tables' rows read by sequential
+    scans plus pg_stat_user_indexes' entries read by index scans (a backend
+    hands its counts over when it ends, so the snapshot waits for the
+    client's backends to end). MariaDB: information_schema.TABLE_STATISTICS
+    (userstat, switched on while this is open); MySQL: performance_schema's
+    rows fetched per table.
+
+    `connect()` opens an administrator's connection to that database."""
+
+    def __init__(self, engine: str, connect: Callable[[], Any]) -> None:
+        self.engine = engine
+        self.connect = connect
+        self.userstat_was: str | None = None
+        self.mysql_source = ""
+
+    def __enter__(self) -> TableReads:
+        if self.engine == "mysql":
+            with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL VARIABLES LIKE 'userstat'")
+                row = cur.fetchone()
+                if row is not None:
+                    self.userstat_was = _values(row)[1]
+                    cur.execute("SET GLOBAL userstat = 1")
+                    self.mysql_source = "userstat"
+                else:
+                    self.mysql_source = "performance_schema"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.userstat_was is not None and self.userstat_was.upper() in ("OFF", "0"):
+            with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+                cur.execute("SET GLOBAL userstat = 0")
+
+    def snapshot(self, wait_for_backends: str | None = "dicom-indexer") -> dict[str, int]:
+        """Rows read so far, by table. On PostgreSQL, first waits until no
+        backend of that application_name (None: no other client backend at
+        all) is connected to the database, so that theirs are counted."""
+        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+            if self.engine == "postgresql":
+                return self._pg_snapshot(cur, wait_for_backends)
+            if self.mysql_source == "userstat":
+                cur.execute(
+                    "SELECT TABLE_NAME, ROWS_READ FROM information_schema.TABLE_STATISTICS"
+                    " WHERE TABLE_SCHEMA = DATABASE()"
+                )
+            else:
+                cur.execute(
+                    "SELECT OBJECT_NAME, COUNT_FETCH"
+                    " FROM performance_schema.table_io_waits_summary_by_table"
+                    " WHERE OBJECT_SCHEMA = DATABASE()"
+                )
+            return {str(name).lower(): int(count) for name, count in map(_values, cur.fetchall())}
+
+    @staticmethod
+    def _pg_snapshot(cur: Any, application: str | None) -> dict[str, int]:
+        others = (
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND "
+            + ("application_name = %s" if application else "backend_type = 'client backend'")
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            cur.execute(others, (application,) if application else None)
+            if int(_values(cur.fetchone())[0]) == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        counts: dict[str, int] = {}
+        for _ in range(50):  # before 15, a statistics collector: its file lags
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute(
+                "SELECT t.relname, t.seq_tup_read + COALESCE(SUM(i.idx_tup_read), 0)"
+                " FROM pg_stat_user_tables t"
+                " LEFT JOIN pg_stat_user_indexes i ON i.relid = t.relid"
+                " GROUP BY t.relname, t.seq_tup_read"
+            )
+            now = {str(name): int(count) for name, count in map(_values, cur.fetchall())}
+            cur.execute("SELECT current_setting('server_version_num')::int >= 150000")
+            if now == counts or _values(cur.fetchone())[0]:
+                return now
+            counts = now
+            time.sleep(0.1)
+        return counts
+
+    @staticmethod
+    def difference(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        """Rows read between two snapshots, by table (tables that read none left out)."""
+        read = {table: after[table] - before.get(table, 0) for table in after}
+        return {table: rows for table, rows in sorted(read.items()) if rows}
+
+
+def _values(row: Any) -> tuple:
+    """A row's values, whether the cursor gives tuples or dicts."""
+    return tuple(row.values()) if isinstance(row, dict) else tuple(row)

@@ -140,7 +140,13 @@ def test_postgresql_reinstall_mends_a_site_installed_with_a_definer_function(db)
         "SELECT prosecdef, proconfig FROM pg_proc WHERE proname = 'indexer_process'"
     )
     assert function["prosecdef"] is False
-    assert function["proconfig"] == ["search_path=public, pg_temp"]
+    # search_path pinned, and the planner settings that keep it on indexes.
+    assert sorted(function["proconfig"]) == [
+        "enable_hashjoin=off",
+        "enable_mergejoin=off",
+        "enable_seqscan=off",
+        "search_path=public, pg_temp",
+    ]
     _escalate_and_call(db)
     assert _superuser(db) is False
 
