@@ -3244,6 +3244,7 @@ class Outcome:
     internal_error: BaseException | None = None
     fate: str = PENDING  # what the queue records: SENT, FAILED, PENDING, DELETING
     wait_seconds: int | None = None  # PENDING: until the next attempt (None: next run)
+    awaits_judgement: bool = False  # SendPool holds new requests until it is judged
 
     @property
     def kind(self) -> str:
@@ -4194,19 +4195,28 @@ class SendPool:
     Plain queues rather than futures: the per-study overhead is what limits
     a run on a fast network, and every thread shares one interpreter lock.
     Workers are started as the limit grows: a tick with three studies
-    starts one or two."""
+    starts one or two.
+
+    Until the service has accepted a study in this run, a failed answer is
+    judged before the next request goes out: whether 403 after 403 means a
+    refused key is the main thread's decision, and a worker that went on
+    meanwhile would send every study of the run to a service refusing them
+    all, as many as the main thread was slow (on a loaded machine, all)."""
 
     def __init__(
         self, sender: Sender, concurrency: ConcurrencyLimit, halted: Callable[[], bool]
     ) -> None:
         self.sender = sender
         self.concurrency = concurrency
-        self.stopping = threading.Event()  # set by a worker: every study would fail alike
+        self.stopping = threading.Event()  # every study would fail alike, or closed
         self.run_halted = halted
         self.jobs: queue.Queue = queue.Queue(maxsize=concurrency.maximum * 2)
         self.answers: queue.Queue = queue.Queue()
         self.workers: list[threading.Thread] = []
         self.outstanding = 0  # handed over and not answered yet (the main thread's count)
+        self.judging = threading.Condition()
+        self.unjudged = 0  # failed answers handed back and not judged yet
+        self.accepted = False  # the service accepted a study in this run
 
     def halted(self) -> bool:
         return self.stopping.is_set() or self.run_halted()
@@ -4252,15 +4262,37 @@ class SendPool:
         """Tells the workers to end (those still waiting on the service end
         when it answers, or at their deadline)."""
         self.drop_waiting()
+        self.stopping.set()  # a worker holding for a judgement stops holding
         for _ in self.workers:
             self.jobs.put(None)
+
+    def judged(self, outcome: Outcome) -> None:
+        """The main thread has judged this answer: held requests may go."""
+        with self.judging:
+            if outcome.delivered:
+                self.accepted = True
+            if outcome.awaits_judgement:
+                outcome.awaits_judgement = False
+                self.unjudged -= 1
+            self.judging.notify_all()
+
+    def _judgement_awaited(self) -> bool:
+        """Waits while a failure is not judged yet; False once the run stops."""
+        with self.judging:
+            while self.unjudged and not self.halted():
+                self.judging.wait(0.05)
+        return not self.halted()
 
     def _work(self) -> None:
         while True:
             outcome = self.jobs.get()
             if outcome is None:
                 return
-            if self.halted() or not self.concurrency.acquire(self.halted):
+            if (
+                not self._judgement_awaited()
+                or self.halted()
+                or not self.concurrency.acquire(self.halted)
+            ):
                 self.answers.put(None)
                 continue
             try:
@@ -4269,6 +4301,10 @@ class SendPool:
                 outcome.internal_error = exc
             finally:
                 self._release(outcome)
+            with self.judging:
+                if not outcome.delivered and not self.accepted:
+                    outcome.awaits_judgement = True
+                    self.unjudged += 1
             if outcome.kind in (KEY_REFUSED, WRONG_URL, INTERNAL):
                 # Every other study would get the same answer: the other workers
                 # stop at once, not when the main thread gets to this one.
@@ -4351,6 +4387,7 @@ class Delivery:
             if outcome is None:
                 continue
             retry_in = self.fates.judge(outcome)
+            self.pool.judged(outcome)
             if retry_in is not None:
                 due = time.monotonic() + retry_in
                 heapq.heappush(self.retries, (due, next(self.sequence), outcome))

@@ -37,29 +37,39 @@ def test_auto_raises_the_limit_on_a_service_that_stays_fast(pacs, service, tmp_p
 
 
 def test_auto_lowers_the_limit_when_latency_rises_with_load(pacs, service, tmp_path, capsys):
+    """A service answering in 100 ms lets "auto" climb; then it serves one
+    request at a time, 100 ms each, so that every request more in flight
+    only waits 100 ms longer in its queue, and "auto" comes down.
+
+    Slow enough for a loaded machine: the climb needs the client to keep 8
+    requests in flight at 100 ms (80 studies/s, not its pace), and from
+    max_concurrency 8 the 40 answers after the change are enough to come
+    down (30% per round trip), however far it had climbed."""
     metrics = tmp_path / "indexer.prom"
-    args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
-    pks = pacs.add_studies(400)
-    service.delay_seconds = 0.05
+    args = write_configs(
+        tmp_path, pacs.name, service.url, metrics_file=str(metrics), max_concurrency=8
+    )
+    pks = pacs.add_studies(140)
+    service.delay_seconds = 0.1
     in_flight_when_fast = []
 
-    def saturate_after_300(number, request):
-        if number == 300:
-            # From now on one request at a time, 50 ms each: every request
-            # more in flight only waits in the service's queue, 50 ms longer.
+    def saturate_after_100(number, request):
+        if number == 100:
             in_flight_when_fast.append(service.max_in_flight)
-            service.serve_at_most(1, 0.05)
+            service.serve_at_most(1, 0.1)  # delay_seconds: now the time each one takes
         return 201, "{}"
 
-    service.respond = saturate_after_300
+    service.respond = saturate_after_100
     assert _run(args, "initial") == 0
     assert service.study_pks() == pks
     assert in_flight_when_fast[0] > 4  # it had climbed...
     assert read_metrics(metrics)["concurrency_limit"] <= 2  # ...and came down
     # The summary line says where it settled and what the service's latency was.
     summary = capsys.readouterr().err.splitlines()[-1]
-    pattern = r", concurrency [12] \(auto, up to 64\), latency \d+ ms \(unloaded [5-9]\d ms\)"
-    assert re.search(pattern, summary), summary
+    pattern = r", concurrency [12] \(auto, up to 8\), latency \d+ ms \(unloaded (\d+) ms\)"
+    found = re.search(pattern, summary)
+    assert found, summary
+    assert int(found.group(1)) >= 100  # the service's own 100 ms: never less
 
 
 def test_fixed_concurrency_keeps_its_number(pacs, service, tmp_path):
