@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "extras"))
+sys.path.insert(0, str(ROOT / "dev"))
 
 # The central service's stand-in and the PostgreSQL helper, shared with the
 # storm and the benchmark.

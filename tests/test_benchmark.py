@@ -1,4 +1,4 @@
-"""extras/benchmark.py still runs end to end: a tiny archive, no waiting.
+"""dev/benchmark.py still runs end to end: a tiny archive, no waiting.
 The real measurements are in the README; this only keeps the tool working."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, connect
 
-sys.path.insert(0, str(ROOT / "extras"))
+sys.path.insert(0, str(ROOT / "dev"))
 import benchmark  # noqa: E402
 from testkit import ORTHANC_BINARY  # noqa: E402
 
 
 def run_benchmark(tmp_path: Path, *args: str, timeout: int) -> tuple[str, dict]:
-    """extras/benchmark.py as a user runs it: its report, and what it wrote in --json."""
+    """dev/benchmark.py as a user runs it: its report, and what it wrote in --json."""
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "extras" / "benchmark.py"), *args, "--json", str(results)],
+        [sys.executable, str(ROOT / "dev" / "benchmark.py"), *args, "--json", str(results)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -72,7 +72,7 @@ def test_code_runs_on_python_3_8():
             # Annotations stay strings (from __future__ import annotations),
             # so list[int] in a signature is fine on 3.8.
             str(ROOT / "client.py"),
-            str(ROOT / "extras"),
+            str(ROOT / "dev"),
         ],
         capture_output=True,
         text=True,
@@ -81,15 +81,10 @@ def test_code_runs_on_python_3_8():
 
 
 def test_code_compiles_with_python_3_8_when_present():
-    # pyenv's shim for python3.8 exists even where 3.8 is not selected: real path first.
-    candidates = [
-        os.path.expanduser("~/.pyenv/versions/3.8.18/bin/python"),
-        shutil.which("python3.8"),
-    ]
-    python38 = next((c for c in candidates if c and os.path.exists(c)), None)
+    python38 = python_3_8()
     if python38 is None:
         pytest.skip("no Python 3.8 interpreter on this machine")
-    for path in [ROOT / "client.py", *sorted((ROOT / "extras").glob("*.py"))]:
+    for path in [ROOT / "client.py", *sorted((ROOT / "dev").glob("*.py"))]:
         result = subprocess.run(
             [python38, "-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())", str(path)],
             capture_output=True,
@@ -138,3 +133,34 @@ def test_progress_bar_on_a_terminal_only(pacs, service, tmp_path):
         [sys.executable, str(ROOT / "client.py"), "initial", *args], capture_output=True, text=True
     )
     assert "%|" not in quiet.stderr  # no bar when stderr is a file or a pipe (cron)
+
+
+def python_3_8() -> str | None:
+    """A real Python 3.8: pyenv's (its shim for python3.8 exists even where
+    3.8 is not selected, so its versions are asked for by name), or one on PATH."""
+    found = []
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        versions = subprocess.run(
+            [pyenv, "versions", "--bare"], capture_output=True, text=True, check=False
+        ).stdout.split()
+        root = subprocess.run(
+            [pyenv, "root"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        found += [
+            os.path.join(root, "versions", v, "bin", "python")
+            for v in versions
+            if v.startswith("3.8.")
+        ]
+    found.append(shutil.which("python3.8") or "")
+    for candidate in found:
+        if candidate and os.path.exists(candidate):
+            version = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 8))"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            if version == "True":
+                return candidate
+    return None

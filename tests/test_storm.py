@@ -1,6 +1,6 @@
 """The storm, bounded for CI: a dcm4chee-like writer (2.x, and arc-light 5
 with its size scheduler), ticks every 2 s and every fault injected several
-times, a poison study all along (extras/storm.py); then one reconcile and one
+times, a poison study all along (dev/storm.py); then one reconcile and one
 retry-failed, and the central index must equal the PACS, study by study."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "extras"))
+sys.path.insert(0, str(ROOT / "dev"))
 import storm  # noqa: E402
 
 # schema: (seconds of faults, times each fault is injected)

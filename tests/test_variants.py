@@ -194,7 +194,7 @@ def test_lower_case_table_names_server_installs_and_delivers(service, tmp_path, 
     """lower_case_table_names=1 can only be chosen when a server's data
     directory is made: a private server of the test's own, with a database
     named in mixed case as some sites do."""
-    sys.path.insert(0, str(conftest.ROOT / "extras"))
+    sys.path.insert(0, str(conftest.ROOT / "dev"))
     import storm
 
     server = storm.PrivateMariaDB(tmp_path / "db", options=("--lower-case-table-names=1",))

@@ -33,9 +33,9 @@ DELETEd, nothing else may be in the index, every study_service row must say
 sent or deleted, and no study but the refused one may have been marked
 failed.
 
-    python extras/storm.py --seconds 1800          # the long run
-    python extras/storm.py --seconds 90 --json storm.json
-    python extras/storm.py --seconds 1800 --schema arc5
+    python dev/storm.py --seconds 1800          # the long run
+    python dev/storm.py --seconds 90 --json storm.json
+    python dev/storm.py --seconds 1800 --schema arc5
 
 Needs mariadbd and mariadb-install-db (the MariaDB server package) and the
 mariadb (or mysql) command-line client; it runs as the user it is started by.

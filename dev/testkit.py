@@ -1,5 +1,5 @@
-"""What the tests (tests/conftest.py), the storm (extras/storm.py) and the
-benchmark (extras/benchmark.py) share: a stand-in for the central service,
+"""What the tests (tests/conftest.py), the storm (dev/storm.py) and the
+benchmark (dev/benchmark.py) share: a stand-in for the central service,
 and a PostgreSQL connection shaped like PyMySQL's.
 
 CentralService is a real HTTP/1.1 server on loopback (asyncio, on a thread
