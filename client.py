@@ -9,7 +9,8 @@ The path from source to service, in file order:
                  (ENGINES), each importing its driver when it connects
   source         what a PACS holds and how it changes: dcm4chee 2.x and
                  dcm4chee-arc-light 5 (Dcm4chee2, ArcLight5), read through an
-                 engine (PacsSource); how a tick finds what changed
+                 engine (PacsSource); Orthanc, through its REST API and its
+                 change log (OrthancSource); how a tick finds what changed
   queue          study_service's bookkeeping (StudyServiceQueue): what is
                  pending, sent, failed, deleted, with which versions
   document       study_document(): one study's fields -> the 11-key JSON (pure)
@@ -38,6 +39,7 @@ import queue
 import random
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -231,11 +233,13 @@ _MISSING = object()
 QUERY_VIEW_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def _read_json_object(path: Path, when_missing: str = "") -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigError(f"{path}: file not found{when_missing}") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror} ({_whose(path)})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
@@ -247,12 +251,50 @@ def _read_json_object(path: Path) -> dict[str, Any]:
             f"{path}: is not UTF-8 text (saved as ANSI or Latin-1?): save it as UTF-8"
         ) from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        raise ConfigError(f"{path}: invalid JSON at {_json_mistake(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a JSON object {{...}}")
     return data
+
+
+def _json_mistake(exc: json.JSONDecodeError) -> str:
+    """Where a JSON file went wrong, and the likely mistake, in the words of
+    someone editing it by hand: json names the place after a mistake (the
+    line after a trailing comma), so the mistake's own line is named."""
+    text = exc.doc
+    before = text[: exc.pos].rstrip()
+    line = text.count("\n", 0, len(before)) + 1
+    column = len(before) - (before.rfind("\n") + 1)
+    if exc.pos >= len(text.rstrip()):
+        return f"line {line}: the file ends too early (a missing }} or ]?)"
+    if before.endswith(",") and text[exc.pos] in "}]":
+        return (
+            f"line {line} column {column}: a comma after the last field of an object or"
+            " list (not allowed in JSON)"
+        )
+    if exc.msg.startswith("Expecting ',' delimiter"):
+        return f"line {line}: a missing comma at its end, or a missing quote ({exc.msg})"
+    found = f"line {exc.lineno} column {exc.colno}"
+    if exc.msg.startswith("Invalid control character"):
+        return f"{found}: a text not closed (a missing quote?)"
+    if exc.msg.startswith("Expecting property name"):
+        return f"{found}: a field name not in double quotes (a missing quote?)"
+    return f"{found}: {exc.msg}"
+
+
+def _whose(path: Path) -> str:
+    """Who this runs as, and who the file belongs to: cron or systemd as one
+    user, the files installed (with sudo) as another."""
+    try:
+        import pwd  # Unix only
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        info = os.stat(path)
+        owner = pwd.getpwuid(info.st_uid).pw_name
+        mode = info.st_mode & 0o777
+        return f"this runs as user '{user}'; the file belongs to '{owner}', mode {mode:04o}"
+    except (ImportError, KeyError, OSError):
+        return "this user may not read it"
 
 
 class _Fields:
@@ -408,7 +450,11 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
     raises ConfigError; wrong fields are collected in Settings.problems."""
     problems: list[ConfigError] = []
     top = _Fields(config_path, _read_json_object(config_path), problems)
-    server = _Fields(server_path, _read_json_object(server_path), problems)
+    server = _Fields(
+        server_path,
+        _read_json_object(server_path, ': create it with {"server": "<center code>"}'),
+        problems,
+    )
     top.ignore("server")  # the original's placeholder: "see server.json"
     if "orthanc" in top.data:
         # An Orthanc site: its REST API, and the queue in a file of its own.
@@ -708,8 +754,41 @@ def _load_pymysql_rsa(pymysql: Any) -> bool:
     return sys.modules.get("cryptography") is not None
 
 
+# Where MariaDB and MySQL put their server's socket: Debian and Ubuntu
+# (/run/mysqld, /var/run/mysqld), RHEL and CentOS (/var/lib/mysql), MySQL's
+# own packages and tarballs (/tmp).
+MYSQL_SOCKETS = (
+    "/run/mysqld/mysqld.sock",
+    "/var/run/mysqld/mysqld.sock",
+    "/var/lib/mysql/mysql.sock",
+    "/tmp/mysql.sock",
+)
+MYSQL_ACCESS_DENIED = 1045
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+GRANT_SCRIPT_MYSQL = "the grant script (extras/grant_indexer*.sql)"
+
+
+def _local_mysql_socket(places: tuple[str, ...] = MYSQL_SOCKETS) -> str | None:
+    """The first of `places` that is a socket, or None."""
+    for place in places:
+        try:
+            if stat.S_ISSOCK(os.stat(place).st_mode):
+                return place
+        except OSError:
+            continue
+    return None
+
+
 class MySQLEngine:
-    """MySQL 5.6 to 8 and MariaDB 10.x, through PyMySQL."""
+    """MySQL 5.6 to 8 and MariaDB 10.x, through PyMySQL.
+
+    "localhost" means what it means to the mysql command: the server's local
+    socket, not TCP. An account created as 'dicom_indexer'@'localhost' (as
+    grant_indexer.sql does) matches only connections through that socket; over
+    TCP the server sees 127.0.0.1 (with skip_name_resolve, common, never
+    "localhost") and denies it. So for host "localhost" on the default port the
+    socket is used where MariaDB or MySQL put it (or database.unix_socket), and
+    TCP only when there is none, which `check` says."""
 
     name = "mysql"
     default_port = 3306
@@ -736,16 +815,33 @@ class MySQLEngine:
         MySQLError.LOCK_DEADLOCK: DEADLOCK,
     }
     TRY_LOCK = "SELECT GET_LOCK(%s, 0) AS got"
+    UNLOCK = "SELECT RELEASE_LOCK(%s) AS released"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.driver = _import_pymysql()
         self.Error: tuple[type[BaseException], ...] = (self.driver.MySQLError,)
         self.conn: Any = None
+        self.socket = settings.db_unix_socket
+        local = settings.db_host == "localhost" and settings.db_port == self.default_port
+        if self.socket is None and local:
+            self.socket = _local_mysql_socket()
+        # How the connection goes, for `check` and the error lines.
+        if self.socket:
+            self.route = f"through the local socket {self.socket}"
+        elif local:
+            self.route = (
+                f"on localhost:{settings.db_port} over TCP (no MySQL socket in"
+                f" {', '.join(MYSQL_SOCKETS)}; database.unix_socket names another)"
+            )
+        else:
+            self.route = f"on {settings.db_host}:{settings.db_port}"
 
     def connect(self) -> None:
         try:
-            self.conn = self._connect_once()
+            self.conn = self._connect_once(self.socket)
+        except self.driver.MySQLError as exc:
+            raise DatabaseError(self.describe(exc) + self._denied_host_hint(exc)) from None
         except RuntimeError as exc:
             # MySQL 8's caching_sha2_password (or sha256_password) asked for
             # the password encrypted with the server's RSA key: the one case
@@ -758,9 +854,37 @@ class MySQLEngine:
                     " caching_sha2_password without TLS) and the Python package"
                     " 'cryptography' is not installed: pip install cryptography"
                 ) from None
-            self.conn = self._connect_once()
+            self.conn = self._connect_once(self.socket)
 
-    def _connect_once(self) -> Any:
+    def _denied_host_hint(self, exc: BaseException) -> str:
+        """For an access denied over TCP: the host the server saw, and whether
+        the same user and password get in through the local socket."""
+        args = getattr(exc, "args", ())
+        if self.socket or not args or args[0] != MYSQL_ACCESS_DENIED:
+            return ""
+        seen = re.search(r"'[^']*'@'([^']*)'", str(args[1]) if len(args) > 1 else "")
+        host = seen.group(1) if seen else self.settings.db_host
+        hint = (
+            f"; the server saw this connection come from '{host}': an account created"
+            " for 'localhost' matches only its local socket, so create it for"
+            f" '{host}' too (SET @indexer_host = '{host}' before {GRANT_SCRIPT_MYSQL})"
+        )
+        socket = _local_mysql_socket()
+        if socket and self.settings.db_host in LOOPBACK_HOSTS:
+            try:
+                self._connect_once(socket).close()
+            except Exception:  # denied there too: the user or the password is wrong
+                return hint + ", or check the user and password"
+            return (
+                f"; the server saw this connection come from '{host}', and through the"
+                f" local socket {socket} the same user and password are accepted: the"
+                f" account exists for 'localhost' only. Set database.host to \"localhost\""
+                f" (the socket), or create the account for '{host}'"
+                f" (SET @indexer_host = '{host}' before {GRANT_SCRIPT_MYSQL})"
+            )
+        return hint + ", or check the user and password"
+
+    def _connect_once(self, socket: str | None) -> Any:
         settings = self.settings
         return self.driver.connect(
             host=settings.db_host,
@@ -768,7 +892,7 @@ class MySQLEngine:
             user=settings.db_user,
             password=settings.db_password,
             database=settings.db_name,
-            unix_socket=settings.db_unix_socket,
+            unix_socket=socket,
             # Decodes latin1 and utf8 columns alike into correct Unicode.
             charset="utf8mb4",
             autocommit=True,
@@ -823,6 +947,9 @@ class MySQLEngine:
     def try_lock(self, name: str) -> bool:
         return self.query(self.TRY_LOCK, (name,))[0]["got"] == 1
 
+    def unlock(self, name: str) -> None:
+        self.query(self.UNLOCK, (name,))
+
 
 def _mysql_message(exc: BaseException, reasons: Mapping[Any, str]) -> str:
     args = getattr(exc, "args", ())
@@ -869,6 +996,7 @@ class PostgreSQLEngine:
         PostgreSQLError.SERIALIZATION_FAILURE: "serialization failure with a PACS transaction",
     }
     TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s)) AS got"
+    UNLOCK = "SELECT pg_advisory_unlock(hashtext(%s)) AS released"
     # MySQL gives up on a lock after 50 s (innodb_lock_wait_timeout);
     # PostgreSQL would wait forever on a transaction left open. A
     # lock_timeout set for the role or database is kept.
@@ -902,6 +1030,10 @@ class PostgreSQLEngine:
         self.driver = pg8000.dbapi
         self.Error: tuple[type[BaseException], ...] = (pg8000.dbapi.Error,)
         self.conn: Any = None
+        if settings.db_unix_socket:
+            self.route = f"through the local socket {settings.db_unix_socket}"
+        else:
+            self.route = f"on {settings.db_host}:{settings.db_port}"
 
     def connect(self) -> None:
         settings = self.settings
@@ -987,6 +1119,9 @@ class PostgreSQLEngine:
 
     def try_lock(self, name: str) -> bool:
         return bool(self.query(self.TRY_LOCK, (name,))[0]["got"])
+
+    def unlock(self, name: str) -> None:
+        self.query(self.UNLOCK, (name,))
 
 
 ENGINES: dict[str, Any] = {"mysql": MySQLEngine, "postgresql": PostgreSQLEngine}
@@ -1629,6 +1764,10 @@ class Database:
         self.statement = getattr(self.engine, "TRY_LOCK", "")
         return self.engine.try_lock(name)
 
+    def unlock(self, name: str) -> None:
+        self.statement = getattr(self.engine, "UNLOCK", "")
+        self.engine.unlock(name)
+
     def begin(self) -> None:
         self.engine.begin()
 
@@ -1692,11 +1831,8 @@ class PacsDatabase(Database):
     found there; its source (the studies) and its queue (study_service)."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(
-            settings,
-            ENGINES[settings.db_engine](settings),
-            f"database '{settings.db_name}' on {settings.db_host}:{settings.db_port}",
-        )
+        engine = ENGINES[settings.db_engine](settings)
+        super().__init__(settings, engine, f"database '{settings.db_name}' {engine.route}")
         try:
             found = {(row["t"], row["c"]) for row in self.query(self.queue.sql.SCHEMA_COLUMNS)}
             self.schema = detect_schema(found, settings.query_view)
@@ -2845,6 +2981,11 @@ class SQLiteEngine:
             return False
         return True
 
+    def unlock(self, name: str) -> None:
+        import fcntl
+
+        fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+
 
 QUEUE_STATEMENTS = {
     "mysql": MySQLQueueSQL,
@@ -2882,10 +3023,22 @@ class StudyServiceQueue:
     def acquire_run_lock(self) -> None:
         """One run at a time per database, across hosts: a lock the server
         releases when this connection ends, even on kill -9."""
-        if not self.db.try_lock(("dicom_indexer." + self.settings.db_name)[:64]):
+        if not self.db.try_lock(self._run_lock_name()):
             raise LockedError(
                 f"another dicom-indexer run is working on {self.db.where}; this run stands aside"
             )
+
+    def run_under_way(self) -> bool:
+        """Whether another run holds the run lock (`status`): the lock is
+        taken and given back at once when it is free."""
+        name = self._run_lock_name()
+        if self.db.try_lock(name):
+            self.db.unlock(name)
+            return False
+        return True
+
+    def _run_lock_name(self) -> str:
+        return ("dicom_indexer." + self.settings.db_name)[:64]
 
     def database_now(self) -> datetime.datetime:
         return self.db.query(self.sql.DATABASE_NOW)[0]["now"]
@@ -3048,6 +3201,7 @@ class StudyServiceQueue:
         errors = self.db.query(self.sql.RECENT_ERRORS)
         initial = self.initial_state()
         return {
+            "run_under_way": self.run_under_way(),
             "counts": counts,
             "held": self.held_reasons(source) if counts[PENDING] else {},
             "waiting_to_retry": int(waiting["n"]),
@@ -3681,7 +3835,10 @@ class Sender:
     def probe(self) -> tuple[int, str]:
         """For `check`: reaches the service with the key without registering
         anything (a GET); the exit code a run would meet (EXIT_OK: fine)
-        and one line. A redirect fails: a POST would not follow it."""
+        and one line. A redirect fails: a POST would not follow it. A
+        service that answers a GET (405, 200) may not look at the key for it,
+        and only a POST would prove it, which could register a study: the
+        line says so rather than call the key good."""
         where = _safe_url(self.url)
         answer = self._exchange("GET", None)
         code = answer.status
@@ -3697,7 +3854,10 @@ class Sender:
             return EXIT_KEY_REFUSED, f"the service refused the key (HTTP {code})"
         if code >= 500:
             return EXIT_DELIVERY, f"the service is failing (HTTP {code})"
-        return EXIT_OK, f"{where} answered HTTP {code}"
+        return EXIT_OK, (
+            f"{where} answered HTTP {code}; the API key is verified only when the first"
+            " study is sent"
+        )
 
     def _exchange(self, method: str, body: bytes | None) -> Answer:
         answer = Answer()
@@ -4671,7 +4831,8 @@ def run_send(
             log.info("%d failed or waiting studies made pending again", pacs.queue.retry_failed())
         # The tick first: its transaction and the initial load's pages would
         # otherwise lock the same rows in different orders.
-        report.enqueued += pacs.source.enqueue_changes()
+        found_by_tick = pacs.source.enqueue_changes()
+        report.enqueued += found_by_tick
         state = pacs.queue.initial_state()
         if state is not None and state["status"] == "initial" and pacs.source.pipelined_initial:
             log.info("enqueueing the whole archive (initial load) and sending as it goes")
@@ -4679,9 +4840,11 @@ def run_send(
             loader.start()
         elif state is not None and state["status"] == "initial":
             log.info("enqueueing the whole archive (initial load), then sending")
-            report.enqueued += pacs.queue.enqueue_initial(
+            # The archive includes what the tick found: each study counted once.
+            loaded = pacs.queue.enqueue_initial(
                 pacs.source, lambda count, position: None, lambda: not stop.requested()
             )
+            report.enqueued = max(loaded, found_by_tick)
         pending = pacs.queue.count_pending()
         if pending or loader:
             sender = Sender(settings)
@@ -4697,7 +4860,8 @@ def run_send(
                 frontier=loader.frontier if loader else None,
             )
         if loader:
-            report.enqueued += loader.finish()
+            # The archive includes what the tick found: each study counted once.
+            report.enqueued = max(loader.finish(), found_by_tick)
             loader = None
         report.pending = pacs.queue.count_pending()
         report.oldest_pending_seconds = (
@@ -4922,8 +5086,13 @@ def _status_lines(where: str, status: dict[str, Any]) -> list[str]:
     age = status["oldest_pending_seconds"]
     lines.append("oldest pending: " + ("none" if age is None else _format_age(age)))
     lines.append("last delivery:  " + (status["last_sent_at"] or "never"))
-    if status["initial_load"]:
-        load = status["initial_load"]
+    load = status["initial_load"]
+    if status["run_under_way"]:
+        since = f", an initial load started {load['started_at']}" if load else ""
+        lines.append(f"run:            under way (another client.py holds the run lock{since})")
+    if load and status["run_under_way"]:
+        lines.append(f"initial load:   under way, enqueued up to study pk {load['position_pk']}")
+    elif load:
         lines.append(
             f"initial load:   unfinished (started {load['started_at']},"
             f" enqueued up to study pk {load['position_pk']}); run client.py to carry on"
@@ -5033,8 +5202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Registers the studies of a dcm4chee 2.x or dcm4chee-arc-light 5 PACS"
-        " with the central indexer.",
+        description="Registers the studies of a PACS with the central indexer: dcm4chee 2.x"
+        " and dcm4chee-arc-light 5 through their database (MySQL/MariaDB or PostgreSQL,"
+        ' config.json "database"), Orthanc through its REST API ("orthanc").',
         epilog="exit codes:\n"
         + "".join(f"  {code:<4} {meaning}\n" for code, meaning in EXIT_CODE_HELP),
     )

@@ -38,6 +38,6 @@ for candidate in "$project/.venv/bin/python" "$project/venv/bin/python" \
     found="${found:+$found, }$candidate is $version"
 done
 echo "dicom_indexer.sh: no Python 3.8 or newer found (${found:-no python on PATH});" \
-    "install Python 3.8+ and create $project/.venv (README: \"Actualizar desde el cliente" \
+    "install Python 3.8+ and create $project/.venv (docs/actualizar.md: \"Actualizar desde el cliente" \
     "original\")" >&2
 exit "$EXIT_NO_PYTHON"

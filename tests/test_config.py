@@ -37,7 +37,23 @@ def _write(tmp_path, configs, name, change):
 
 CASES = [
     ("config.json", None, "config.json: file not found"),
-    ("config.json", '{"database": {"host": "x",', "config.json: invalid JSON at line 1 column 27"),
+    (
+        "config.json",
+        '{"database": {"host": "x",',
+        "invalid JSON at line 1: the file ends too early",
+    ),
+    # The line of a trailing comma, not the line after it where json notices.
+    (
+        "config.json",
+        '{\n  "key": "k",\n  "webservice_url": "http://x",\n}\n',
+        "config.json: invalid JSON at line 3 column 31: a comma after the last field",
+    ),
+    (
+        "config.json",
+        '{\n  "key": "k"\n  "webservice_url": "http://x"\n}\n',
+        "config.json: invalid JSON at line 2: a missing comma at its end, or a missing quote",
+    ),
+    ("config.json", '{\n  "key": "k,\n}\n', "at line 2 column 13: a text not closed"),
     ("config.json", "[1, 2]", "config.json: must hold a JSON object"),
     ("config.json", {"database": KeyError}, "config.json: field 'database' is missing"),
     ("config.json", {"database": "pacsdb"}, "config.json: field 'database' must be a JSON object"),
@@ -55,7 +71,7 @@ CASES = [
     ("config.json", {"send_deletes": "yes"}, "field 'send_deletes' must be true or false"),
     ("config.json", {"concurrency": 0}, "config.json: field 'concurrency' must be from 1 to 64"),
     ("config.json", {"ca_bundle": "/no/such/ca.pem"}, "field 'ca_bundle': file not found"),
-    ("server.json", None, "server.json: file not found"),
+    ("server.json", None, 'server.json: file not found: create it with {"server": "<center'),
     ("server.json", {"server": KeyError}, "server.json: field 'server' is missing"),
     ("server.json", {"server": ""}, "server.json: field 'server' is empty"),
     ("server.json", {"server": ["000"]}, "server.json: field 'server' must be a string"),
