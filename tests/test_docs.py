@@ -1,22 +1,48 @@
-"""The README against the client itself, so the two cannot drift apart: its
-exit codes, its commands and options, and the files it tells an
-administrator to copy."""
+"""The README and the pages of docs/ against the client itself, so that they
+cannot drift apart: its exit codes, its commands and options, the settings
+it reads; and against each other: every internal link leads to a file and a
+heading that exist."""
 
 from __future__ import annotations
 
+import ast
 import re
 
 from conftest import ROOT
 
 import client
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+TEXTS = {path: path.read_text(encoding="utf-8") for path in PAGES}
+ALL_TEXT = "\n".join(TEXTS.values())
+
+FENCE = re.compile(r"^\s*```")
+HEADING = re.compile(r"^(#{1,6}) +(.+?) *#*$")
+
+
+def _headings(text: str) -> list[tuple[int, int, str]]:
+    """(line number, level, title) of each heading outside code blocks."""
+    found, fenced = [], False
+    for number, line in enumerate(text.splitlines()):
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (match := HEADING.match(line)):
+            found.append((number, len(match.group(1)), match.group(2)))
+    return found
 
 
 def _section(title: str) -> str:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
-    assert match, f"README has no section '## {title}'"
-    return match.group(1)
+    """The text under '# title' or '## title', down to the next heading of the
+    same or a higher level, in whichever file holds it (the README first)."""
+    for text in TEXTS.values():
+        lines = text.splitlines()
+        headings = _headings(text)
+        for index, (start, level, name) in enumerate(headings):
+            if level <= 2 and name == title:
+                end = next((n for n, lv, _ in headings[index + 1 :] if lv <= level), len(lines))
+                return "\n".join(lines[start + 1 : end])
+    raise AssertionError(f"neither the README nor docs/ has a section '## {title}'")
 
 
 def _table_first_cells(section: str) -> list[str]:
@@ -50,9 +76,9 @@ def test_readme_commands_are_the_parsers():
     assert sorted(documented) == sorted(command.choices)
 
 
-def test_readme_mentions_every_option_of_the_parser():
+def test_docs_mention_every_option_of_the_parser():
     def mentioned(option: str) -> bool:
-        return bool(re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", README))
+        return bool(re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", ALL_TEXT))
 
     parser = client.build_parser()
     missing = [
@@ -64,12 +90,148 @@ def test_readme_mentions_every_option_of_the_parser():
     assert missing == []
 
 
-def test_every_setting_in_the_readme_table_is_read_by_the_client(tmp_path):
-    """The configuration table names fields that load_settings reads (an
-    unknown one would be warned about as misspelt)."""
+def _fields_read_by_the_client() -> set[str]:
+    """Every field name that client.py reads: the first argument of a reading
+    method of _Fields (`db.text("host", ...)`, `top.number("port", ...)`), or
+    a name handed to a function that takes a _Fields first
+    (`_secret(db, "password", "password_file", ...)`)."""
+    tree = ast.parse((ROOT / "client.py").read_text(encoding="utf-8"))
+    [fields_class] = [
+        node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "_Fields"
+    ]
+    methods = {
+        node.name: {
+            attribute.attr
+            for attribute in ast.walk(node)
+            if isinstance(attribute, ast.Attribute)
+            and isinstance(attribute.value, ast.Name)
+            and attribute.value.id == "self"
+        }
+        for node in fields_class.body
+        if isinstance(node, ast.FunctionDef)
+    }
+    # A method reads a field if it records it as read (_value, self.read) or
+    # calls one that does; problem() and unknown() only report.
+    reading = {name for name, used in methods.items() if used & {"_value", "read"}}
+    while grown := {name for name, used in methods.items() if used & reading} - reading:
+        reading |= grown
+    reading = {name for name in reading if not name.startswith("_")}
+
+    def takes_fields(function: ast.FunctionDef) -> bool:
+        first = function.args.args[0].annotation if function.args.args else None
+        return (isinstance(first, ast.Name) and first.id == "_Fields") or (
+            isinstance(first, ast.Constant) and first.value == "_Fields"
+        )
+
+    helpers = {
+        node.name for node in tree.body if isinstance(node, ast.FunctionDef) and takes_fields(node)
+    }
+    names = set()
+    for call in ast.walk(tree):
+        if not isinstance(call, ast.Call):
+            continue
+        if isinstance(call.func, ast.Attribute) and call.func.attr in reading:
+            arguments = call.args[:1]
+        elif isinstance(call.func, ast.Name) and call.func.id in helpers:
+            arguments = call.args[1:]
+        else:
+            continue
+        names |= {
+            a.value for a in arguments if isinstance(a, ast.Constant) and isinstance(a.value, str)
+        }
+    return names
+
+
+def test_every_setting_in_the_readme_table_is_read_by_the_client():
+    """Each field of the configuration tables is read by load_settings, by
+    name (a field it never reads would be warned about as misspelt)."""
     section = _section("Configuración")
     fields = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
     assert {"engine", "host", "port", "user", "password", "name", "key"} <= fields
-    source = (ROOT / "client.py").read_text()
-    unread = [name for name in sorted(fields) if f'"{name}"' not in source]
-    assert unread == []
+    read = _fields_read_by_the_client()
+    assert {"host", "password", "key_file", "server"} <= read  # the reader finds them all
+    assert sorted(fields - read) == []
+
+
+def _slug(title: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped (but '-'
+    and '_'; accented letters stay), each space a '-'."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    anchors: set[str] = set()
+    for _, _, title in _headings(text):
+        slug = base = _slug(title)
+        count = 0
+        while slug in anchors:  # a repeated heading gets -1, -2, ...
+            count += 1
+            slug = f"{base}-{count}"
+        anchors.add(slug)
+    return anchors
+
+
+def _links(text: str) -> list[str]:
+    """The targets of the Markdown links outside code blocks and code spans."""
+    prose, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            prose.append(re.sub(r"`[^`]*`", "", line))
+    return re.findall(r"\]\(([^)\s]+)\)", "\n".join(prose))
+
+
+def test_anchors_are_githubs():
+    assert _slug("Entregas, fallas y reenvíos") == "entregas-fallas-y-reenvíos"
+    assert _slug("Bases `pacsdb` distintas de la de fábrica") == (
+        "bases-pacsdb-distintas-de-la-de-fábrica"
+    )
+    assert _slug("Desde la versión 2.1 de este cliente") == "desde-la-versión-21-de-este-cliente"
+
+
+def test_every_internal_link_leads_to_a_file_and_a_heading():
+    broken = []
+    for page, text in TEXTS.items():
+        for target in _links(text):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            destination = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}: ({target})"
+            if not destination.exists():
+                broken.append(f"{where}: no file {path}")
+            elif (
+                anchor
+                and destination.suffix == ".md"
+                and anchor not in _anchors(destination.read_text(encoding="utf-8"))
+            ):
+                broken.append(f"{where}: no heading #{anchor} in {path or page.name}")
+    assert broken == []
+
+
+def test_every_docs_page_has_a_title_and_a_way_back():
+    for page in PAGES[1:]:
+        lines = TEXTS[page].splitlines()
+        assert lines[0].startswith("# "), page.name
+        assert "[← README](../README.md)" in lines[1:4], page.name
+
+
+def test_readme_lines_outside_tables_stay_readable():
+    long = [
+        (number, len(line))
+        for number, line in enumerate(TEXTS[README].splitlines(), 1)
+        if len(line) > 400 and not line.lstrip().startswith("|")
+    ]
+    assert long == []
+
+
+def test_readme_starts_with_the_install_and_test_commands_ci_runs():
+    blocks = re.findall(r"^```sh\n(.*?)\n```", TEXTS[README], re.S | re.M)
+    assert blocks[:2] == [
+        "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+        " && .venv/bin/python client.py check",
+        "python3 -m pip install -r requirements-dev.txt && python3 -m pytest",
+    ]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert blocks[1] in ci

@@ -76,8 +76,8 @@ def test_original_clients_config_json_and_server_json_work_unchanged(pacs, servi
 
 
 def readme_upgrade_commands() -> list[str]:
-    """The shell block of the README's "Actualizar desde el cliente original"."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The shell block of docs/actualizar.md, "Actualizar desde el cliente original"."""
+    readme = (ROOT / "docs" / "actualizar.md").read_text(encoding="utf-8")
     section = readme.split("## Actualizar desde el cliente original\n", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
