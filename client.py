@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__version__ = "2.2.0"
+__version__ = "2.3.0"
 
 log = logging.getLogger("dicom_indexer")
 
@@ -2551,6 +2551,8 @@ class MySQLQueueSQL:
         " WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME = 'indexer_process'"
         " AND ROUTINE_TYPE = 'PROCEDURE'"
     )
+    # An indexer_process installed by an older script, to be installed again.
+    INDEXER_PROCESS_OUTDATED = "SELECT 0 AS n"
     # `initial` marks every study pending, except those the service
     # acknowledged since this initial load began (SET_INITIAL_STARTED): an
     # interrupted load carries on instead of starting over.
@@ -2681,6 +2683,13 @@ class PostgreSQLQueueSQL:
         "SELECT COUNT(*) AS n FROM pg_proc"
         " WHERE proname = 'indexer_process' AND pronamespace = current_schema()::regnamespace"
     )
+    # Before 2.3 the function had no planner settings of its own, and a
+    # generic plan or lagging statistics made a tick read the whole archive.
+    INDEXER_PROCESS_OUTDATED = (
+        "SELECT COUNT(*) AS n FROM pg_proc"
+        " WHERE proname = 'indexer_process' AND pronamespace = current_schema()::regnamespace"
+        " AND NOT 'enable_seqscan=off' = ANY(COALESCE(proconfig, '{}'))"
+    )
     SET_INITIAL_STARTED = "SELECT set_config('dicom_indexer.initial_started', %s, false)"
     ENQUEUE_FOR_INITIAL = (
         "INSERT INTO study_service AS q"
@@ -2803,6 +2812,7 @@ class SQLiteQueueSQL:
     STUDY_SERVICE_COLUMNS = "PRAGMA table_info(study_service)"
     # The change capture is the client's own (OrthancSource.enqueue_changes).
     INDEXER_PROCESS_COUNT = "SELECT 1 AS n"
+    INDEXER_PROCESS_OUTDATED = "SELECT 0 AS n"
     # ENQUEUE_FOR_INITIAL reads when the initial load started from its row.
     SET_INITIAL_STARTED = "SELECT ? AS started"
     # Rows: (study_pk, Orthanc ID). What the service acknowledged since this
@@ -3018,6 +3028,11 @@ class StudyServiceQueue:
         if not db.query(self.sql.INDEXER_PROCESS_COUNT)[0]["n"]:
             raise DatabaseError(
                 f"procedure indexer_process is missing in {db.where}; {db.install_fix}"
+            )
+        if db.query(self.sql.INDEXER_PROCESS_OUTDATED)[0]["n"]:
+            raise DatabaseError(
+                f"function indexer_process() in {db.where} is out of date (a tick may read"
+                f" the whole archive); {db.install_fix}"
             )
 
     def acquire_run_lock(self) -> None:

@@ -34,6 +34,7 @@ from conftest import (
     connect,
     create_database,
     drop_database,
+    install,
     pg_connect,
     write_configs,
 )
@@ -273,3 +274,17 @@ def test_indexer_process_plans_use_indexes_inside_the_function(schema):
         assert TIME_INDEX_SCAN[schema] in plans
     finally:
         drop_database(name)
+
+
+def test_check_fails_until_an_older_postgresql_function_is_installed_again(pacs, configs, capsys):
+    """A site upgraded without re-running the install script keeps the
+    function that could read the whole archive: `check` says so, with the fix."""
+    if not pacs.postgresql:
+        pytest.skip("the planner settings are PostgreSQL's")
+    pacs.execute("ALTER FUNCTION indexer_process() RESET enable_seqscan")
+    assert client.main(["check", *configs]) == client.EXIT_DATABASE
+    out = capsys.readouterr().out
+    assert "function indexer_process() in database" in out
+    assert "is out of date (a tick may read the whole archive); run: psql" in out
+    install(pacs.name)
+    assert client.main(["check", *configs]) == client.EXIT_OK
