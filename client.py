@@ -1009,12 +1009,17 @@ class PostgreSQLEngine:
     # every row was pending, says that a tick's page of pending studies is the
     # whole table, and it read all of study_service and study by hash joins.
     # Priced this way, an index and a nested loop by primary key are the only
-    # paths it can afford, whatever it guesses (MySQL: FORCE INDEX). For this
-    # session only; indexer_process() sets the same for itself.
+    # paths it can afford, whatever it guesses (MySQL: FORCE INDEX). Plain
+    # index scans, not bitmap or index-only ones: only they mark the entries
+    # of dead rows (the 100,000 'pending' ones an initial load leaves until
+    # VACUUM) so that the next scan skips them; the others read them again at
+    # every tick. For this session only; indexer_process() sets the same.
     INDEX_PATHS_ONLY = (
         "SELECT set_config('enable_seqscan', 'off', false),"
         " set_config('enable_hashjoin', 'off', false),"
-        " set_config('enable_mergejoin', 'off', false)"
+        " set_config('enable_mergejoin', 'off', false),"
+        " set_config('enable_bitmapscan', 'off', false),"
+        " set_config('enable_indexonlyscan', 'off', false)"
     )
 
     def __init__(self, settings: Settings) -> None:

@@ -83,10 +83,15 @@ SECURITY INVOKER
 -- values: either way it chose to read all of study and study_service by
 -- hash joins. Priced this way, an index read and a nested loop by primary
 -- key are the only paths it can afford, on 9.6 as on 17 (plan_cache_mode
--- exists only from 12). The settings hold inside this function only.
+-- exists only from 12). Plain index scans, not bitmap or index-only ones:
+-- only they mark the entries of dead rows (each rewrite leaves one until
+-- VACUUM) so that the next call skips them. The settings hold inside this
+-- function only.
 SET enable_seqscan = off
 SET enable_hashjoin = off
 SET enable_mergejoin = off
+SET enable_bitmapscan = off
+SET enable_indexonlyscan = off
 AS $$
 DECLARE
   safety_window INTERVAL := INTERVAL '300 seconds';

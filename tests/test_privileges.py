@@ -142,7 +142,9 @@ def test_postgresql_reinstall_mends_a_site_installed_with_a_definer_function(db)
     assert function["prosecdef"] is False
     # search_path pinned, and the planner settings that keep it on indexes.
     assert sorted(function["proconfig"]) == [
+        "enable_bitmapscan=off",
         "enable_hashjoin=off",
+        "enable_indexonlyscan=off",
         "enable_mergejoin=off",
         "enable_seqscan=off",
         "search_path=public, pg_temp",

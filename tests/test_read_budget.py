@@ -161,11 +161,6 @@ def _worst_statistics(archive: Archive) -> None:
         else:
             db.execute("ANALYZE TABLE study_service, study")
         db.execute("UPDATE study_service SET status = 'sent' WHERE study_pk > 0")
-        if archive.engine == "postgresql":
-            # The flips left 20,000 dead entries in the status index, which the
-            # next index scan reads once (and marks): vacuum them away, as
-            # InnoDB's purge does, keeping the statistics that say "pending".
-            db.execute("VACUUM study_service")
     finally:
         db.close()
 
@@ -180,6 +175,12 @@ def test_idle_and_busy_ticks_read_what_changed(archive, service, tmp_path):
     # Statistics as the build left them (on PostgreSQL, the queue has none).
     idle = [_read_by(archive, tick) for _ in range(2)]
     _worst_statistics(archive)
+    # The status flips left 20,000 dead entries in study_service_status (on
+    # PostgreSQL, until VACUUM; autovacuum is off on some servers). The next
+    # tick may read them once, and marks them: no tick after it reads them.
+    first = _read_by(archive, tick)
+    assert first.get("study_service", 0) <= 2 * STUDIES + IDLE_QUEUE_ROWS, first
+    assert _pacs_rows(first, schema) <= IDLE_PACS_ROWS, first
     idle += [_read_by(archive, tick) for _ in range(CONSECUTIVE_TICKS)]
     for number, read in enumerate(idle, 1):
         assert _pacs_rows(read, schema) <= IDLE_PACS_ROWS, (number, read)
@@ -219,9 +220,10 @@ def test_indexer_process_reads_what_changed_however_often_one_session_calls_it(a
         finally:
             db.close()
 
+    call(1)  # reads (and marks) what the status flips left, once
     once = _read_by(archive, lambda: call(1))
     many = _read_by(archive, lambda: call(CONSECUTIVE_TICKS))
-    assert calls == [0] * (1 + CONSECUTIVE_TICKS)
+    assert calls == [0] * (2 + CONSECUTIVE_TICKS)
     assert _pacs_rows(once, archive.schema) <= IDLE_PACS_ROWS, once
     assert once.get("study_service", 0) <= IDLE_QUEUE_ROWS, once
     for table, rows in many.items():
