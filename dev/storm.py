@@ -52,6 +52,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -298,9 +299,27 @@ class CentralIndex:
     def set_mode(self, mode: str) -> None:
         if mode == "down" and self.service is not None:
             self.close()
+            self._hold_port()
         elif mode != "down" and self.service is None:
+            self._release_port()
             self.open()
         self.mode = mode
+
+    def _hold_port(self) -> None:
+        """While down, the port stays bound but does not listen: connections
+        are refused, as by a service that is down, and no other server (a
+        test or another storm running beside this one) can take the port and
+        accept the client's POSTs in this index's place."""
+        self.placeholder = socket.socket()
+        # As asyncio's servers do: the closed service's connections linger in TIME_WAIT.
+        self.placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.placeholder.bind(("127.0.0.1", self.port))
+
+    def _release_port(self) -> None:
+        placeholder = getattr(self, "placeholder", None)
+        if placeholder is not None:
+            placeholder.close()
+            self.placeholder = None
 
     @property
     def url(self) -> str:
