@@ -66,7 +66,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from testkit import CentralService, PgConnection, Received, Reply, TableReads  # noqa: E402
 
-from client import read_metrics  # noqa: E402  (the parser beside the writer)
+from dicom_indexer.metrics import read_metrics  # noqa: E402  (the parser beside the writer)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_SQL = {

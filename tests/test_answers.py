@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY, ROOT, Reply, write_configs
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.errors import EXIT_DELIVERY, EXIT_INTERNAL, EXIT_KEY_REFUSED, EXIT_REJECTED
+from dicom_indexer.service import Sender
 
 
 def _fast(tmp_path, pacs, service, **extra):
@@ -45,7 +47,7 @@ def test_an_answer_trickled_a_byte_at_a_time_ends_at_its_deadline(pacs, service,
         500, b"x" * 400, trickle_seconds=0.8, trickle_head=part == "head"
     )
     started = time.monotonic()
-    assert client.main(["initial", *args]) == client.EXIT_DELIVERY
+    assert main(["initial", *args]) == EXIT_DELIVERY
     elapsed = time.monotonic() - started
     # Each request ends at its deadline (connect + read: 3 s); a study is
     # tried twice (max_retries 1), after a backoff.
@@ -92,7 +94,7 @@ def test_a_100_mb_answer_is_not_read_and_memory_stays_small(pacs, service, tmp_p
         assert process.returncode == 0, err
         assert pacs.statuses() == {"sent": len(pks)}
     else:
-        assert process.returncode == client.EXIT_DELIVERY, err
+        assert process.returncode == EXIT_DELIVERY, err
         assert pacs.statuses() == {"pending": len(pks)}
         assert {row["last_error"] for row in pacs.queue().values()} == {"HTTP 500: " + "x" * 200}
 
@@ -103,7 +105,7 @@ def test_a_redirect_stops_the_run_naming_where_it_points(pacs, service, configs,
     service.respond = lambda n, r: Reply(
         301, body=b"", headers={"Location": moved + "?token=s3cr3t"}
     )
-    assert client.main(["initial", *configs]) == client.EXIT_DELIVERY
+    assert main(["initial", *configs]) == EXIT_DELIVERY
     err = capsys.readouterr().err
     [line] = [line for line in _errors(err) if "run stopped" in line]
     assert f"the service answered HTTP 301 (a redirect to {moved}) at {service.url}" in line
@@ -111,7 +113,7 @@ def test_a_redirect_stops_the_run_naming_where_it_points(pacs, service, configs,
     assert pacs.statuses() == {"pending": 5}
     assert len(service.attempts) <= 2
 
-    assert client.main(["check", *configs]) == client.EXIT_DELIVERY
+    assert main(["check", *configs]) == EXIT_DELIVERY
     out = capsys.readouterr().out
     assert (
         f"FAILED  webservice: {service.url} answered HTTP 301, a redirect to {moved}:"
@@ -126,8 +128,8 @@ def test_a_key_echoed_back_by_the_service_is_never_shown(pacs, service, configs,
         if r.json["study_pk"] == bad
         else (201, "{}")
     )
-    assert client.main(["initial", "-v", *configs]) == client.EXIT_REJECTED
-    assert client.main(["status", *configs]) == 0
+    assert main(["initial", "-v", *configs]) == EXIT_REJECTED
+    assert main(["status", *configs]) == 0
     captured = capsys.readouterr()
     assert API_KEY not in captured.err + captured.out
     assert pacs.queue()[bad]["last_error"] == 'HTTP 422: {"error": "key *** may not register this"}'
@@ -140,16 +142,16 @@ def test_whatever_a_sender_thread_raises_ends_the_run_in_one_line(
     pacs, service, configs, capsys, monkeypatch
 ):
     pks = pacs.add_studies(20)
-    real = client.Sender.send
+    real = Sender.send
 
     def broken(self, outcome, body):
         if outcome.study_pk == pks[3]:
             raise ValueError(f"header value {API_KEY}\n")
         return real(self, outcome, body)
 
-    monkeypatch.setattr(client.Sender, "send", broken)
+    monkeypatch.setattr(Sender, "send", broken)
     started = time.monotonic()
-    assert client.main(["initial", *configs]) == client.EXIT_INTERNAL
+    assert main(["initial", *configs]) == EXIT_INTERNAL
     assert time.monotonic() - started < 15
     err = capsys.readouterr().err
     [line] = [line for line in _errors(err) if "run stopped" in line]
@@ -159,7 +161,7 @@ def test_whatever_a_sender_thread_raises_ends_the_run_in_one_line(
     assert rows[pks[3]]["status"] == "pending"
     assert rows[pks[3]]["last_error"] == "internal error: ValueError"
     monkeypatch.undo()
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == pks
 
 
@@ -172,7 +174,7 @@ def test_five_poison_studies_first_hold_back_no_other(pacs, service, configs, ca
     service.respond = lambda n, r: (
         (500, "internal error") if r.json["study_pk"] in poison else (201, "{}")
     )
-    assert client.main(["initial", *configs]) == client.EXIT_DELIVERY
+    assert main(["initial", *configs]) == EXIT_DELIVERY
     assert service.study_pks() == pks[5:]  # the 200 arrive in the same run
     rows = pacs.queue()
     for pk in poison:
@@ -184,7 +186,7 @@ def test_five_poison_studies_first_hold_back_no_other(pacs, service, configs, ca
     assert [r.json["study_pk"] for r in service.attempts].count(pks[0]) == 4
 
     capsys.readouterr()
-    assert client.main(["status", *configs]) == 0
+    assert main(["status", *configs]) == 0
     out = capsys.readouterr().out
     assert "waiting           5  failed, tried again from" in out
     assert f"study {pks[0]} (pending, 1 attempts): HTTP 500: internal error" in out
@@ -192,12 +194,12 @@ def test_five_poison_studies_first_hold_back_no_other(pacs, service, configs, ca
     # The next run does not try them before their wait is over...
     attempts = len(service.attempts)
     pacs.add_studies(2)
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert len(service.attempts) == attempts + 2
     # ...then tries them again, after the new studies.
     pacs.execute("UPDATE study_service SET next_attempt_at = %s", ("2000-01-01 00:00:00",))
     pacs.add_studies(1)
-    assert client.main(configs) == client.EXIT_DELIVERY
+    assert main(configs) == EXIT_DELIVERY
     tried = [r.json["study_pk"] for r in service.attempts[attempts + 2 :]]
     assert tried[0] not in poison and set(tried[1:]) == poison
     assert {pacs.queue()[pk]["attempts"] for pk in poison} == {2}
@@ -209,7 +211,7 @@ def test_a_403_for_one_study_is_its_refusal_not_the_keys(pacs, service, configs,
     service.respond = lambda n, r: (
         (403, "<html>Request blocked</html>") if r.json["study_pk"] == blocked else (201, "{}")
     )
-    assert client.main(["initial", *configs]) == client.EXIT_REJECTED
+    assert main(["initial", *configs]) == EXIT_REJECTED
     assert service.study_pks() == pks[1:]
     assert pacs.queue()[blocked]["status"] == "failed"
     assert "1 studies were refused by the service" in capsys.readouterr().err
@@ -218,7 +220,7 @@ def test_a_403_for_one_study_is_its_refusal_not_the_keys(pacs, service, configs,
 def test_403_for_every_study_is_the_key_and_leaves_them_pending(pacs, service, configs, capsys):
     pacs.add_studies(30)
     service.respond = lambda n, r: (403, "forbidden")
-    assert client.main(["initial", *configs]) == client.EXIT_KEY_REFUSED
+    assert main(["initial", *configs]) == EXIT_KEY_REFUSED
     err = capsys.readouterr().err
     assert "run stopped: the service refused the API key (HTTP 403: forbidden): 5 studies" in err
     assert pacs.statuses() == {"pending": 30}
@@ -229,7 +231,7 @@ def test_403_for_every_study_is_the_key_and_leaves_them_pending(pacs, service, c
 def test_a_service_refusing_every_study_is_not_a_verdict_on_them(pacs, service, configs, capsys):
     pks = pacs.add_studies(50)
     service.respond = lambda n, r: (400, "gateway misconfigured")
-    assert client.main(["initial", *configs]) == client.EXIT_REJECTED
+    assert main(["initial", *configs]) == EXIT_REJECTED
     [line] = [line for line in _errors(capsys.readouterr().err) if "run stopped" in line]
     assert line.endswith(
         "run stopped: the service refuses every study: the last 5 tried were all refused and"
@@ -238,14 +240,14 @@ def test_a_service_refusing_every_study_is_not_a_verdict_on_them(pacs, service, 
     assert pacs.statuses() == {"pending": 50}  # not failed
 
     service.respond = lambda n, r: (201, "{}")  # the gateway is fixed
-    assert client.main(configs) == 0  # a plain run, no retry-failed
+    assert main(configs) == 0  # a plain run, no retry-failed
     assert service.study_pks() == pks
 
 
 def test_a_422_among_accepted_studies_is_final_for_that_study(pacs, service, configs):
     pks = pacs.add_studies(10)
     service.respond = lambda n, r: (422, "bad uid") if r.json["study_pk"] == pks[9] else (201, "")
-    assert client.main(["initial", *configs]) == client.EXIT_REJECTED
+    assert main(["initial", *configs]) == EXIT_REJECTED
     assert pacs.queue()[pks[9]]["status"] == "failed"
 
 
@@ -256,7 +258,7 @@ def test_a_backend_failing_one_request_in_four_delays_nothing(pacs, service, tmp
     service.respond = lambda n, r: (
         (503, "no backend") if len(service.attempts) % 4 == 3 else (201, "{}")
     )
-    assert client.main(["initial", *args]) == 0  # every study in one run
+    assert main(["initial", *args]) == 0  # every study in one run
     assert service.study_pks() == pks
     assert pacs.statuses() == {"sent": 300}
 
@@ -271,7 +273,7 @@ def test_a_proxy_without_scheme_and_with_credentials(pacs, service, tmp_path, mo
     monkeypatch.setenv("HTTPS_PROXY", "")
     monkeypatch.setenv("http_proxy", f"indexer:p%40ss-w0rd@{address}")
     pacs.add_studies(2)
-    assert client.main(["-v", *args]) == 0
+    assert main(["-v", *args]) == 0
     assert [r.path for r in service.received] == [url, url]
     expected = "Basic " + base64.b64encode(b"indexer:p@ss-w0rd").decode()
     sent = {

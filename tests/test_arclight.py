@@ -21,7 +21,9 @@ from conftest import (
     write_configs,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.document import DOCUMENT_KEYS
+from dicom_indexer.errors import EXIT_DATABASE
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def test_document_has_the_2x_shape_from_arclight_rows(arc, service, args):
     patient = arc.add_patient("MUÑOZ^JOSÉ^ÁNGEL^^^", "12.345.678-5", "OTRO-ID-99")
     study = arc.add_study(patient, desc="TC DE CEREBRO SIN CONTRASTE", iuid="1.2.3.4")
     arc.settle(study, series=3, instances=254, mods="SR\\CT")
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     assert service.received[0].json == {
         "patient_pk": patient,
         "patient_id": "12.345.678-5",  # the primary ID: the patient's first patient_id row
@@ -51,7 +53,7 @@ def test_document_has_the_2x_shape_from_arclight_rows(arc, service, args):
         "study_instances": 254,
         "center": CENTER,
     }
-    assert list(service.received[0].json) == list(client.DOCUMENT_KEYS)
+    assert list(service.received[0].json) == list(DOCUMENT_KEYS)
 
 
 def test_same_study_gives_the_same_bytes_as_a_2x_site(arc, service, args, tmp_path):
@@ -72,11 +74,11 @@ def test_same_study_gives_the_same_bytes_as_a_2x_site(arc, service, args, tmp_pa
         )
         old_dir = tmp_path / "old"
         old_dir.mkdir()
-        assert client.main(["initial", *write_configs(old_dir, old_name, service.url)]) == 0
+        assert main(["initial", *write_configs(old_dir, old_name, service.url)]) == 0
         patient = arc.add_patient("MUÑOZ^JOSÉ^ÁNGEL^^^", "12.345.678-5")
         study = arc.add_study(patient, iuid="1.2.840.99")
         arc.settle(study, series=3, instances=254, mods="SR\\CT")
-        assert client.main(["initial", *args]) == 0
+        assert main(["initial", *args]) == 0
         old_body, new_body = (r.body for r in service.received)
         assert old_body == new_body  # pks coincide: both archives start at 1
     finally:
@@ -97,7 +99,7 @@ def test_absent_values_follow_2x_conventions(arc, service, args, stored, expecte
     date, time, desc, name = stored
     study = arc.add_study(arc.add_patient(name), date=date, time=time, desc=desc)
     arc.settle(study, mods=None)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     document = service.documents[0]
     assert (
         document["study_datetime"],
@@ -110,26 +112,26 @@ def test_absent_values_follow_2x_conventions(arc, service, args, stored, expecte
 def test_patient_without_a_name_sends_null(arc, service, args):
     study = arc.add_study(arc.add_patient(None))
     arc.settle(study)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     assert service.documents[0]["patient_name"] is None
 
 
 def test_study_stored_in_several_associations_is_sent_once_it_has_settled(arc, service, args):
     patient = arc.add_patient()
     study = arc.add_study(patient)  # first association: the study is hot
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.documents == []  # waiting for the archive to compute its counts
     assert arc.statuses() == {"pending": 1}
     arc.settle(study, series=1, instances=40)  # a C-FIND computes the cache...
     arc.store_same_association(study)  # ...and the next object drops it again
     arc.execute("UPDATE study SET study_size = -1 WHERE pk = %s", (study,))
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.documents == []
     arc.store_same_association(study)
     arc.settle(study, series=3, instances=254)  # the scheduler, minutes later
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert [(d["study_series"], d["study_instances"]) for d in _posts(service, study)] == [(3, 254)]
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert len(_posts(service, study)) == 1  # settled and sent: nothing more
     assert arc.statuses() == {"sent": 1}
 
@@ -137,22 +139,22 @@ def test_study_stored_in_several_associations_is_sent_once_it_has_settled(arc, s
 def test_more_images_later_are_sent_again_after_the_counts_are_rebuilt(arc, service, args):
     study = arc.add_study(arc.add_patient())
     arc.settle(study, series=1, instances=10)
-    assert client.main(args) == 0
+    assert main(args) == 0
     arc.store_later(study)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert len(_posts(service, study)) == 1  # held while the archive recomputes
     arc.settle(study, series=2, instances=30)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert [d["study_instances"] for d in _posts(service, study)] == [10, 30]
 
 
 def test_late_commit_inside_the_safety_window_is_caught(arc, service, args):
     patient = arc.add_patient()
-    assert client.main(args) == 0  # a tick: the watermark moves to now
+    assert main(args) == 0  # a tick: the watermark moves to now
     # Stamped two minutes ago by the archive, committed only now.
     study = arc.add_study(patient, stamped_seconds_ago=120)
     arc.settle(study)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert [d["study_pk"] for d in service.documents] == [study]
 
 
@@ -161,13 +163,13 @@ def test_patient_edit_is_found_by_reconcile(arc, service, args):
     studies = [arc.add_study(patient) for _ in range(2)]
     for study in studies:
         arc.settle(study)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     arc.rename_patient(patient, "PEREZ^JUAN^CARLOS^^^")
     service.clear()
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.documents == []  # study rows untouched: the tick cannot see it
-    assert client.main(["reconcile", *args]) == 0
-    assert client.main(args) == 0
+    assert main(["reconcile", *args]) == 0
+    assert main(args) == 0
     assert sorted(d["study_pk"] for d in service.documents) == studies
     assert {d["patient_name"] for d in service.documents} == {"PEREZ^JUAN^CARLOS"}
 
@@ -177,9 +179,9 @@ def test_merge_moves_studies_and_the_tick_resends_them(arc, service, args):
     target = arc.add_patient("PEREZ^JUAN^^^^", "12.345.678-5")
     study = arc.add_study(source)
     arc.settle(study)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     arc.merge(source, target)
-    assert client.main(args) == 0
+    assert main(args) == 0
     moved = _posts(service, study)[-1]
     assert (moved["patient_pk"], moved["patient_id"], moved["patient_name"]) == (
         target,
@@ -191,10 +193,10 @@ def test_merge_moves_studies_and_the_tick_resends_them(arc, service, args):
 def test_partial_rejection_resends_the_visible_counts(arc, service, args):
     study = arc.add_study(arc.add_patient())
     arc.settle(study, series=2, instances=20)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     arc.reject(study, complete=False)
     arc.settle(study, series=1, instances=12)  # rejected instances hidden by the view
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert [d["study_instances"] for d in _posts(service, study)] == [20, 12]
 
 
@@ -203,9 +205,9 @@ def test_complete_rejection_withdraws_the_study(arc, service, tmp_path, send_del
     args = write_configs(tmp_path, arc.name, service.url, send_deletes=send_deletes)
     study = arc.add_study(arc.add_patient(), iuid="1.2.3.9")
     arc.settle(study)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     arc.reject(study, complete=True)
-    assert client.main(args) == 0
+    assert main(args) == 0
     deletes = [r for r in service.received if r.method == "DELETE"]
     if send_deletes:
         assert [json.loads(r.body)["study_iuid"] for r in deletes] == ["1.2.3.9"]
@@ -217,7 +219,7 @@ def test_complete_rejection_withdraws_the_study(arc, service, tmp_path, send_del
     # The rejection revoked: rejection_state recomputed, the counts rebuilt.
     arc.touch(study, "rejection_state = 0")
     arc.settle(study)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert len(_posts(service, study)) == 2  # back in the index, as new
     assert arc.statuses() == {"sent": 1}
 
@@ -227,10 +229,10 @@ def test_hard_delete_is_found_by_reconcile_and_deleted(arc, service, tmp_path):
     keep, gone = (arc.add_study(arc.add_patient()) for _ in range(2))
     for study in (keep, gone):
         arc.settle(study)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     arc.delete_study(gone)
-    assert client.main(["reconcile", *args]) == 0
-    assert client.main(args) == 0
+    assert main(["reconcile", *args]) == 0
+    assert main(args) == 0
     deletes = [json.loads(r.body)["study_pk"] for r in service.received if r.method == "DELETE"]
     assert deletes == [gone]
     assert arc.statuses() == {"sent": 1, "deleted": 1}
@@ -242,15 +244,15 @@ def test_initial_holds_studies_still_being_stored_and_the_tick_sends_them(arc, s
     for study in settled:
         arc.settle(study)
     hot = arc.add_study(patient)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     assert sorted(service.study_pks()) == settled
     arc.settle(hot)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert sorted(service.study_pks()) == sorted([*settled, hot])
 
 
 def test_check_names_the_schema_and_the_access_time_index(arc, service, args, capsys):
-    assert client.main(["check", *args]) == 0
+    assert main(["check", *args]) == 0
     out = capsys.readouterr().out
     assert "schema: dcm4chee-arc-light 5.31 or later" in out
     assert "on study(access_time): each tick reads only the studies that changed" in out
@@ -261,7 +263,7 @@ def test_query_view_setting_picks_that_views_counts(arc, service, tmp_path):
     study = arc.add_study(arc.add_patient())
     arc.settle(study, instances=5)
     arc.execute("UPDATE study_query_attrs SET num_instances = 7 WHERE view_id = 'regularUse'")
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     assert service.documents[0]["study_instances"] == 7
 
 
@@ -273,7 +275,7 @@ def test_archive_older_than_5_23_is_refused_with_its_version(arc, service, args,
             "ALTER TABLE person_name CHANGE alphabetic_name family_name VARCHAR(255) NOT NULL"
         )
     try:
-        assert client.main(args) == client.EXIT_DATABASE
+        assert main(args) == EXIT_DATABASE
         err = capsys.readouterr().err
         assert "dcm4chee-arc-light database older than 5.23" in err
         assert "this client reads 5.23 to 5.35" in err
@@ -310,8 +312,8 @@ def test_arclight_before_5_31_reads_the_patients_one_id(service, tmp_path, engin
         study = db.add_study(patient)
         db.settle(study)
         args = write_configs(tmp_path, name, service.url)
-        assert client.main(["check", *args]) == 0
-        assert client.main(["initial", *args]) == 0
+        assert main(["check", *args]) == 0
+        assert main(["initial", *args]) == 0
         assert service.documents[0]["patient_id"] == "9.876.543-2"
         assert service.documents[0]["patient_name"] == "ROJAS^ANA"
     finally:
@@ -338,7 +340,7 @@ def test_center_migrating_from_2x_keeps_its_registrations_and_sends_only_whats_n
         uids = [f"1.2.840.7.{n}" for n in range(3)]
         for uid in uids:
             old.add_study(patient, iuid=uid)
-        assert client.main(["initial", *old_args]) == 0
+        assert main(["initial", *old_args]) == 0
         assert len(service.documents) == 3
 
         # The migration imports the old studies into arc-light (new pks),
@@ -350,13 +352,13 @@ def test_center_migrating_from_2x_keeps_its_registrations_and_sends_only_whats_n
         fresh = arc.add_study(new_patient, iuid="1.2.840.7.99")
         arc.settle(fresh)
         adopt = ["adopt", "--from", str(old_dir / "config.json"), *new_args]
-        assert client.main(adopt) == 0
-        assert client.main(new_args) == 0
+        assert main(adopt) == 0
+        assert main(new_args) == 0
         assert [d["study_iuid"] for d in service.documents[3:]] == ["1.2.840.7.99"]
 
         arc.settle(imported[2])  # settles later: the next adopt sees it first
-        assert client.main(adopt) == 0
-        assert client.main(new_args) == 0
+        assert main(adopt) == 0
+        assert main(new_args) == 0
         assert len(service.documents) == 4  # the archive was not sent twice
         assert arc.statuses() == {"sent": 4}
     finally:
@@ -366,6 +368,6 @@ def test_center_migrating_from_2x_keeps_its_registrations_and_sends_only_whats_n
 
 def test_adopt_needs_from_and_from_needs_adopt(args, capsys):
     with pytest.raises(SystemExit) as exited:
-        client.main(["adopt", *args])
+        main(["adopt", *args])
     assert exited.value.code == 2
     assert "adopt needs --from OLD/config.json" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from conftest import (
     install,
 )
 
-import client
+from dicom_indexer.sources.dcm4chee import ArcLight5MySQL, ArcLight5PostgreSQL
+from dicom_indexer.study_service import MAX_PK, MySQLQueueSQL, PostgreSQLQueueSQL
 
 ARC_TABLES = ("study", "patient", "patient_id", "person_name", "study_query_attrs", "study_service")
 
@@ -114,11 +115,11 @@ def _tick_statement(db: ArcDb) -> str:
 
 
 def _statements(db: ArcDb) -> type:
-    return client.ArcLight5PostgreSQL if db.postgresql else client.ArcLight5MySQL
+    return ArcLight5PostgreSQL if db.postgresql else ArcLight5MySQL
 
 
 def _queue_statements(db: ArcDb) -> type:
-    return client.PostgreSQLQueueSQL if db.postgresql else client.MySQLQueueSQL
+    return PostgreSQLQueueSQL if db.postgresql else MySQLQueueSQL
 
 
 TICK_QUERIES = {
@@ -129,7 +130,7 @@ TICK_QUERIES = {
     ),
     "pending page": lambda db: (
         _statements(db).SELECT_NEW_PAGE,
-        ("hideRejected", 0, client.MAX_PK, 1000),
+        ("hideRejected", 0, MAX_PK, 1000),
     ),
     "due page": lambda db: (_statements(db).SELECT_DUE_PAGE, ("hideRejected", 0, 1000)),
     "pending count": lambda db: (_queue_statements(db).COUNT_PENDING, None),

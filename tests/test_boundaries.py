@@ -11,7 +11,11 @@ import time
 import pytest
 from conftest import API_KEY, PacsDb, read_metrics, write_configs
 
-import client
+import dicom_indexer.delivery
+import dicom_indexer.logs
+from dicom_indexer.cli import main
+from dicom_indexer.errors import EXIT_INTERNAL
+from dicom_indexer.logs import hide_secrets, redact
 
 
 def _errors(err: str) -> list[str]:
@@ -28,26 +32,26 @@ def test_an_unexpected_error_is_one_line_exit_1_with_metrics_and_no_secret(
     def broken(row, center):
         raise ValueError(f"cannot map {API_KEY} for PEREZ^JUAN")
 
-    monkeypatch.setattr(client, "study_document", broken)
-    assert client.main(args) == client.EXIT_INTERNAL
+    monkeypatch.setattr(dicom_indexer.delivery, "study_document", broken)
+    assert main(args) == EXIT_INTERNAL
     err = capsys.readouterr().err
     [line] = err.strip().splitlines()
     # Where it came from (here, the stand-in above), never what it said.
     assert re.search(r" ERROR internal error: ValueError at test_boundaries\.py:\d+;", line)
     assert line.endswith("run again with -v for the traceback and report it")
     assert "PEREZ" not in err and API_KEY not in err
-    assert read_metrics(metrics)["last_run_exit_code"] == client.EXIT_INTERNAL
+    assert read_metrics(metrics)["last_run_exit_code"] == EXIT_INTERNAL
     assert pacs.queue()[study]["status"] == "pending"
 
     # -v: the traceback, with the key blanked out.
-    assert client.main(["-v", *args]) == client.EXIT_INTERNAL
+    assert main(["-v", *args]) == EXIT_INTERNAL
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert "ValueError: cannot map *** for PEREZ^JUAN" in err
     assert API_KEY not in err
 
     monkeypatch.undo()
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.study_pks() == [study]
 
 
@@ -61,7 +65,7 @@ def test_dry_run_writes_nothing_at_all(pacs, service, tmp_path, capsys):
     args = write_configs(tmp_path, pacs.name, service.url, stable_age_seconds=600)
     before = pacs.query("SELECT * FROM study_service ORDER BY study_pk")
 
-    assert client.main(["--dry-run", *args]) == 0
+    assert main(["--dry-run", *args]) == 0
 
     out = capsys.readouterr().out
     assert [int(line.split('"study_pk":')[1].split(",")[0]) for line in out.splitlines()] == [
@@ -80,15 +84,15 @@ def test_a_study_dated_in_the_future_waits_stable_age_seconds_not_until_its_date
     pacs.execute(  # a PACS whose clock was a year ahead
         f"UPDATE study SET updated_time = {pacs.ago(-365 * 86400)} WHERE pk = %s", (future,)
     )
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.attempts == []
     capsys.readouterr()
-    assert client.main(["status", *args]) == 0
+    assert main(["status", *args]) == 0
     out = capsys.readouterr().out
     assert "held              1  dated in the future (updated_time is ahead of the" in out
 
     time.sleep(2.5)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.study_pks() == [future]
 
 
@@ -107,7 +111,7 @@ def test_postgresql_statement_waiting_20_s_on_a_lock_waits_and_delivers(
     release.start()
     started = time.monotonic()
     try:
-        assert client.main(configs) == 0, capsys.readouterr().err
+        assert main(configs) == 0, capsys.readouterr().err
     finally:
         release.join()
         holder.close()
@@ -116,13 +120,10 @@ def test_postgresql_statement_waiting_20_s_on_a_lock_waits_and_delivers(
 
 
 def test_secrets_are_blanked_out_of_any_text_but_a_short_one_only_as_a_word(monkeypatch):
-    monkeypatch.setattr(client, "_SECRETS", set())
-    client.hide_secrets("s3cr3t-key-value", "pw", None, "")
-    assert client.redact("key s3cr3t-key-value, repr 's3cr3t-key-value'") == "key ***, repr '***'"
-    assert (
-        client.redact("ok: pw is the password, pwned stays")
-        == "ok: *** is the password, pwned stays"
-    )
-    assert client.redact("url user:s3cr3t%2Dkey") == "url user:s3cr3t%2Dkey"  # not this secret
-    client.hide_secrets("a b/c")
-    assert client.redact("proxy http://u:a%20b%2Fc@host") == "proxy http://u:***@host"
+    monkeypatch.setattr(dicom_indexer.logs, "_SECRETS", set())
+    hide_secrets("s3cr3t-key-value", "pw", None, "")
+    assert redact("key s3cr3t-key-value, repr 's3cr3t-key-value'") == "key ***, repr '***'"
+    assert redact("ok: pw is the password, pwned stays") == "ok: *** is the password, pwned stays"
+    assert redact("url user:s3cr3t%2Dkey") == "url user:s3cr3t%2Dkey"  # not this secret
+    hide_secrets("a b/c")
+    assert redact("proxy http://u:a%20b%2Fc@host") == "proxy http://u:***@host"

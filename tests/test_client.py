@@ -15,14 +15,16 @@ from conftest import (
     write_configs,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.commands import INITIAL_LEAD_PAGES
+from dicom_indexer.document import DOCUMENT_KEYS
 
 
 def test_initial_sends_every_study_once_with_the_right_fields(pacs, service, configs):
     pks = pacs.add_studies(3000)
     pacs.add_patient("SIN^ESTUDIOS", "99999999-9")  # a patient without studies sends nothing
 
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
 
     assert service.study_pks() == sorted(pks)
     assert len(service.received) == 3000
@@ -41,7 +43,7 @@ def test_initial_sends_every_study_once_with_the_right_fields(pacs, service, con
         "study_instances": 10,
         "center": CENTER,
     }
-    assert list(first) == list(client.DOCUMENT_KEYS)
+    assert list(first) == list(DOCUMENT_KEYS)
     assert pacs.statuses() == {"sent": 3000}
     # The initial load is finished: its bookkeeping row is gone.
     assert not pacs.query("SELECT * FROM study_service WHERE study_pk = -1")
@@ -49,7 +51,7 @@ def test_initial_sends_every_study_once_with_the_right_fields(pacs, service, con
 
 def test_http_request_carries_key_and_json_content_type(pacs, service, configs):
     pacs.add_study(pacs.add_patient())
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     request = service.received[0]
     assert request.method == "POST"
     assert request.path == "/api/v1/register"
@@ -60,13 +62,13 @@ def test_http_request_carries_key_and_json_content_type(pacs, service, configs):
 def test_tick_sends_new_and_grown_studies_then_nothing(pacs, service, configs):
     patient = pacs.add_patient()
     old = [pacs.add_study(patient, updated_time=LONG_AGO) for _ in range(5)]
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert service.study_pks() == old
     service.clear()
 
     new = pacs.add_study(patient)
     pacs.store_series(old[1])  # more images arrive for an old study
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == sorted([new, old[1]])
     grown = next(d for d in service.documents if d["study_pk"] == old[1])
     assert grown["study_series"] == 2
@@ -74,7 +76,7 @@ def test_tick_sends_new_and_grown_studies_then_nothing(pacs, service, configs):
     assert grown["study_modality"] == "CT\\SR"
     service.clear()
 
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.received == []
 
 
@@ -83,9 +85,9 @@ def test_rewrite_within_the_same_second_is_sent_again(pacs, service, configs):
     patient = pacs.add_patient()
     stamp = datetime.datetime.now().replace(microsecond=0)
     study = pacs.add_study(patient, updated_time=stamp, num_instances=1)
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     pacs.execute("UPDATE study SET num_instances = 2 WHERE pk = %s", (study,))  # same updated_time
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert [d["study_instances"] for d in service.documents] == [1, 2]
 
 
@@ -96,25 +98,25 @@ def test_row_visible_late_with_lower_pk_and_older_updated_time_is_not_missed(
     now = datetime.datetime.now().replace(microsecond=0)
     first = pacs.add_study(patient, updated_time=now)
     pacs.execute("UPDATE study SET pk = 500 WHERE pk = %s", (first,))
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     # Committed after that tick, with a lower pk and an updated_time 2 minutes
     # before what the tick saw: its transaction started earlier.
     late = pacs.add_study(patient, updated_time=now - datetime.timedelta(minutes=2))
     pacs.execute("UPDATE study SET pk = 400 WHERE pk = %s", (late,))
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == [400, 500]
 
 
 def test_future_updated_time_does_not_hide_other_changes(pacs, service, configs):
     patient = pacs.add_patient()
     future = pacs.add_study(patient, updated_time=datetime.datetime(2035, 1, 1))
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     later = pacs.add_study(patient)
     pacs.execute(
         "UPDATE study SET updated_time = NOW() - INTERVAL '1' SECOND WHERE pk = %s", (later,)
     )
-    assert client.main(configs) == 0
-    assert client.main(configs) == 0
+    assert main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == [future, later]
 
 
@@ -131,7 +133,7 @@ def test_orphan_study_and_nulls_and_zero_dates(pacs, service, configs):
         pacs.execute("SET FOREIGN_KEY_CHECKS = 0")
         pacs.execute("UPDATE study SET patient_fk = 424242 WHERE pk = %s", (dangling,))
         pacs.execute("SET FOREIGN_KEY_CHECKS = 1")
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     docs = {d["study_pk"]: d for d in service.documents}
     assert docs[orphan]["patient_pk"] is None
     assert docs[orphan]["patient_name"] is None
@@ -161,7 +163,7 @@ def _round_trip_names(charset, service, tmp_path):
         for pn in NAMES:
             db.add_study(db.add_patient(pn, "12.345.678-K"), desc=f"DESCRIPCIÓN {pn}")
         args = write_configs(tmp_path, name, service.url)
-        assert client.main(["initial", *args]) == 0
+        assert main(["initial", *args]) == 0
         db.close()
     finally:
         drop_database(name)
@@ -184,12 +186,12 @@ def test_names_arrive_as_unicode_from_utf8_database(service, tmp_path):
 
 def test_interrupted_initial_resumes_without_resending(pacs, service, configs):
     pacs.add_studies(40)
-    assert client.main(["initial", "--limit", "15", *configs]) == 0
+    assert main(["initial", "--limit", "15", *configs]) == 0
     first = service.study_pks()
     assert len(first) == 15
     assert pacs.query("SELECT status FROM study_service WHERE study_pk = -1")[0]["status"]
     # The next plain tick carries on with the initial load.
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert len(service.received) == 40
     assert len(set(service.study_pks())) == 40
     assert not pacs.query("SELECT * FROM study_service WHERE study_pk = -1")
@@ -206,7 +208,7 @@ def test_initial_interrupted_while_enqueueing_is_finished_by_the_next_initial(
         " VALUES (-1, 'initial', NOW(), %s)",
         (pks[9],),
     )
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert service.study_pks() == pks[10:]  # the first ten were never enqueued here
 
 
@@ -226,10 +228,10 @@ def test_initial_reads_the_archive_at_the_pace_of_sending(pacs, service, tmp_pat
         return 201, "{}"
 
     service.respond = count_lead
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert len(set(service.study_pks())) == 300
     # The pages ahead, the page being sent, and the studies in flight.
-    assert max(ahead) <= (client.INITIAL_LEAD_PAGES + 1) * page + 3 * 4
+    assert max(ahead) <= (INITIAL_LEAD_PAGES + 1) * page + 3 * 4
 
 
 def test_initial_stays_under_max_studies_per_second(pacs, service, tmp_path):
@@ -237,7 +239,7 @@ def test_initial_stays_under_max_studies_per_second(pacs, service, tmp_path):
     pacs.archive_predates_install()
     configs = write_configs(tmp_path, pacs.name, service.url, max_studies_per_second=60)
     started = time.monotonic()
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert time.monotonic() - started >= 120 / 60 * 0.9
     assert len(set(service.study_pks())) == 120
 
@@ -258,7 +260,7 @@ def test_resumed_initial_passes_pages_already_sent(pacs, service, tmp_path):
     )
     configs = write_configs(tmp_path, pacs.name, service.url, page_size=10)
     outcome = []
-    run = threading.Thread(target=lambda: outcome.append(client.main(["initial", *configs])))
+    run = threading.Thread(target=lambda: outcome.append(main(["initial", *configs])))
     run.start()
     run.join(timeout=60)
     assert outcome == [0], "initial did not finish"
@@ -267,23 +269,23 @@ def test_resumed_initial_passes_pages_already_sent(pacs, service, tmp_path):
 
 def test_initial_again_sends_everything_again(pacs, service, configs):
     pks = pacs.add_studies(4)
-    assert client.main(["initial", *configs]) == 0
-    assert client.main(configs) == 0
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
+    assert main(configs) == 0
+    assert main(["initial", *configs]) == 0
     assert service.study_pks() == sorted(pks + pks)
 
 
 def test_tick_after_initial_enqueues_nothing(pacs, service, configs):
     """initial and indexer_process compute the same row version."""
     pacs.add_studies(6, updated_time=None)  # all within the safety window
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert pacs.call_indexer_process() == 0
 
 
 def test_summary_line_and_no_secrets_or_names(pacs, service, configs, capsys):
     pacs.add_study(pacs.add_patient("SECRETO^NOMBRE"), updated_time=LONG_AGO)
     pacs.archive_predates_install()
-    assert client.main(["initial", "-v", *configs]) == 0
+    assert main(["initial", "-v", *configs]) == 0
     err = capsys.readouterr().err
     assert "INFO enqueued 1, sent 1, unchanged 0, failed 0, still pending 0, " in err
     assert "DEBUG study 1 sent (HTTP 201)" in err
@@ -293,7 +295,7 @@ def test_summary_line_and_no_secrets_or_names(pacs, service, configs, capsys):
 
 def test_quiet_prints_nothing_on_success(pacs, service, configs, capsys):
     pacs.add_study(pacs.add_patient())
-    assert client.main(["initial", "-q", *configs]) == 0
+    assert main(["initial", "-q", *configs]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
     assert captured.out == ""
@@ -305,6 +307,6 @@ def test_study_deleted_after_enqueue_is_marked_deleted(pacs, service, configs):
     gone = pacs.add_study(patient)
     pacs.call_indexer_process()
     pacs.execute("DELETE FROM study WHERE pk = %s", (gone,))
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == [keep]
     assert pacs.queue()[gone]["status"] == "deleted"

@@ -12,11 +12,13 @@ import re
 import pytest
 from conftest import read_metrics, write_configs
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.concurrency import ConcurrencyLimit
+from dicom_indexer.errors import EXIT_CONFIG
 
 
 def _run(args, *extra):
-    return client.main([*extra, *args])
+    return main([*extra, *args])
 
 
 def test_auto_raises_the_limit_on_a_service_that_stays_fast(pacs, service, tmp_path):
@@ -139,7 +141,7 @@ def test_503_without_a_usable_retry_after_backs_off_that_study_only(
 
 def test_concurrency_auto_and_bad_values_in_config_json(pacs, service, tmp_path, capsys):
     args = write_configs(tmp_path, pacs.name, service.url, concurrency="fast")
-    assert _run(args, "check") == client.EXIT_CONFIG
+    assert _run(args, "check") == EXIT_CONFIG
     out = capsys.readouterr().out
     assert "config.json: field 'concurrency' must be \"auto\" or a number from 1 to 64" in out
     args = write_configs(tmp_path, pacs.name, service.url, concurrency="auto")
@@ -155,7 +157,7 @@ def test_concurrency_auto_and_bad_values_in_config_json(pacs, service, tmp_path,
 class _Feed:
     """Answers for a ConcurrencyLimit, every slot it allows in use."""
 
-    def __init__(self, limit: client.ConcurrencyLimit) -> None:
+    def __init__(self, limit: ConcurrencyLimit) -> None:
         self.limit = limit
         self.now = 1000.0
         limit.clock = lambda: self.now
@@ -173,14 +175,14 @@ class _Feed:
 
 
 def test_auto_grows_to_its_maximum_while_the_latency_holds():
-    limit = client.ConcurrencyLimit(None, 64)
+    limit = ConcurrencyLimit(None, 64)
     feed = _Feed(limit)
     feed.answers(2000, 0.05)
     assert int(limit.allowed) == 64
 
 
 def test_auto_sheds_when_each_request_more_only_waits_longer():
-    limit = client.ConcurrencyLimit(None, 64)
+    limit = ConcurrencyLimit(None, 64)
     feed = _Feed(limit)
     feed.answers(2000, 0.05)
     # One at a time, 50 ms each: latency grows with what is in flight.
@@ -189,7 +191,7 @@ def test_auto_sheds_when_each_request_more_only_waits_longer():
 
 
 def test_a_backend_failing_one_request_in_four_does_not_lower_the_limit():
-    limit = client.ConcurrencyLimit(None, 64)
+    limit = ConcurrencyLimit(None, 64)
     feed = _Feed(limit)
     feed.answers(2000, 0.05)
     assert int(limit.allowed) == 64
@@ -200,7 +202,7 @@ def test_a_backend_failing_one_request_in_four_does_not_lower_the_limit():
 
 
 def test_mostly_5xx_halves_the_limit_at_most_once_per_round_trip():
-    limit = client.ConcurrencyLimit(None, 64)
+    limit = ConcurrencyLimit(None, 64)
     feed = _Feed(limit)
     feed.answers(2000, 0.05)
     # 200 failures within one round trip (50 ms): one halving, not 200.
@@ -212,7 +214,7 @@ def test_mostly_5xx_halves_the_limit_at_most_once_per_round_trip():
 
 
 def test_fixed_concurrency_is_not_moved_by_latency_or_failures():
-    limit = client.ConcurrencyLimit(3, 64)
+    limit = ConcurrencyLimit(3, 64)
     feed = _Feed(limit)
     feed.answers(100, lambda in_flight: 0.05 * in_flight)
     feed.answers(100, None, failed=True)

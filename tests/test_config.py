@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import API_KEY, INDEXER_PASSWORD, ROOT, write_configs
 
-import client
+from dicom_indexer.cli import build_parser, main
+from dicom_indexer.errors import EXIT_CONFIG, EXIT_DATABASE
 
 
 def _write(tmp_path, configs, name, change):
@@ -83,7 +84,7 @@ def test_configuration_error_is_one_line_with_exit_code_3(
     tmp_path, pacs, service, configs, capsys, name, change, message
 ):
     path = _write(tmp_path, configs, name, change)
-    assert client.main(configs) == client.EXIT_CONFIG
+    assert main(configs) == EXIT_CONFIG
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "ERROR " + str(path) in err
@@ -95,9 +96,9 @@ def test_port_as_number_or_string(tmp_path, pacs, service, configs):
     pacs.add_study(pacs.add_patient())
     port = json.loads((tmp_path / "config.json").read_text())["database"]["port"]
     _write(tmp_path, configs, "config.json", {"database.port": int(port)})
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     _write(tmp_path, configs, "config.json", {"database.port": str(port)})
-    assert client.main(configs) == 0
+    assert main(configs) == 0
 
 
 def test_key_and_password_from_environment(tmp_path, pacs, service, configs, monkeypatch):
@@ -105,7 +106,7 @@ def test_key_and_password_from_environment(tmp_path, pacs, service, configs, mon
     _write(tmp_path, configs, "config.json", {"key": KeyError, "database.password": "wrong"})
     monkeypatch.setenv("DICOM_INDEXER_KEY", "from-env")
     monkeypatch.setenv("DICOM_INDEXER_DB_PASSWORD", INDEXER_PASSWORD)
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert service.received[0].headers["X-Api-Key"] == "from-env"
 
 
@@ -118,7 +119,7 @@ def test_wrong_db_password_is_a_database_error_without_the_password(
         "config.json",
         {"database.user": "nobody", "database.password": "s3cr3t-pw"},
     )
-    assert client.main(configs) == client.EXIT_DATABASE
+    assert main(configs) == EXIT_DATABASE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "cannot connect to database" in err
@@ -127,7 +128,7 @@ def test_wrong_db_password_is_a_database_error_without_the_password(
 
 def test_database_without_indexer_says_how_to_install(tmp_path, pacs, service, configs, capsys):
     pacs.drop_indexer_process()
-    assert client.main(configs) == client.EXIT_DATABASE
+    assert main(configs) == EXIT_DATABASE
     err = capsys.readouterr().err
     assert "procedure indexer_process is missing" in err
     if pacs.postgresql:
@@ -142,13 +143,13 @@ def test_no_traceback_from_the_script(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "client.py"), *args], capture_output=True, text=True
     )
-    assert result.returncode == client.EXIT_CONFIG
+    assert result.returncode == EXIT_CONFIG
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
 
 
 def test_every_command_has_help_and_every_exit_code_a_line():
-    text = client.build_parser().format_help()
+    text = build_parser().format_help()
     for command in ("run", "initial", "retry-failed", "status", "check"):
         assert command in text
     codes = text.split("exit codes:\n", 1)[1]
@@ -161,7 +162,7 @@ def test_every_command_has_help_and_every_exit_code_a_line():
 def test_check_reports_every_problem_in_one_run(tmp_path, pacs, service, configs, capsys):
     _write(tmp_path, configs, "config.json", {"key": "", "database.name": KeyError})
     _write(tmp_path, configs, "server.json", {"server": ""})
-    assert client.main(["check", *configs]) == client.EXIT_CONFIG
+    assert main(["check", *configs]) == EXIT_CONFIG
     lines = capsys.readouterr().out.splitlines()
     config, server = tmp_path / "config.json", tmp_path / "server.json"
     assert lines == [
@@ -179,7 +180,7 @@ def test_check_still_tries_the_database_when_only_the_key_is_missing(
     tmp_path, pacs, service, configs, capsys
 ):
     _write(tmp_path, configs, "config.json", {"key": KeyError})
-    assert client.main(["check", *configs]) == client.EXIT_CONFIG
+    assert main(["check", *configs]) == EXIT_CONFIG
     out = capsys.readouterr().out
     assert "FAILED  configuration: " in out
     assert f"ok      database: connected to database '{pacs.name}'" in out
@@ -190,7 +191,7 @@ def test_a_run_names_the_first_problem_and_counts_the_rest(
     tmp_path, pacs, service, configs, capsys
 ):
     _write(tmp_path, configs, "config.json", {"key": "", "database.name": KeyError})
-    assert client.main(configs) == client.EXIT_CONFIG
+    assert main(configs) == EXIT_CONFIG
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.endswith("field 'database.name' is missing (1 more: see client.py check)")
 
@@ -199,7 +200,7 @@ def test_dry_run_prints_documents_without_a_key(tmp_path, pacs, service, configs
     study = pacs.add_study(pacs.add_patient())
     pacs.call_indexer_process()
     _write(tmp_path, configs, "config.json", {"key": KeyError})
-    assert client.main(["--dry-run", *configs]) == 0
+    assert main(["--dry-run", *configs]) == 0
     [document] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert document["study_pk"] == study
     assert service.attempts == []
@@ -209,13 +210,13 @@ def test_dry_run_prints_documents_without_a_key(tmp_path, pacs, service, configs
 def test_center_code_is_sent_as_a_string_as_written(tmp_path, pacs, service, configs, code, sent):
     pacs.add_study(pacs.add_patient())
     _write(tmp_path, configs, "server.json", {"server": code})
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert [doc["center"] for doc in service.documents] == [sent]
 
 
 def test_misspelt_field_is_named_in_a_warning(tmp_path, pacs, service, configs, capsys):
     _write(tmp_path, configs, "config.json", {"concurency": 8, "database.hots": "x"})
-    assert client.main(["--dry-run", *configs]) == 0
+    assert main(["--dry-run", *configs]) == 0
     err = capsys.readouterr().err
     assert "config.json: unknown field 'concurency' ignored (misspelt?)" in err
     assert "config.json: unknown field 'database.hots' ignored (misspelt?)" in err
@@ -228,14 +229,14 @@ def test_files_saved_by_a_windows_editor_are_read(tmp_path, pacs, service, confi
         path = tmp_path / name
         text = path.read_text().replace("\n", "\r\n")
         path.write_bytes(text.encode(encoding))
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == [study]
 
 
 def test_config_json_in_latin1_is_one_line_saying_so(tmp_path, pacs, service, configs, capsys):
     path = _write(tmp_path, configs, "config.json", {"webservice_url": "http://x/año"})
     path.write_bytes(path.read_text().replace("\\u00f1", "ñ").encode("latin-1"))
-    assert client.main(configs) == client.EXIT_CONFIG
+    assert main(configs) == EXIT_CONFIG
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.endswith(
         f"ERROR {path}: is not UTF-8 text (saved as ANSI or Latin-1?): save it as UTF-8"
@@ -248,7 +249,7 @@ def test_empty_environment_variables_do_not_hide_the_configured_secrets(
     pacs.add_study(pacs.add_patient())
     monkeypatch.setenv("DICOM_INDEXER_KEY", "")
     monkeypatch.setenv("DICOM_INDEXER_DB_PASSWORD", "  ")
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.received[0].headers["X-Api-Key"] == API_KEY
 
 
@@ -260,7 +261,7 @@ def test_secrets_are_stripped_of_surrounding_whitespace(tmp_path, pacs, service,
         "config.json",
         {"key": f" {API_KEY}\r\n", "database.password": f"{INDEXER_PASSWORD}\n"},
     )
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.received[0].headers["X-Api-Key"] == API_KEY
 
 
@@ -277,7 +278,7 @@ def test_a_key_no_header_can_carry_is_a_config_error_before_any_request(
 ):
     pacs.add_studies(3)
     _write(tmp_path, configs, "config.json", {"key": key})
-    assert client.main(["initial", *configs]) == client.EXIT_CONFIG
+    assert main(["initial", *configs]) == EXIT_CONFIG
     err = capsys.readouterr().err
     [line] = err.strip().splitlines()
     assert line.endswith(
@@ -288,7 +289,7 @@ def test_a_key_no_header_can_carry_is_a_config_error_before_any_request(
     assert service.attempts == []
     assert pacs.statuses() == {}  # not even enqueued: the run stopped before the database
 
-    assert client.main(["check", *configs]) == client.EXIT_CONFIG
+    assert main(["check", *configs]) == EXIT_CONFIG
     out = capsys.readouterr().out
     assert f"FAILED  configuration: {tmp_path / 'config.json'}: field 'key': the API key" in out
     assert "skipped webservice: fix the fields above first" in out
@@ -299,7 +300,7 @@ def test_a_bad_key_from_the_environment_names_the_variable(
     tmp_path, pacs, service, configs, capsys, monkeypatch
 ):
     monkeypatch.setenv("DICOM_INDEXER_KEY", "abc\ndef")
-    assert client.main(configs) == client.EXIT_CONFIG
+    assert main(configs) == EXIT_CONFIG
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "environment variable DICOM_INDEXER_KEY: the API key cannot be sent" in line
     assert "abc" not in line

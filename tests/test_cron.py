@@ -11,13 +11,14 @@ import sys
 import pytest
 from conftest import ROOT, write_configs
 
-import client
+from dicom_indexer.errors import EXIT_KEY_REFUSED
 
 
 def test_client_finds_its_config_beside_itself_from_another_directory(pacs, service, tmp_path):
     install_dir = tmp_path / "srv" / "dicom_indexer"
     shutil.copytree(ROOT / "extras", install_dir / "extras")
     shutil.copy(ROOT / "client.py", install_dir / "client.py")
+    shutil.copytree(ROOT / "dicom_indexer", install_dir / "dicom_indexer")
     write_configs(install_dir, pacs.name, service.url)
     study = pacs.add_study(pacs.add_patient())
     elsewhere = tmp_path / "cwd"
@@ -38,6 +39,7 @@ def test_cron_script_is_silent_on_success_and_speaks_on_failure(pacs, service, t
     install_dir = tmp_path / "dicom indexer"  # a space in the path, on purpose
     shutil.copytree(ROOT / "extras", install_dir / "extras")
     shutil.copy(ROOT / "client.py", install_dir / "client.py")
+    shutil.copytree(ROOT / "dicom_indexer", install_dir / "dicom_indexer")
     write_configs(install_dir, pacs.name, service.url)
     study = pacs.add_study(pacs.add_patient())
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
@@ -50,7 +52,7 @@ def test_cron_script_is_silent_on_success_and_speaks_on_failure(pacs, service, t
     service.respond = lambda n, r: (401, "bad key")
     pacs.add_study(pacs.add_patient())
     result = subprocess.run([script], cwd="/", capture_output=True, text=True, env=env)
-    assert result.returncode == client.EXIT_KEY_REFUSED
+    assert result.returncode == EXIT_KEY_REFUSED
     assert "the service refused the API key" in result.stderr
 
 
@@ -84,7 +86,8 @@ def test_code_compiles_with_python_3_8_when_present():
     python38 = python_3_8()
     if python38 is None:
         pytest.skip("no Python 3.8 interpreter on this machine")
-    for path in [ROOT / "client.py", *sorted((ROOT / "dev").glob("*.py"))]:
+    package = sorted((ROOT / "dicom_indexer").rglob("*.py"))
+    for path in [ROOT / "client.py", *package, *sorted((ROOT / "dev").glob("*.py"))]:
         result = subprocess.run(
             [python38, "-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())", str(path)],
             capture_output=True,

@@ -21,13 +21,21 @@ from conftest import (
     write_configs,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.delivery import max_resent_after_crash
+from dicom_indexer.errors import (
+    EXIT_DATABASE,
+    EXIT_DELIVERY,
+    EXIT_KEY_REFUSED,
+    EXIT_LOCKED,
+    EXIT_REJECTED,
+)
 
 
 def test_503_on_every_fourth_request_still_delivers_everything(pacs, service, configs):
     pks = pacs.add_studies(60)
     service.respond = lambda n, r: (503, "busy") if len(service.attempts) % 4 == 3 else (201, "{}")
-    assert client.main(["initial", *configs]) == 0
+    assert main(["initial", *configs]) == 0
     assert service.study_pks() == pks
     assert pacs.statuses() == {"sent": 60}
 
@@ -40,7 +48,7 @@ def test_422_marks_one_study_failed_others_carry_on_and_it_is_not_reposted(
     service.respond = lambda n, r: (
         (422, '{"error": "bad uid"}') if r.json["study_pk"] == bad else (201, "{}")
     )
-    assert client.main(["initial", *configs]) == client.EXIT_REJECTED
+    assert main(["initial", *configs]) == EXIT_REJECTED
     assert service.study_pks() == [pk for pk in pks if pk != bad]
     row = pacs.queue()[bad]
     assert row["status"] == "failed"
@@ -48,11 +56,11 @@ def test_422_marks_one_study_failed_others_carry_on_and_it_is_not_reposted(
     assert "1 studies were refused by the service" in capsys.readouterr().err
 
     attempts = len(service.attempts)
-    assert client.main(configs) == 0  # the next tick does not post it again
+    assert main(configs) == 0  # the next tick does not post it again
     assert len(service.attempts) == attempts
 
     service.respond = lambda n, r: (201, "{}")
-    assert client.main(["retry-failed", *configs]) == 0
+    assert main(["retry-failed", *configs]) == 0
     assert service.study_pks() == pks
     assert pacs.statuses() == {"sent": 10}
 
@@ -60,18 +68,18 @@ def test_422_marks_one_study_failed_others_carry_on_and_it_is_not_reposted(
 def test_failed_study_is_retried_when_dcm4chee_changes_it(pacs, service, configs):
     study, other = pacs.add_studies(2)
     service.respond = lambda n, r: (422, "no") if r.json["study_pk"] == study else (201, "{}")
-    assert client.main(configs) == client.EXIT_REJECTED
+    assert main(configs) == EXIT_REJECTED
     assert pacs.queue()[study]["status"] == "failed"
     service.respond = lambda n, r: (201, "{}")
     pacs.store_series(study)
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == [study, other]
 
 
 def test_401_stops_at_once_with_one_clear_line(pacs, service, configs, capsys):
     pacs.add_studies(50)
     service.respond = lambda n, r: (401, "unauthorized")
-    assert client.main(["initial", *configs]) == client.EXIT_KEY_REFUSED
+    assert main(["initial", *configs]) == EXIT_KEY_REFUSED
     # Only what was already in flight was tried; nothing marked failed.
     assert len(service.attempts) <= 2 * 4
     assert pacs.statuses() == {"pending": 50}
@@ -90,12 +98,12 @@ def test_slow_service_times_out_and_leaves_studies_pending(pacs, service, tmp_pa
     )
     service.delay_seconds = 0.5
     started = time.monotonic()
-    assert client.main(["initial", *args]) == client.EXIT_DELIVERY
+    assert main(["initial", *args]) == EXIT_DELIVERY
     assert time.monotonic() - started < 10
     assert pacs.statuses().get("sent", 0) == 0
     assert "no answer within 0.2 s" in {r["last_error"] for r in pacs.queue().values()}
     service.delay_seconds = 0
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert set(service.study_pks()) == set(pks)
 
 
@@ -108,7 +116,7 @@ def test_refused_connections_end_the_run_fast_and_lose_nothing(pacs, tmp_path, c
         tmp_path, pacs.name, url, {"backoff_seconds": 1, "connect_timeout_seconds": 5}
     )
     started = time.monotonic()
-    assert client.main(["initial", *args]) == client.EXIT_DELIVERY
+    assert main(["initial", *args]) == EXIT_DELIVERY
     assert time.monotonic() - started < 60
     err = capsys.readouterr().err
     assert "studies in a row could not be delivered" in err
@@ -118,7 +126,7 @@ def test_refused_connections_end_the_run_fast_and_lose_nothing(pacs, tmp_path, c
     service = CentralService()  # the service comes back
     try:
         args = write_configs(tmp_path, pacs.name, service.url)
-        assert client.main(args) == 0
+        assert main(args) == 0
         assert service.study_pks() == pks
     finally:
         service.stop()
@@ -133,12 +141,12 @@ def test_service_dying_mid_run_loses_nothing(pacs, service, configs):
         return 201, "{}"
 
     service.respond = die_after_20
-    assert client.main(["initial", *configs]) == client.EXIT_DELIVERY
+    assert main(["initial", *configs]) == EXIT_DELIVERY
     assert len(service.received) == 20
     sent = {pk for pk, row in pacs.queue().items() if row["status"] == "sent"}
     assert sent == set(service.study_pks())
     service.respond = lambda n, r: (201, "{}")
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == pks
 
 
@@ -152,11 +160,11 @@ def test_kill_9_mid_run_is_completed_by_the_next_run(pacs, service, configs):
     # The server frees the run lock when it notices the dead connection.
     wait_until(pacs.run_lock_free)
     service.delay_seconds = 0
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     received = service.study_pks()
     assert set(received) == set(pks)
     # Posted twice: at most the bound the README documents (392 with the defaults).
-    assert len(received) - len(pks) <= client.max_resent_after_crash()
+    assert len(received) - len(pks) <= max_resent_after_crash()
 
 
 def test_two_runs_at_once_one_stands_aside_and_nothing_is_posted_twice(pacs, service, configs):
@@ -166,7 +174,7 @@ def test_two_runs_at_once_one_stands_aside_and_nothing_is_posted_twice(pacs, ser
     wait_until(lambda: len(service.received) >= 10)
     second = client_process(configs)
     out, err = second.communicate(timeout=30)
-    assert second.returncode == client.EXIT_LOCKED
+    assert second.returncode == EXIT_LOCKED
     assert "another dicom-indexer run is working on database" in err
     assert err.count("\n") == 1
     first.communicate(timeout=120)
@@ -177,9 +185,9 @@ def test_two_runs_at_once_one_stands_aside_and_nothing_is_posted_twice(pacs, ser
 def test_status_shows_counts_age_and_errors(pacs, service, configs, capsys):
     pks = pacs.add_studies(5)
     service.respond = lambda n, r: (422, "invalid") if r.json["study_pk"] == pks[0] else (201, "{}")
-    client.main(["initial", *configs])
+    main(["initial", *configs])
     capsys.readouterr()
-    assert client.main(["status", *configs]) == 0
+    assert main(["status", *configs]) == 0
     out = capsys.readouterr().out
     assert "sent              4" in out
     assert "failed            1" in out
@@ -187,7 +195,7 @@ def test_status_shows_counts_age_and_errors(pacs, service, configs, capsys):
     assert f"study {pks[0]} (failed, 1 attempts): HTTP 422: invalid" in out
     assert "PACIENTE" not in out
 
-    assert client.main(["status", "--json", *configs]) == 0
+    assert main(["status", "--json", *configs]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["counts"] == {"pending": 0, "sent": 4, "failed": 1, "deleting": 0, "deleted": 0}
     assert status["last_sent_at"] is not None
@@ -195,7 +203,7 @@ def test_status_shows_counts_age_and_errors(pacs, service, configs, capsys):
 
 
 def test_check_reports_each_part_and_registers_nothing(pacs, service, configs, capsys):
-    assert client.main(["check", *configs]) == 0
+    assert main(["check", *configs]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["ok"] * 7
     assert lines[2] == "ok      schema: dcm4chee 2.x"
@@ -205,11 +213,11 @@ def test_check_reports_each_part_and_registers_nothing(pacs, service, configs, c
     assert all(r.method == "GET" for r in service.attempts)
 
     service.respond = lambda n, r: (403, "forbidden")
-    assert client.main(["check", *configs]) == client.EXIT_KEY_REFUSED
+    assert main(["check", *configs]) == EXIT_KEY_REFUSED
     assert "FAILED  webservice: the service refused the key (HTTP 403)" in capsys.readouterr().out
 
     pacs.drop_indexer_process()
-    assert client.main(["check", *configs]) == client.EXIT_DATABASE
+    assert main(["check", *configs]) == EXIT_DATABASE
     assert "FAILED  indexer: procedure indexer_process is missing" in capsys.readouterr().out
     assert service.documents == []
 
@@ -218,7 +226,7 @@ def test_dry_run_prints_documents_and_changes_nothing(pacs, service, configs, ca
     pks = pacs.add_studies(3)
     pacs.call_indexer_process()
     before = pacs.queue()
-    assert client.main(["--dry-run", *configs]) == 0
+    assert main(["--dry-run", *configs]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["study_pk"] for d in printed] == pks
     assert printed[0]["patient_name"] == "PACIENTE^NUMERO0"
@@ -228,7 +236,7 @@ def test_dry_run_prints_documents_and_changes_nothing(pacs, service, configs, ca
 
 def test_limit_sends_at_most_n(pacs, service, configs):
     pacs.add_studies(10)
-    assert client.main(["initial", "--limit", "4", *configs]) == 0
+    assert main(["initial", "--limit", "4", *configs]) == 0
     assert len(service.received) == 4
     assert pacs.statuses() == {"sent": 4, "pending": 6}
 

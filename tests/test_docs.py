@@ -10,7 +10,10 @@ import re
 
 from conftest import ROOT
 
-import client
+import dicom_indexer.errors
+from dicom_indexer.cli import build_parser
+from dicom_indexer.errors import EXIT_CODE_HELP
+from dicom_indexer.run import STOP_EXIT_CODES
 
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -52,21 +55,21 @@ def _table_first_cells(section: str) -> list[str]:
 
 def test_readme_exit_codes_are_the_clients():
     documented = [int(cell) for cell in _table_first_cells(_section("Códigos de salida"))]
-    assert documented == [code for code, _ in client.EXIT_CODE_HELP]
+    assert documented == [code for code, _ in EXIT_CODE_HELP]
 
 
 def test_help_lists_every_exit_code_the_client_uses():
     codes = {
         value
-        for name, value in vars(client).items()
+        for name, value in vars(dicom_indexer.errors).items()
         if name.startswith("EXIT_") and isinstance(value, int)
     }
-    assert codes == {code for code, _ in client.EXIT_CODE_HELP}
-    assert set(client.STOP_EXIT_CODES.values()) <= codes
+    assert codes == {code for code, _ in EXIT_CODE_HELP}
+    assert set(STOP_EXIT_CODES.values()) <= codes
 
 
 def test_readme_commands_are_the_parsers():
-    parser = client.build_parser()
+    parser = build_parser()
     [command] = [a for a in parser._actions if a.dest == "command"]
     documented = []
     for cell in _table_first_cells(_section("Comandos")):
@@ -80,7 +83,7 @@ def test_docs_mention_every_option_of_the_parser():
     def mentioned(option: str) -> bool:
         return bool(re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", ALL_TEXT))
 
-    parser = client.build_parser()
+    parser = build_parser()
     missing = [
         action.option_strings
         for action in parser._actions
@@ -95,7 +98,7 @@ def _fields_read_by_the_client() -> set[str]:
     method of _Fields (`db.text("host", ...)`, `top.number("port", ...)`), or
     a name handed to a function that takes a _Fields first
     (`_secret(db, "password", "password_file", ...)`)."""
-    tree = ast.parse((ROOT / "client.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "dicom_indexer" / "config.py").read_text(encoding="utf-8"))
     [fields_class] = [
         node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "_Fields"
     ]

@@ -14,7 +14,9 @@ import pymysql
 import pytest
 from conftest import INDEXER_USER, ROOT, PacsDb, client_process, connect, wait_until, write_configs
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.engines import MySQLEngine, PostgreSQLEngine, _mysql_message, statement_label
+from dicom_indexer.errors import EXIT_DATABASE, EXIT_TERMINATED
 
 
 def _errors(stderr: str) -> list[str]:
@@ -37,21 +39,21 @@ def _sent(pacs) -> list[int]:
 )
 def test_database_errors_say_what_happened(code, text, expected):
     exc = pymysql.err.OperationalError(code, text) if text else pymysql.err.InterfaceError(0, "")
-    assert expected in client._mysql_message(exc, client.MySQLEngine.REASONS)
+    assert expected in _mysql_message(exc, MySQLEngine.REASONS)
 
 
 @pytest.mark.parametrize(
     "sql, label",
     [
-        (client.MySQLEngine.TRY_LOCK, "the run lock (one run at a time per database)"),
-        (client.PostgreSQLEngine.TRY_LOCK, "the run lock (one run at a time per database)"),
+        (MySQLEngine.TRY_LOCK, "the run lock (one run at a time per database)"),
+        (PostgreSQLEngine.TRY_LOCK, "the run lock (one run at a time per database)"),
         ("CALL indexer_process(%s)", "indexer_process (finding the new and changed studies)"),
         ("UPDATE study_service SET status = %s", "UPDATE on study_service"),
         ("SELECT pk FROM study WHERE pk = %s", "SELECT from study"),
     ],
 )
 def test_a_database_error_names_what_it_was_doing_never_its_arguments(sql, label):
-    assert client.statement_label(sql) == label
+    assert statement_label(sql) == label
 
 
 def test_connection_killed_mid_run_is_one_line_exit_4_and_the_next_run_completes(
@@ -77,7 +79,7 @@ def test_connection_killed_mid_run_is_one_line_exit_4_and_the_next_run_completes
                 cur.execute(f"KILL {int(row['ID'])}")
     _, stderr = process.communicate(timeout=60)
 
-    assert process.returncode == client.EXIT_DATABASE, stderr
+    assert process.returncode == EXIT_DATABASE, stderr
     assert "Traceback" not in stderr
     [error] = _errors(stderr)
     assert f"database error on database '{pacs.name}'" in error
@@ -86,7 +88,7 @@ def test_connection_killed_mid_run_is_one_line_exit_4_and_the_next_run_completes
     )
 
     service.delay_seconds = 0
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert set(service.study_pks()) == set(pks)
     assert pacs.statuses() == {"sent": 60}
 
@@ -125,12 +127,12 @@ def test_lock_wait_timeout_is_one_line_exit_4_and_the_next_run_completes(pacs, s
         finally:
             holder.conn.rollback()
             holder.close()
-    assert process.returncode == client.EXIT_DATABASE, stderr
+    assert process.returncode == EXIT_DATABASE, stderr
     [error] = _errors(stderr)
     assert "lock wait timeout: a PACS transaction held the rows (" in error
     assert error.endswith("in indexer_process (finding the new and changed studies)")
     assert service.attempts == []
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == [study]
 
 
@@ -144,7 +146,7 @@ def test_sigterm_finishes_the_requests_in_flight_records_them_and_exits_143(pacs
     _, stderr = process.communicate(timeout=30)
     took = time.monotonic() - signalled
 
-    assert process.returncode == client.EXIT_TERMINATED == 143, stderr
+    assert process.returncode == EXIT_TERMINATED == 143, stderr
     assert took < 10
     assert "run stopped: terminated (SIGTERM): no new study taken" in stderr
     assert "Traceback" not in stderr
@@ -155,7 +157,7 @@ def test_sigterm_finishes_the_requests_in_flight_records_them_and_exits_143(pacs
     assert _sent(pacs) == accepted
 
     service.delay_seconds = 0
-    assert client.main(configs) == 0
+    assert main(configs) == 0
     assert service.study_pks() == sorted(pks)  # each study exactly once
 
 
@@ -170,25 +172,25 @@ def test_sigterm_with_requests_hung_exits_within_10_seconds_and_loses_nothing(
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == client.EXIT_TERMINATED, stderr
+    assert process.returncode == EXIT_TERMINATED, stderr
     assert time.monotonic() - signalled < 10
     assert "requests still unanswered after SIGTERM: left pending" in stderr
     assert _sent(pacs) == []  # nothing was answered, nothing is recorded as sent
 
     service.delay_seconds = 0
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert set(service.study_pks()) == set(pks)
 
 
 def test_sigterm_pauses_reconcile_where_it_is(pacs, service, tmp_path):
     pacs.add_studies(300)
     args = write_configs(tmp_path, pacs.name, service.url, reconcile_rows_per_second=100)
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     process = client_process(args, "reconcile")
     time.sleep(1.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == client.EXIT_TERMINATED, stderr
+    assert process.returncode == EXIT_TERMINATED, stderr
     assert "reconcile paused" in stderr
     position = pacs.query("SELECT cursor_pk FROM study_service WHERE study_pk = -2")
     assert position and position[0]["cursor_pk"] > 0  # the next reconcile carries on
@@ -220,6 +222,6 @@ def test_metrics_file_that_cannot_be_written_is_a_warning_and_delivery_goes_on(
     (tmp_path / "not-a-directory").write_text("")
     metrics = tmp_path / "not-a-directory" / "dicom_indexer.prom"
     args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.study_pks() == [study]
     assert f"cannot write metrics_file {metrics}: Not a directory" in capsys.readouterr().err

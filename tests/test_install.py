@@ -19,7 +19,9 @@ from conftest import (
     install,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.sources.dcm4chee import Dcm4chee2MySQL, Dcm4chee2PostgreSQL
+from dicom_indexer.study_service import INITIAL_ROW_PK, MAX_PK, MySQLQueueSQL, PostgreSQLQueueSQL
 
 SQL_TEXT = INDEXER_SQL.read_text()
 
@@ -129,10 +131,10 @@ def test_upgrade_from_original_client_sends_pending_and_new_not_the_archive(tmp_
         from conftest import write_configs
 
         args = write_configs(tmp_path, name, service.url)
-        assert client.main(args) == 0
+        assert main(args) == 0
         assert service.study_pks() == sorted(archive[4:] + [new])
         service.clear()
-        assert client.main(["initial", *args]) == 0  # still the way to send everything
+        assert main(["initial", *args]) == 0  # still the way to send everything
         assert service.study_pks() == sorted(archive + [new])
     finally:
         db.close()
@@ -178,13 +180,13 @@ TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": (client.Dcm4chee2MySQL.SELECT_NEW_PAGE, (0, client.MAX_PK, 1000)),
-    "due page": (client.Dcm4chee2MySQL.SELECT_DUE_PAGE, (0, 1000)),
-    "pending count": (client.MySQLQueueSQL.COUNT_PENDING, None),
+    "pending page": (Dcm4chee2MySQL.SELECT_NEW_PAGE, (0, MAX_PK, 1000)),
+    "due page": (Dcm4chee2MySQL.SELECT_DUE_PAGE, (0, 1000)),
+    "pending count": (MySQLQueueSQL.COUNT_PENDING, None),
     "initial state": (
         "SELECT enqueued_at AS started, cursor_pk AS position, status"
         " FROM study_service WHERE study_pk = %s",
-        (client.INITIAL_ROW_PK,),
+        (INITIAL_ROW_PK,),
     ),
 }
 
@@ -315,10 +317,10 @@ PG_TICK_QUERIES = {
         "SELECT study_updated_time, cursor_pk FROM study_service WHERE study_pk = 0 FOR UPDATE",
         None,
     ),
-    "pending page": (client.Dcm4chee2PostgreSQL.SELECT_NEW_PAGE, (0, client.MAX_PK, 1000)),
-    "due page": (client.Dcm4chee2PostgreSQL.SELECT_DUE_PAGE, (0, 1000)),
-    "pending count": (client.PostgreSQLQueueSQL.COUNT_PENDING, None),
-    "initial state": (client.PostgreSQLQueueSQL.SELECT_BOOKKEEPING, (client.INITIAL_ROW_PK,)),
+    "pending page": (Dcm4chee2PostgreSQL.SELECT_NEW_PAGE, (0, MAX_PK, 1000)),
+    "due page": (Dcm4chee2PostgreSQL.SELECT_DUE_PAGE, (0, 1000)),
+    "pending count": (PostgreSQLQueueSQL.COUNT_PENDING, None),
+    "initial state": (PostgreSQLQueueSQL.SELECT_BOOKKEEPING, (INITIAL_ROW_PK,)),
 }
 
 

@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.document import (
+    DOCUMENT_KEYS,
+    document_fingerprint,
+    encode_document,
+    study_document,
+)
 
 ROW = {
     "patient_pk": 7,
@@ -42,9 +48,9 @@ CONTRACT_KEYS = [
 
 
 def test_document_has_exactly_the_original_contracts_keys():
-    document = client.study_document(ROW, "000")
+    document = study_document(ROW, "000")
     assert list(document) == CONTRACT_KEYS
-    assert list(client.DOCUMENT_KEYS) == CONTRACT_KEYS
+    assert list(DOCUMENT_KEYS) == CONTRACT_KEYS
     assert document["center"] == "000"
 
 
@@ -77,20 +83,18 @@ def test_document_has_exactly_the_original_contracts_keys():
     ],
 )
 def test_study_document(change, key, expected):
-    document = client.study_document({**ROW, **change}, "CL-01")
-    assert list(document) == list(client.DOCUMENT_KEYS)
+    document = study_document({**ROW, **change}, "CL-01")
+    assert list(document) == list(DOCUMENT_KEYS)
     assert document[key] == expected
 
 
 def test_body_is_ascii_json_that_round_trips():
-    document = client.study_document({**ROW, "study_desc": 'Ñ\x01"\\'}, "CL-01")
-    body = client.encode_document(document)
+    document = study_document({**ROW, "study_desc": 'Ñ\x01"\\'}, "CL-01")
+    body = encode_document(document)
     assert body.isascii()
     assert json.loads(body) == document
-    assert client.document_fingerprint(body) == client.document_fingerprint(
-        client.encode_document(dict(document))
-    )
-    assert len(client.document_fingerprint(body)) == 16
+    assert document_fingerprint(body) == document_fingerprint(encode_document(dict(document)))
+    assert len(document_fingerprint(body)) == 16
 
 
 def test_the_same_rows_give_the_same_bytes_on_both_engines(tmp_path):
@@ -127,7 +131,7 @@ def test_the_same_rows_give_the_same_bytes_on_both_engines(tmp_path):
             db.execute("UPDATE study SET updated_time = %s", (LONG_AGO,))
             (tmp_path / engine).mkdir()
             args = write_configs(tmp_path / engine, name, service.url)
-            assert client.main(["initial", *args]) == 0
+            assert main(["initial", *args]) == 0
             bodies[engine] = sorted(r.body for r in service.received)
         finally:
             service.stop()

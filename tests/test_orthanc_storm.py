@@ -17,7 +17,8 @@ import pytest
 from conftest import API_KEY, CENTER, client_process
 from testkit import ORTHANC_BINARY, CentralService, OrthancServer, dicom_instance, new_uid
 
-import client
+import dicom_indexer.sources.orthanc
+from dicom_indexer.cli import main
 
 STORM_SECONDS = 40
 SEED = 20261202
@@ -193,7 +194,7 @@ class OrthancStorm:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         time.sleep(1.5)  # past the quiet time of a study Orthanc restarted on
-        return [client.main([command, *self.args]) for command in ("reconcile", "retry-failed")]
+        return [main([command, *self.args]) for command in ("reconcile", "retry-failed")]
 
     def differences(self) -> list[str]:
         expected = {
@@ -214,7 +215,7 @@ class OrthancStorm:
 
 def test_orthanc_storm_ends_with_the_index_equal_to_orthanc(tmp_path, capsys, monkeypatch):
     # Orthanc's quiet time for studies it forgot about, shortened as StableAge is.
-    monkeypatch.setattr(client, "ORTHANC_QUIET_SECONDS", 1)
+    monkeypatch.setattr(dicom_indexer.sources.orthanc, "ORTHANC_QUIET_SECONDS", 1)
     storm = OrthancStorm(tmp_path, random.Random(SEED))
     try:
         codes = storm.run(STORM_SECONDS)

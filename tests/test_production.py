@@ -20,7 +20,8 @@ from conftest import (
     write_configs,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.errors import EXIT_DATABASE, EXIT_DELIVERY, EXIT_LOCKED
 
 
 @pytest.fixture
@@ -64,14 +65,14 @@ def test_self_signed_https_refused_without_ca_bundle_accepted_with_it(
 ):
     study = pacs.add_study(pacs.add_patient())
     args = write_configs(tmp_path, pacs.name, https_service.url, {"max_retries": 0})
-    assert client.main(args) == client.EXIT_DELIVERY
+    assert main(args) == EXIT_DELIVERY
     assert "TLS error" in capsys.readouterr().err
     assert https_service.received == []
 
     args = write_configs(
         tmp_path, pacs.name, https_service.url, {"ca_bundle": https_service.ca_file}
     )
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert https_service.study_pks() == [study]
     assert "webservice_url" not in capsys.readouterr().err  # no http:// warning
 
@@ -83,13 +84,13 @@ def _warnings(err: str) -> list[str]:
 def test_http_to_another_host_warns_once_loopback_does_not(pacs, service, tmp_path, capsys):
     # --dry-run: the address is only checked, never contacted.
     args = write_configs(tmp_path, pacs.name, "http://192.0.2.10/api/v1/register")
-    assert client.main(["--dry-run", *args]) == 0
+    assert main(["--dry-run", *args]) == 0
     [warning] = _warnings(capsys.readouterr().err)
     assert "webservice_url in" in warning
     assert "is http:// to 192.0.2.10: the API key and patient data travel unencrypted" in warning
 
     args = write_configs(tmp_path, pacs.name, service.url)
-    assert client.main(["--dry-run", *args]) == 0
+    assert main(["--dry-run", *args]) == 0
     assert _warnings(capsys.readouterr().err) == []
 
 
@@ -97,7 +98,7 @@ def test_config_readable_by_others_warns_with_the_fix(pacs, service, tmp_path, c
     args = write_configs(tmp_path, pacs.name, service.url)
     config = tmp_path / "config.json"
     config.chmod(0o644)
-    assert client.main(["--dry-run", *args]) == 0
+    assert main(["--dry-run", *args]) == 0
     [warning] = _warnings(capsys.readouterr().err)
     assert warning.endswith(
         f"{config} holds the database password and the API key and other users of this"
@@ -106,7 +107,7 @@ def test_config_readable_by_others_warns_with_the_fix(pacs, service, tmp_path, c
     )
     config.chmod(0o600)
     (tmp_path / "server.json").chmod(0o644)  # the center's code is no secret
-    assert client.main(["--dry-run", *args]) == 0
+    assert main(["--dry-run", *args]) == 0
     assert _warnings(capsys.readouterr().err) == []
 
 
@@ -114,7 +115,7 @@ def test_warnings_that_matter_reach_cron_mail_even_when_quiet(pacs, service, tmp
     pacs.add_study(pacs.add_patient())
     args = write_configs(tmp_path, pacs.name, service.url)
     (tmp_path / "config.json").chmod(0o644)
-    assert client.main(["-q", *args]) == 0
+    assert main(["-q", *args]) == 0
     err = capsys.readouterr().err
     [warning] = _warnings(err)
     assert "holds the database password and the API key and other users" in warning
@@ -133,7 +134,7 @@ def test_key_and_password_from_files(pacs, service, tmp_path):
         {"key": "", "key_file": str(tmp_path / "key")},
         {"password": "", "password_file": str(tmp_path / "db-password")},
     )
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.received[0].headers["X-Api-Key"] == "key-from-file"
 
 
@@ -141,7 +142,7 @@ def test_metrics_file_shows_last_success_and_pending(pacs, service, tmp_path):
     metrics = tmp_path / "dicom_indexer.prom"
     args = write_configs(tmp_path, pacs.name, service.url, metrics_file=str(metrics))
     pacs.add_studies(3)
-    assert client.main(args) == 0
+    assert main(args) == 0
     first = read_metrics(metrics)
     assert first["last_run_exit_code"] == 0
     assert first["last_success_timestamp_seconds"] == first["last_run_timestamp_seconds"]
@@ -150,9 +151,9 @@ def test_metrics_file_shows_last_success_and_pending(pacs, service, tmp_path):
 
     service.respond = lambda n, r: (503, "down")
     pacs.add_studies(2)
-    assert client.main(args) == client.EXIT_DELIVERY
+    assert main(args) == EXIT_DELIVERY
     second = read_metrics(metrics)
-    assert second["last_run_exit_code"] == client.EXIT_DELIVERY
+    assert second["last_run_exit_code"] == EXIT_DELIVERY
     assert second["last_success_timestamp_seconds"] == first["last_success_timestamp_seconds"]
     assert second["last_run_timestamp_seconds"] > first["last_run_timestamp_seconds"]
     assert second["studies_pending"] == 2
@@ -164,7 +165,7 @@ def test_log_file_keeps_the_summary_even_when_quiet(pacs, service, tmp_path, cap
     log_file = tmp_path / "indexer.log"
     args = write_configs(tmp_path, pacs.name, service.url, log_file=str(log_file))
     pacs.add_study(pacs.add_patient("SECRETO^NOMBRE"))
-    assert client.main(["-q", *args]) == 0
+    assert main(["-q", *args]) == 0
     assert capsys.readouterr().err == ""
     text = log_file.read_text()
     assert "INFO enqueued 1, sent 1" in text
@@ -174,9 +175,9 @@ def test_log_file_keeps_the_summary_even_when_quiet(pacs, service, tmp_path, cap
 def test_lock_conflict_is_silent_with_quiet(pacs, service, configs, capsys):
     pacs.run_lock(take=True)
     try:
-        assert client.main(["-q", *configs]) == client.EXIT_LOCKED
+        assert main(["-q", *configs]) == EXIT_LOCKED
         assert capsys.readouterr().err == ""
-        assert client.main(configs) == client.EXIT_LOCKED
+        assert main(configs) == EXIT_LOCKED
         assert "this run stands aside" in capsys.readouterr().err
     finally:
         pacs.run_lock(take=False)
@@ -232,7 +233,11 @@ def test_systemd_service_is_hardened_and_its_run_time_bounded():
 def _run_in_subprocess(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """`script` in a Python of its own with client imported, given client.py's
     arguments -q and `args` in sys.argv[2:]."""
-    prelude = "import sys; sys.path.insert(0, sys.argv[1]); import client\n"
+    prelude = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from dicom_indexer.cli import main\n"
+        "from dicom_indexer.engines import _import_pymysql\n"
+    )
     return subprocess.run(
         [sys.executable, "-c", prelude + script, str(ROOT), "-q", *args],
         capture_output=True,
@@ -243,7 +248,7 @@ def _run_in_subprocess(script: str, args: list[str]) -> subprocess.CompletedProc
 def test_sending_lowers_the_cpu_priority_to_the_nice_setting(pacs, service, tmp_path):
     args = write_configs(tmp_path, pacs.name, service.url, nice=7)
     result = _run_in_subprocess(
-        "import os; code = client.main(sys.argv[2:]); print(os.nice(0)); raise SystemExit(code)",
+        "import os; code = main(sys.argv[2:]); print(os.nice(0)); raise SystemExit(code)",
         args,
     )
     assert result.returncode == 0, result.stderr
@@ -260,12 +265,12 @@ def test_http_proxy_from_the_environment_is_used_and_no_proxy_respected(
     args = write_configs(tmp_path, pacs.name, url)
     monkeypatch.setenv("HTTP_PROXY", service.url.rsplit("/api/", 1)[0])
     pacs.add_studies(2)
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert [r.path for r in service.received] == [url, url]
 
     monkeypatch.setenv("NO_PROXY", "indexador.invalid")
     pacs.add_studies(1)
-    assert client.main(args) == client.EXIT_DELIVERY  # straight to a host that does not exist
+    assert main(args) == EXIT_DELIVERY  # straight to a host that does not exist
     assert len(service.received) == 2
 
 
@@ -276,8 +281,7 @@ def test_a_run_does_not_load_cryptography(pacs, service, tmp_path):
     args = write_configs(tmp_path, pacs.name, service.url)
     pacs.add_studies(2)
     result = _run_in_subprocess(
-        "code = client.main(sys.argv[2:]); print('cryptography' in sys.modules);"
-        " raise SystemExit(code)",
+        "code = main(sys.argv[2:]); print('cryptography' in sys.modules); raise SystemExit(code)",
         args,
     )
     assert result.returncode == 0, result.stderr
@@ -296,7 +300,7 @@ def test_mysql8_rsa_password_exchange_loads_cryptography_then(pacs, service, tmp
     args = write_configs(tmp_path, pacs.name, service.url)
     pacs.add_studies(1)
     script = (
-        "pymysql = client._import_pymysql(); real = pymysql.connect; calls = []\n"
+        "pymysql = _import_pymysql(); real = pymysql.connect; calls = []\n"
         "def connect(**kw):\n"
         "    calls.append(pymysql._auth._have_cryptography)\n"
         "    if not pymysql._auth._have_cryptography:\n"
@@ -304,7 +308,7 @@ def test_mysql8_rsa_password_exchange_loads_cryptography_then(pacs, service, tmp
         ' or caching_sha2_password auth methods")\n'
         "    return real(**kw)\n"
         "pymysql.connect = connect\n"
-        "code = client.main(sys.argv[2:]); print(calls[:2]); raise SystemExit(code)"
+        "code = main(sys.argv[2:]); print(calls[:2]); raise SystemExit(code)"
     )
     result = _run_in_subprocess(script, args)
     assert result.returncode == 0, result.stderr
@@ -317,7 +321,7 @@ def test_mysql8_rsa_password_exchange_loads_cryptography_then(pacs, service, tmp
     result = _run_in_subprocess(
         script.replace("pymysql.connect = connect\n", hidden + "pymysql.connect = connect\n"), args
     )
-    assert result.returncode == client.EXIT_DATABASE, result.stderr
+    assert result.returncode == EXIT_DATABASE, result.stderr
     assert "Traceback" not in result.stderr
     assert (
         "the server wants the password RSA-encrypted (MySQL 8 caching_sha2_password"

@@ -39,7 +39,14 @@ from conftest import (
     write_configs,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.errors import EXIT_DATABASE, EXIT_OK
+from dicom_indexer.sources.dcm4chee import (
+    ArcLight5MySQL,
+    ArcLight5PostgreSQL,
+    Dcm4chee2MySQL,
+    Dcm4chee2PostgreSQL,
+)
 
 sys.path.insert(0, str(ROOT / "dev"))
 import benchmark  # noqa: E402
@@ -77,10 +84,10 @@ def _build_args(engine: str) -> argparse.Namespace:
 
 def _statements(schema: str, engine: str) -> Any:
     return {
-        ("dcm4chee2", "mysql"): client.Dcm4chee2MySQL,
-        ("dcm4chee2", "postgresql"): client.Dcm4chee2PostgreSQL,
-        ("arc5", "mysql"): client.ArcLight5MySQL,
-        ("arc5", "postgresql"): client.ArcLight5PostgreSQL,
+        ("dcm4chee2", "mysql"): Dcm4chee2MySQL,
+        ("dcm4chee2", "postgresql"): Dcm4chee2PostgreSQL,
+        ("arc5", "mysql"): ArcLight5MySQL,
+        ("arc5", "postgresql"): ArcLight5PostgreSQL,
     }[schema.replace("arc523", "arc5"), engine]
 
 
@@ -170,7 +177,7 @@ def test_idle_and_busy_ticks_read_what_changed(archive, service, tmp_path):
     schema = archive.schema
 
     def tick() -> None:
-        assert client.main(["-q", *configs]) == client.EXIT_OK
+        assert main(["-q", *configs]) == EXIT_OK
 
     # Statistics as the build left them (on PostgreSQL, the queue has none).
     idle = [_read_by(archive, tick) for _ in range(2)]
@@ -284,9 +291,9 @@ def test_check_fails_until_an_older_postgresql_function_is_installed_again(pacs,
     if not pacs.postgresql:
         pytest.skip("the planner settings are PostgreSQL's")
     pacs.execute("ALTER FUNCTION indexer_process() RESET enable_seqscan")
-    assert client.main(["check", *configs]) == client.EXIT_DATABASE
+    assert main(["check", *configs]) == EXIT_DATABASE
     out = capsys.readouterr().out
     assert "function indexer_process() in database" in out
     assert "is out of date (a tick may read the whole archive); run: psql" in out
     install(pacs.name)
-    assert client.main(["check", *configs]) == client.EXIT_OK
+    assert main(["check", *configs]) == EXIT_OK

@@ -34,7 +34,9 @@ from conftest import (
     run_sql_file,
 )
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.engines import _local_mysql_socket
+from dicom_indexer.errors import EXIT_CONFIG, EXIT_DATABASE, EXIT_OK
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -68,7 +70,7 @@ def socket_account(pacs: Any) -> Any:
         server = cur.fetchone()
     if not server["s"]:
         pytest.skip("the server resolves names: 127.0.0.1 would match 'localhost'")
-    if client._local_mysql_socket() is None:
+    if _local_mysql_socket() is None:
         pytest.skip("no MySQL socket where MariaDB and MySQL place it")
     user, password = f"dix_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
     init = f"SET @indexer_user = '{user}', @indexer_password = '{password}'"
@@ -94,11 +96,11 @@ def test_localhost_is_the_local_socket_as_for_the_mysql_command(
     user, password = socket_account
     database = {"host": "localhost", "user": user, "password": password, "name": pacs.name}
     configs = _configs(tmp_path, database, service.url)
-    assert client.main(["check", *configs]) == client.EXIT_OK
+    assert main(["check", *configs]) == EXIT_OK
     out = capsys.readouterr().out
     assert f"database: connected to database '{pacs.name}' through the local socket /" in out
     pacs.add_studies(2)
-    assert client.main(["-q", *configs]) == client.EXIT_OK
+    assert main(["-q", *configs]) == EXIT_OK
     assert [r.method for r in service.received] == ["GET", "POST", "POST"]  # check, then a run
 
 
@@ -108,7 +110,7 @@ def test_access_denied_over_tcp_names_the_host_the_server_saw(
     user, password = socket_account
     database = {"host": "127.0.0.1", "user": user, "password": password, "name": pacs.name}
     configs = _configs(tmp_path, database, service.url)
-    assert client.main(["check", *configs]) == client.EXIT_DATABASE
+    assert main(["check", *configs]) == EXIT_DATABASE
     out = capsys.readouterr().out
     assert f"Access denied for user '{user}'@'127.0.0.1'" in out
     assert "the server saw this connection come from '127.0.0.1', and through the local" in out
@@ -118,7 +120,7 @@ def test_access_denied_over_tcp_names_the_host_the_server_saw(
     # A wrong password: denied both ways, and said so.
     database["password"] = "not-the-password"
     configs = _configs(tmp_path, database, service.url)
-    assert client.main(configs) == client.EXIT_DATABASE
+    assert main(configs) == EXIT_DATABASE
     err = capsys.readouterr().err
     assert "come from '127.0.0.1'" in err and "or check the user and password" in err
 
@@ -130,14 +132,14 @@ def test_status_says_a_run_is_under_way(pacs, service, configs, capsys):
     pacs.add_studies(3)
     pacs.run_lock(True)
     try:
-        assert client.main(["status", *configs]) == client.EXIT_OK
+        assert main(["status", *configs]) == EXIT_OK
         out = capsys.readouterr().out
         assert "run:            under way (another client.py holds the run lock)" in out
         pacs.execute(
             "INSERT INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
             f" VALUES (-1, 'initial', {pacs.now()}, 2)"
         )
-        assert client.main(["status", *configs]) == client.EXIT_OK
+        assert main(["status", *configs]) == EXIT_OK
         out = capsys.readouterr().out
         assert ", an initial load started 20" in out
         assert "initial load:   under way, enqueued up to study pk 2" in out
@@ -145,7 +147,7 @@ def test_status_says_a_run_is_under_way(pacs, service, configs, capsys):
     finally:
         pacs.run_lock(False)
     # Free again: status took the lock only to look, and gave it back.
-    assert client.main(["status", *configs]) == client.EXIT_OK
+    assert main(["status", *configs]) == EXIT_OK
     out = capsys.readouterr().out
     assert "under way" not in out and "run client.py to carry on" in out
     assert pacs.run_lock_free()
@@ -155,7 +157,7 @@ def test_initial_counts_each_study_of_the_archive_once(pacs, service, configs, c
     """The tick before the load finds the studies stored since installation;
     they are part of the archive, not more of it."""
     pacs.add_studies(7)
-    assert client.main(["initial", *configs]) == client.EXIT_OK
+    assert main(["initial", *configs]) == EXIT_OK
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert "enqueued 7, sent 7," in summary
 
@@ -167,7 +169,7 @@ def _fresh_copy(destination: Path) -> None:
     """What the README's cp line copies, from this checkout."""
     line = _command("sudo cp -r ")
     names = line.split()[3:-1]
-    assert "client.py" in names and "extras" in names, line
+    assert {"client.py", "dicom_indexer", "extras"} <= set(names), line
     destination.mkdir(parents=True)
     for name in names:
         source = ROOT / name
@@ -278,7 +280,7 @@ def test_offline_install_as_the_service_user(wheelhouse, service_user, service, 
     # config.json left to root, as after a sudo cp without the chown:
     os.chown(site / "config.json", 0, 0)
     result = subprocess.run(as_user, cwd=site, capture_output=True, text=True, timeout=120)
-    assert result.returncode == client.EXIT_CONFIG, result.stdout + result.stderr
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert (
         f"config.json: cannot read: Permission denied (this runs as user '{user}';"
         " the file belongs to 'root', mode 0600)" in result.stderr

@@ -9,13 +9,18 @@ import re
 import pytest
 from conftest import ENGINES, ROOT, ArcDb, PacsDb, _emptied, create_database, drop_database
 
-import client
+from dicom_indexer.sources.dcm4chee import (
+    ArcLight5MySQL,
+    ArcLight5PostgreSQL,
+    Dcm4chee2MySQL,
+    Dcm4chee2PostgreSQL,
+)
 
 CASES = {
-    ("dcm4chee2", "mysql"): ("add_indexer.sql", client.Dcm4chee2MySQL),
-    ("dcm4chee2", "postgresql"): ("add_indexer_postgresql.sql", client.Dcm4chee2PostgreSQL),
-    ("arc5", "mysql"): ("add_indexer_arclight5_mysql.sql", client.ArcLight5MySQL),
-    ("arc5", "postgresql"): ("add_indexer_arclight5_postgresql.sql", client.ArcLight5PostgreSQL),
+    ("dcm4chee2", "mysql"): ("add_indexer.sql", Dcm4chee2MySQL),
+    ("dcm4chee2", "postgresql"): ("add_indexer_postgresql.sql", Dcm4chee2PostgreSQL),
+    ("arc5", "mysql"): ("add_indexer_arclight5_mysql.sql", ArcLight5MySQL),
+    ("arc5", "postgresql"): ("add_indexer_arclight5_postgresql.sql", ArcLight5PostgreSQL),
 }
 PARAMS = [case for case in CASES if case[1] in ENGINES]
 

@@ -25,7 +25,8 @@ from conftest import (
 )
 from test_mapping import CONTRACT_KEYS
 
-import client
+from dicom_indexer.cli import main
+from dicom_indexer.errors import EXIT_NO_PYTHON
 
 PYTHON27 = Path("~/.pyenv/versions/2.7.18/bin/python").expanduser()
 PYTHON36 = Path("~/.pyenv/versions/3.6.15/bin/python").expanduser()
@@ -62,9 +63,9 @@ def test_original_clients_config_json_and_server_json_work_unchanged(pacs, servi
     original_files(tmp_path, pacs.name, service.url)
     files = ["--config", str(tmp_path / "config.json"), "--server", str(tmp_path / "server.json")]
 
-    assert client.main(["initial", *files]) == 0
+    assert main(["initial", *files]) == 0
     new = pacs.add_study(pacs.add_patient("NÚÑEZ^MARÍA", "9.876.543-K"))
-    assert client.main(files) == 0
+    assert main(files) == 0
 
     assert service.study_pks() == sorted(archive + [new])
     for document in service.documents:
@@ -169,6 +170,7 @@ def test_upgrade_by_the_readme_then_cron_with_python_27_delivers_silently(
 def test_cron_script_without_python_38_says_what_it_found_in_one_line(original_site, tmp_path):
     site, _, _ = original_site
     shutil.copy(ROOT / "client.py", site / "client.py")
+    shutil.copytree(ROOT / "dicom_indexer", site / "dicom_indexer")
     shutil.copy(ROOT / "extras" / "dicom_indexer.sh", site / "extras" / "dicom_indexer.sh")
     programs = {"python": PYTHON27}
     if PYTHON36.exists():
@@ -180,7 +182,7 @@ def test_cron_script_without_python_38_says_what_it_found_in_one_line(original_s
         capture_output=True,
         text=True,
     )
-    assert tick.returncode == client.EXIT_NO_PYTHON == 9
+    assert tick.returncode == EXIT_NO_PYTHON == 9
     assert tick.stdout == ""
     [line] = tick.stderr.splitlines()
     found = f"{site}/venv/bin/python is 2.7, " + ("python3 is 3.6, " if PYTHON36.exists() else "")
@@ -198,7 +200,7 @@ def test_client_on_a_python_without_the_requirements_names_the_fix(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == client.EXIT_NO_PYTHON
+    assert result.returncode == EXIT_NO_PYTHON
     [line] = result.stderr.splitlines()
     assert "PyMySQL, requests, urllib3 not installed for" in line
     assert line.endswith(f"-m pip install -r {ROOT / 'requirements.txt'}")

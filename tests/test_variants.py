@@ -25,7 +25,7 @@ from conftest import (
 )
 from test_install import _rows_read
 
-import client
+from dicom_indexer.cli import main
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def site(service, tmp_path):
 
 
 def _check_lines(capsys, args) -> tuple[int, list[str]]:
-    code = client.main(["check", *args])
+    code = main(["check", *args])
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -73,19 +73,19 @@ def test_without_study_updated_the_tick_reads_the_newest_studies_and_check_says_
     new = db.add_study(patient)
     db.store_series(newest)  # a recent study gets a series
     db.store_series(oldest)  # so does a ten-year-old one
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.study_pks() == sorted([newest, new])
     # Bounded: the newest 5,000 by primary key, not the 8,000 of the table.
     assert _rows_read(db, "CALL indexer_process()") < 5000 * 2 + 100
     # A rewrite of an old study is found by the nightly reconcile, once the
     # archive has fingerprints (initial).
-    assert client.main(["initial", *args]) == 0
+    assert main(["initial", *args]) == 0
     db.store_series(oldest)
     service.clear()
-    assert client.main(args) == 0
+    assert main(args) == 0
     assert service.study_pks() == []
-    assert client.main(["reconcile", *args]) == 0
-    assert client.main(args) == 0
+    assert main(["reconcile", *args]) == 0
+    assert main(args) == 0
     assert service.study_pks() == [oldest]
 
 
@@ -94,8 +94,8 @@ def test_tables_converted_to_utf8mb4_send_the_same_names(site, service):
     for table in ("patient", "study"):
         db.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4")
     study = db.add_study(db.add_patient("MUÑOZ^JOSÉ^ÁNGEL", "12.345.678-5"), desc="TÓRAX")
-    assert client.main(args) == 0
-    assert client.main(["initial", *args]) == 0
+    assert main(args) == 0
+    assert main(["initial", *args]) == 0
     for document in service.documents:
         assert document["study_pk"] == study
         assert document["patient_name"] == "MUÑOZ^JOSÉ^ÁNGEL"
@@ -135,13 +135,13 @@ def test_zero_dates_written_permissively_read_under_a_strict_sql_mode(
     grant_indexer_user(db.name)
     fresh = db.add_study(patient)
 
-    assert client.main(args) == 0
-    assert client.main(["initial", *args]) == 0
+    assert main(args) == 0
+    assert main(["initial", *args]) == 0
     by_pk = {doc["study_pk"]: doc for doc in service.documents}
     assert set(by_pk) == {zero, fresh}
     assert by_pk[zero]["study_datetime"] is None
-    assert client.main(["reconcile", *args]) == 0
-    assert client.main(["status", *args]) == 0
+    assert main(["reconcile", *args]) == 0
+    assert main(["status", *args]) == 0
     code, lines = _check_lines(capsys, args)
     assert code == 0, lines
 
@@ -174,7 +174,7 @@ def test_postgresql_without_an_updated_time_index_reads_the_newest_studies(
         new = db.add_study(patient)
         db.store_series(newest)
         db.store_series(1)  # ten years old: left to reconcile
-        assert client.main(args) == 0
+        assert main(args) == 0
         assert service.study_pks() == sorted([newest, new])
 
         # PostgreSQL has no index hints: an index on updated_time under any
@@ -233,7 +233,7 @@ def test_lower_case_table_names_server_installs_and_delivers(service, tmp_path, 
         ]
         code, lines = _check_lines(capsys, args)
         assert code == 0, lines
-        assert client.main(args) == 0
+        assert main(args) == 0
         assert [doc["study_iuid"] for doc in service.documents] == ["1.2.3"]
     finally:
         server.stop()

@@ -1,0 +1,537 @@
+"""config.json and server.json -> Settings, checked once, at load."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .engines import ENGINES
+from .errors import ConfigError
+from .study_service import QUEUE_FILE_NAME
+
+ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
+ENV_KEY = "DICOM_INDEXER_KEY"
+ENV_ORTHANC_PASSWORD = "DICOM_INDEXER_ORTHANC_PASSWORD"
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, from config.json and server.json; the
+    defaults are load_settings()'s.
+
+    The two files keep the original client's shapes, which every site already
+    has: config.json holds "database" (the connection), "key" and
+    "webservice_url", and beside them this client's optional settings;
+    server.json holds "server", the center's code, sent as "center".
+    """
+
+    source: str  # "dcm4chee" (a database: "database") or "orthanc" (REST: "orthanc")
+    db_engine: str  # a key of ENGINES; "sqlite" for an Orthanc site's queue
+    db_host: str
+    db_port: int
+    db_user: str
+    db_password: str = field(repr=False)
+    db_name: str
+    db_unix_socket: str | None
+    webservice_url: str
+    key: str = field(repr=False)
+    key_source: str  # where the key came from, for messages: never the key itself
+    orthanc_url: str
+    orthanc_user: str
+    orthanc_password: str = field(repr=False)
+    orthanc_ca_bundle: str | None
+    queue_file: Path  # Orthanc: the queue's SQLite file
+    center: str
+    config_path: Path
+    server_path: Path
+    page_size: int
+    concurrency: int | None  # None: "auto", adapted between 1 and max_concurrency
+    max_concurrency: int
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
+    max_retries: int
+    backoff_seconds: float
+    max_consecutive_failures: int
+    ca_bundle: str | None
+    send_deletes: bool
+    stable_age_seconds: int
+    reconcile_rows_per_second: int
+    max_studies_per_second: int  # 0: no cap
+    query_view: str  # arc-light: the view whose counts are sent
+    metrics_file: Path | None
+    log_file: Path | None
+    nice: int
+    warnings: tuple[str, ...] = ()  # found while loading; logged once per run
+    # Wrong or missing fields, each one line naming file and field. `check`
+    # lists them all; every other command stops at the first (exit 3).
+    problems: tuple[ConfigError, ...] = ()
+
+    @property
+    def request_deadline_seconds(self) -> float:
+        """How long one request may take, connecting, sending and reading
+        the whole answer: a service that trickles its answer cannot hold a
+        run past it."""
+        return self.connect_timeout_seconds + self.read_timeout_seconds
+
+    def key_problem(self) -> ConfigError | None:
+        """Only commands that send need the key (not --dry-run, status, reconcile).
+        A key that a header cannot carry would fail every request, or split
+        the header: it is refused here, before any request, and not shown."""
+        if not self.key:
+            return ConfigError(
+                f"{self.config_path}: field 'key' is missing or empty (or set key_file,"
+                f" or {ENV_KEY})",
+                field="key",
+            )
+        problem = header_value_problem(self.key)
+        if problem:
+            return ConfigError(
+                f"{self.key_source}: the API key cannot be sent in an HTTP header: {problem}"
+                " (the key is not shown); copy it again",
+                field="key",
+            )
+        return None
+
+
+_MISSING = object()
+QUERY_VIEW_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _read_json_object(path: Path, when_missing: str = "") -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found{when_missing}") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror} ({_whose(path)})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        # From bytes, json tells UTF-8 from UTF-16 and UTF-32 and skips a
+        # byte order mark: Windows editors (Notepad) write one.
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: is not UTF-8 text (saved as ANSI or Latin-1?): save it as UTF-8"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at {_json_mistake(exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a JSON object {{...}}")
+    return data
+
+
+def _json_mistake(exc: json.JSONDecodeError) -> str:
+    """Where a JSON file went wrong, and the likely mistake, in the words of
+    someone editing it by hand: json names the place after a mistake (the
+    line after a trailing comma), so the mistake's own line is named."""
+    text = exc.doc
+    before = text[: exc.pos].rstrip()
+    line = text.count("\n", 0, len(before)) + 1
+    column = len(before) - (before.rfind("\n") + 1)
+    if exc.pos >= len(text.rstrip()):
+        return f"line {line}: the file ends too early (a missing }} or ]?)"
+    if before.endswith(",") and text[exc.pos] in "}]":
+        return (
+            f"line {line} column {column}: a comma after the last field of an object or"
+            " list (not allowed in JSON)"
+        )
+    if exc.msg.startswith("Expecting ',' delimiter"):
+        return f"line {line}: a missing comma at its end, or a missing quote ({exc.msg})"
+    found = f"line {exc.lineno} column {exc.colno}"
+    if exc.msg.startswith("Invalid control character"):
+        return f"{found}: a text not closed (a missing quote?)"
+    if exc.msg.startswith("Expecting property name"):
+        return f"{found}: a field name not in double quotes (a missing quote?)"
+    return f"{found}: {exc.msg}"
+
+
+def _whose(path: Path) -> str:
+    """Who this runs as, and who the file belongs to: cron or systemd as one
+    user, the files installed (with sudo) as another."""
+    try:
+        import pwd  # Unix only
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        info = os.stat(path)
+        owner = pwd.getpwuid(info.st_uid).pw_name
+        mode = info.st_mode & 0o777
+        return f"this runs as user '{user}'; the file belongs to '{owner}', mode {mode:04o}"
+    except (ImportError, KeyError, OSError):
+        return "this user may not read it"
+
+
+class _Fields:
+    """Reads typed fields out of one JSON object. A wrong field is recorded,
+    named with its file and path ('database.name'), and its default is used,
+    so that `check` can report every problem of a file in one run."""
+
+    def __init__(
+        self, path: Path, data: dict[str, Any], problems: list[ConfigError], prefix: str = ""
+    ) -> None:
+        self.path = path
+        self.data = data
+        self.problems = problems
+        self.prefix = prefix
+        self.read: set[str] = set()
+
+    def problem(self, name: str, problem: str, separator: str = " ") -> None:
+        """Records that field `name` is wrong: "FILE: field 'NAME' PROBLEM"."""
+        full = self.prefix + name
+        self.problems.append(
+            ConfigError(f"{self.path}: field '{full}'{separator}{problem}", field=full)
+        )
+
+    def _value(self, name: str, default: Any) -> Any:
+        self.read.add(name)
+        value = self.data.get(name, default)
+        if value is _MISSING:
+            self.problem(name, "is missing")
+        return value
+
+    def section(self, name: str) -> _Fields:
+        """A nested object, such as "database"."""
+        value = self._value(name, _MISSING)
+        if value is not _MISSING and not isinstance(value, dict):
+            self.problem(name, "must be a JSON object {...}")
+        data = value if isinstance(value, dict) else {}
+        return _Fields(self.path, data, self.problems, f"{self.prefix}{name}.")
+
+    def ignore(self, name: str) -> None:
+        """A field the original client wrote and this one does not use."""
+        self.read.add(name)
+
+    def text(self, name: str, default: Any = _MISSING, allow_empty: bool = False) -> Any:
+        value = self._value(name, default)
+        if value is _MISSING:
+            return ""
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str):
+            self.problem(name, "must be a string")
+            return "" if default in (_MISSING, None) else default
+        if not value.strip() and not allow_empty:
+            self.problem(name, "is empty")
+        return value
+
+    def code(self, name: str) -> str:
+        """A code kept as written ("000" keeps its zeros); a number is
+        accepted and sent as its digits."""
+        value = self._value(name, _MISSING)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if value is _MISSING:
+            return ""
+        if not isinstance(value, str):
+            self.problem(name, 'must be a string, such as "000"')
+            return ""
+        if not value.strip():
+            self.problem(name, "is empty: set it to the center's code")
+        return value.strip()
+
+    def secret_file(self, name: str) -> str | None:
+        """The first line of the file that `name` points at, for sites that keep
+        secrets out of the JSON files."""
+        path = self.text(name, default=None)
+        if not path:
+            return None
+        try:
+            lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            self.problem(name, f"names {path}, which is not UTF-8 text")
+            return None
+        except OSError as exc:
+            self.problem(name, f"cannot be read: {exc.strerror or exc}")
+            return None
+        return lines[0].strip() if lines else ""
+
+    def file_path(self, name: str) -> Path | None:
+        value = self.text(name, default=None)
+        return Path(value) if value else None
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self._value(name, default)
+        if value not in choices:
+            self.problem(name, "must be " + " or ".join(f'"{c}"' for c in choices))
+            return default
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._value(name, default)
+        if not isinstance(value, bool):
+            self.problem(name, "must be true or false")
+            return default
+        return value
+
+    def number(
+        self, name: str, default: Any, minimum: float, maximum: float, integer: bool = True
+    ) -> Any:
+        value = self._value(name, default)
+        if value is _MISSING:
+            return minimum
+        # The original client kept numbers as strings ("3306"): accept both.
+        if isinstance(value, str) and value.strip():
+            try:
+                value = int(value) if integer else float(value)
+            except ValueError:
+                pass
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            self.problem(name, f"must be a number from {minimum:g} to {maximum:g}")
+            return minimum if default is _MISSING else default
+        if not minimum <= value <= maximum:
+            self.problem(name, f"must be from {minimum:g} to {maximum:g}, not {value}")
+            return minimum if default is _MISSING else default
+        return value
+
+    def query_view(self, name: str, default: str) -> str:
+        """An arc-light query/retrieve view ID: written into SQL, so letters,
+        digits, '_', '.' and '-' only."""
+        value = self._value(name, default)
+        if not isinstance(value, str) or not QUERY_VIEW_RE.match(value):
+            self.problem(name, 'must be a query/retrieve view ID such as "hideRejected"')
+            return default
+        return value
+
+    def number_or_auto(self, name: str, minimum: int, maximum: int) -> int | None:
+        """A whole number, or "auto" (the default): None."""
+        if self._value(name, "auto") == "auto":
+            return None
+        value = self._value(name, None)
+        if isinstance(value, str) and not value.strip().isdigit():
+            self.problem(name, f'must be "auto" or a number from {minimum} to {maximum}')
+            return None
+        return self.number(name, None, minimum, maximum)
+
+    def unknown(self) -> list[str]:
+        """Fields nobody read: usually a typo, which would otherwise be
+        silently ignored (and the setting left at its default)."""
+        return [self.prefix + name for name in self.data if name not in self.read]
+
+
+def load_settings(config_path: Path, server_path: Path) -> Settings:
+    """Reads and checks both files. A file that cannot be read or parsed
+    raises ConfigError; wrong fields are collected in Settings.problems."""
+    problems: list[ConfigError] = []
+    top = _Fields(config_path, _read_json_object(config_path), problems)
+    server = _Fields(
+        server_path,
+        _read_json_object(server_path, ': create it with {"server": "<center code>"}'),
+        problems,
+    )
+    top.ignore("server")  # the original's placeholder: "see server.json"
+    if "orthanc" in top.data:
+        # An Orthanc site: its REST API, and the queue in a file of its own.
+        if "database" in top.data:
+            top.problem("orthanc", "and 'database' are both set: keep the one this site's PACS is")
+        db = _Fields(config_path, {}, [], "database.")
+        orthanc = top.section("orthanc")
+        source = _orthanc_fields(orthanc, top, config_path)
+    else:
+        db = top.section("database")
+        orthanc = _Fields(config_path, {}, [], "orthanc.")
+        source = {**_connection_fields(db), **_NO_ORTHANC}
+    settings = Settings(
+        **source,
+        **_service_fields(top),
+        **_tuning_fields(top),
+        center=server.code("server"),
+        config_path=config_path,
+        server_path=server_path,
+    )
+    warnings = [
+        f"{fields.path}: unknown field '{name}' ignored (misspelt?)"
+        for fields in (top, db, orthanc, server)
+        for name in fields.unknown()
+    ]
+    warnings += _exposure_warnings(settings, db, top)
+    return dataclasses.replace(settings, warnings=tuple(warnings), problems=tuple(problems))
+
+
+def _connection_fields(db: _Fields) -> dict[str, Any]:
+    """ "database": where the PACS's database is and how to log in."""
+    engine = db.choice("engine", default="mysql", choices=tuple(ENGINES))
+    # Secrets: the environment, then a file of their own, then config.json;
+    # surrounding whitespace (a pasted newline) is never part of one.
+    password, _ = _secret(db, "password", "password_file", ENV_DB_PASSWORD)
+    return {
+        "source": "dcm4chee",
+        "db_engine": engine,
+        "db_host": db.text("host", default="localhost"),
+        "db_port": db.number(
+            "port", default=ENGINES[engine].default_port, minimum=1, maximum=65535
+        ),
+        "db_user": db.text("user"),
+        "db_password": password,
+        "db_name": db.text("name"),
+        "db_unix_socket": db.text("unix_socket", default=None),
+    }
+
+
+_NO_ORTHANC: dict[str, Any] = {
+    "orthanc_url": "",
+    "orthanc_user": "",
+    "orthanc_password": "",
+    "orthanc_ca_bundle": None,
+    "queue_file": Path(QUEUE_FILE_NAME),
+}
+
+
+def _orthanc_fields(orthanc: _Fields, top: _Fields, config_path: Path) -> dict[str, Any]:
+    """ "orthanc": its REST API's address and credentials; and where the queue is."""
+    url = orthanc.text("url", default="http://127.0.0.1:8042").rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        orthanc.problem("url", "must start with http:// or https://")
+    password, _ = _secret(orthanc, "password", "password_file", ENV_ORTHANC_PASSWORD)
+    ca_bundle = orthanc.text("ca_bundle", default=None)
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        orthanc.problem("ca_bundle", f"file not found: {ca_bundle}", separator=": ")
+    queue_file = top.file_path("queue_file") or config_path.resolve().with_name(QUEUE_FILE_NAME)
+    return {
+        "source": "orthanc",
+        "db_engine": "sqlite",
+        "db_host": "",
+        "db_port": 0,
+        "db_user": "",
+        "db_password": "",
+        "db_name": str(queue_file),
+        "db_unix_socket": None,
+        "orthanc_url": url,
+        "orthanc_user": orthanc.text("user", default="", allow_empty=True) or "",
+        "orthanc_password": password,
+        "orthanc_ca_bundle": ca_bundle,
+        "queue_file": queue_file,
+    }
+
+
+def _service_fields(top: _Fields) -> dict[str, Any]:
+    """The central service: where, with which key, trusting which CA."""
+    key, key_source = _secret(top, "key", "key_file", ENV_KEY)
+    url = top.text("webservice_url")
+    if url and not url.startswith(("http://", "https://")):
+        top.problem("webservice_url", "must start with http:// or https://")
+    ca_bundle = top.text("ca_bundle", default=None)
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        top.problem("ca_bundle", f"file not found: {ca_bundle}", separator=": ")
+    return {"webservice_url": url, "key": key, "key_source": key_source, "ca_bundle": ca_bundle}
+
+
+def _tuning_fields(top: _Fields) -> dict[str, Any]:
+    """This client's optional settings, each with its default and range."""
+    return {
+        "page_size": top.number("page_size", default=1000, minimum=1, maximum=100000),
+        "concurrency": top.number_or_auto("concurrency", minimum=1, maximum=64),
+        "max_concurrency": top.number("max_concurrency", default=64, minimum=1, maximum=256),
+        "connect_timeout_seconds": top.number(
+            "connect_timeout_seconds", default=5, minimum=0.1, maximum=300, integer=False
+        ),
+        "read_timeout_seconds": top.number(
+            "read_timeout_seconds", default=30, minimum=0.1, maximum=3600, integer=False
+        ),
+        "max_retries": top.number("max_retries", default=3, minimum=0, maximum=20),
+        "backoff_seconds": top.number(
+            "backoff_seconds", default=1, minimum=0, maximum=60, integer=False
+        ),
+        "max_consecutive_failures": top.number(
+            "max_consecutive_failures", default=5, minimum=1, maximum=100000
+        ),
+        "send_deletes": top.flag("send_deletes", default=False),
+        "stable_age_seconds": top.number("stable_age_seconds", default=0, minimum=0, maximum=86400),
+        "reconcile_rows_per_second": top.number(
+            "reconcile_rows_per_second", default=2000, minimum=1, maximum=1000000
+        ),
+        "max_studies_per_second": top.number(
+            "max_studies_per_second", default=0, minimum=0, maximum=1000000
+        ),
+        "nice": top.number("nice", default=10, minimum=0, maximum=19),
+        "query_view": top.query_view("query_view", default="hideRejected"),
+        "metrics_file": top.file_path("metrics_file"),
+        "log_file": top.file_path("log_file"),
+    }
+
+
+def _exposure_warnings(settings: Settings, db: _Fields, top: _Fields) -> list[str]:
+    """Setups that expose a secret: a config.json others can read, a key
+    sent in clear to another host."""
+    warnings = []
+    config_path, url = settings.config_path, settings.webservice_url
+    orthanc = top.data.get("orthanc")
+    secrets = [
+        secret
+        for secret, present in (
+            ("database password", db.data.get("password")),
+            ("Orthanc password", isinstance(orthanc, dict) and orthanc.get("password")),
+            ("API key", top.data.get("key")),
+        )
+        if present
+    ]
+    if secrets and _readable_by_others(config_path):
+        warnings.append(
+            f"{config_path} holds the {' and the '.join(secrets)} and other users of this"
+            f" machine can read it; fix: chmod 600 {config_path}"
+        )
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("http://") and not _is_loopback(host):
+        warnings.append(
+            f"webservice_url in {config_path} is http:// to {host}: the API key and patient"
+            " data travel unencrypted; use https:// unless this is a private network"
+        )
+    return warnings
+
+
+def _secret(fields: _Fields, name: str, file_field: str, variable: str) -> tuple[str, str]:
+    """A secret and where it came from: the environment variable if it is
+    set and not blank (an empty one never hides a configured secret), else
+    the file that `file_field` names, else the field itself."""
+    value = os.environ.get(variable, "").strip()
+    if value:
+        fields.ignore(name)
+        fields.ignore(file_field)
+        return value, f"environment variable {variable}"
+    value = fields.secret_file(file_field)
+    if value is not None:
+        fields.ignore(name)
+        return value, f"{fields.path}: the file in field '{fields.prefix}{file_field}'"
+    value = fields.text(name, default="", allow_empty=True) or ""
+    return value.strip(), f"{fields.path}: field '{fields.prefix}{name}'"
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot travel in an HTTP header, without showing it: a
+    control character (a newline splits the header) or a character outside
+    printable ASCII (http.client refuses some and servers mangle the rest)."""
+    for position, char in enumerate(value, 1):
+        if not " " <= char <= "~":
+            kind = (
+                "a control character" if char < " " or char == "\x7f" else "a non-ASCII character"
+            )
+            return f"character {position} of {len(value)} is {kind}"
+    return None
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o044)
+    except OSError:
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,617 @@
+"""Database engines: MySQL/MariaDB, PostgreSQL and SQLite, each a small
+adapter that imports its driver when it connects."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import stat
+import sys
+from typing import TYPE_CHECKING, Any, Mapping
+
+from . import HERE
+from .errors import DatabaseError
+from .study_service import SQLiteQueueSQL
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+# --------------------------------------------------------------------------
+# Engines: MySQL/MariaDB and PostgreSQL
+#
+# The only code that knows a database driver: how to connect, run a
+# statement, pass a batch of rows, lock, and what the driver's errors mean.
+# Each engine is a small adapter listed in ENGINES and imports its driver
+# when it connects, so a run loads one driver (each costs a few MB of a
+# budget of 50). The SQL itself is the source's and the queue's.
+# --------------------------------------------------------------------------
+
+DB_CONNECT_TIMEOUT_SECONDS = 10
+# The longest a statement may go without a byte from the server: far beyond
+# any statement of a run (a tick after a burst of a million rewrites takes a
+# few minutes), and a lock waits at most PG_LOCK_TIMEOUT_SECONDS (or MySQL's
+# innodb_lock_wait_timeout) before the server says so. It only ends a run
+# whose server vanished mid-statement (a host powered off) instead of
+# waiting on TCP forever.
+DB_READ_TIMEOUT_SECONDS = 900
+PG_LOCK_TIMEOUT_SECONDS = 50  # as MySQL's innodb_lock_wait_timeout default
+DEADLOCK_RETRIES = 5
+# What a PACS administrator can make of the errors that end a run midway:
+# the server restarted (a nightly backup), a DBA killed the connection, or
+# the PACS held a row too long. Nothing is lost: the next run carries on.
+LOST_CONNECTION = "the connection to the database was lost (server restarted or connection killed)"
+LOCK_TIMEOUT = "lock wait timeout: a PACS transaction held the rows"
+DEADLOCK = "deadlock with a PACS transaction"
+
+
+class MySQLError:
+    """The MySQL/MariaDB error numbers the client tells apart, by the names
+    PyMySQL's constants/ER.py and CR.py give them."""
+
+    CLOSED = 0  # PyMySQL's InterfaceError(0, ''): the connection is gone
+    SERVER_SHUTDOWN = 1053
+    BAD_FIELD_ERROR = 1054
+    TABLEACCESS_DENIED_ERROR = 1142
+    COLUMNACCESS_DENIED_ERROR = 1143
+    NO_SUCH_TABLE = 1146
+    LOCK_WAIT_TIMEOUT = 1205
+    LOCK_DEADLOCK = 1213
+    SP_DOES_NOT_EXIST = 1305
+    PROCACCESS_DENIED_ERROR = 1370
+    CONNECTION_KILLED = 1927  # MariaDB
+    CR_SERVER_GONE_ERROR = 2006
+    CR_SERVER_LOST = 2013
+    CR_SERVER_LOST_EXTENDED = 2055
+
+
+class PostgreSQLError:
+    """The SQLSTATEs the client tells apart, by PostgreSQL's condition names."""
+
+    UNDEFINED_TABLE = "42P01"
+    UNDEFINED_COLUMN = "42703"
+    UNDEFINED_FUNCTION = "42883"
+    INSUFFICIENT_PRIVILEGE = "42501"
+    ADMIN_SHUTDOWN = "57P01"  # pg_terminate_backend, or a fast shutdown
+    CRASH_SHUTDOWN = "57P02"
+    CANNOT_CONNECT_NOW = "57P03"
+    LOCK_NOT_AVAILABLE = "55P03"
+    QUERY_CANCELED = "57014"
+    DEADLOCK_DETECTED = "40P01"
+    SERIALIZATION_FAILURE = "40001"
+
+
+def _import_pymysql() -> Any:
+    """PyMySQL, without the `cryptography` package it imports up front when
+    it is installed: 7 MB of a budget of 50, used only by MySQL 8's
+    caching_sha2_password over a connection without TLS, and then only when
+    the server has not cached the password (_load_pymysql_rsa does it then)."""
+    # Only where neither is loaded yet (a test process may hold both).
+    blocked = "cryptography" not in sys.modules and "pymysql" not in sys.modules
+    if blocked:
+        sys.modules["cryptography"] = None  # type: ignore[assignment]
+    try:
+        # Every PyMySQL from 0.10 (the oldest requirements.txt allows) imports
+        # it under try/except ImportError: it then only lacks the RSA exchange.
+        import pymysql
+        import pymysql.cursors
+    finally:
+        if blocked:
+            del sys.modules["cryptography"]
+    return pymysql
+
+
+def _load_pymysql_rsa(pymysql: Any) -> bool:
+    """Re-imports PyMySQL's authentication module, now with `cryptography`;
+    False when that package is not installed."""
+    import importlib
+
+    importlib.reload(pymysql._auth)
+    return sys.modules.get("cryptography") is not None
+
+
+# Where MariaDB and MySQL put their server's socket: Debian and Ubuntu
+# (/run/mysqld, /var/run/mysqld), RHEL and CentOS (/var/lib/mysql), MySQL's
+# own packages and tarballs (/tmp).
+MYSQL_SOCKETS = (
+    "/run/mysqld/mysqld.sock",
+    "/var/run/mysqld/mysqld.sock",
+    "/var/lib/mysql/mysql.sock",
+    "/tmp/mysql.sock",
+)
+MYSQL_ACCESS_DENIED = 1045
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+GRANT_SCRIPT_MYSQL = "the grant script (extras/grant_indexer*.sql)"
+
+
+def _local_mysql_socket(places: tuple[str, ...] = MYSQL_SOCKETS) -> str | None:
+    """The first of `places` that is a socket, or None."""
+    for place in places:
+        try:
+            if stat.S_ISSOCK(os.stat(place).st_mode):
+                return place
+        except OSError:
+            continue
+    return None
+
+
+class MySQLEngine:
+    """MySQL 5.6 to 8 and MariaDB 10.x, through PyMySQL.
+
+    "localhost" means what it means to the mysql command: the server's local
+    socket, not TCP. An account created as 'dicom_indexer'@'localhost' (as
+    grant_indexer.sql does) matches only connections through that socket; over
+    TCP the server sees 127.0.0.1 (with skip_name_resolve, common, never
+    "localhost") and denies it. So for host "localhost" on the default port the
+    socket is used where MariaDB or MySQL put it (or database.unix_socket), and
+    TCP only when there is none, which `check` says."""
+
+    name = "mysql"
+    default_port = 3306
+    # A table, column or procedure missing, or not granted.
+    MISSING_OBJECT = frozenset(
+        {
+            MySQLError.NO_SUCH_TABLE,
+            MySQLError.BAD_FIELD_ERROR,
+            MySQLError.SP_DOES_NOT_EXIST,
+            MySQLError.PROCACCESS_DENIED_ERROR,
+            MySQLError.TABLEACCESS_DENIED_ERROR,
+            MySQLError.COLUMNACCESS_DENIED_ERROR,
+        }
+    )
+    CONFLICT = frozenset({MySQLError.LOCK_DEADLOCK, MySQLError.LOCK_WAIT_TIMEOUT})
+    REASONS = {
+        MySQLError.CLOSED: LOST_CONNECTION,
+        MySQLError.CR_SERVER_GONE_ERROR: LOST_CONNECTION,
+        MySQLError.CR_SERVER_LOST: LOST_CONNECTION,
+        MySQLError.CR_SERVER_LOST_EXTENDED: LOST_CONNECTION,
+        MySQLError.SERVER_SHUTDOWN: "the database server is shutting down",
+        MySQLError.CONNECTION_KILLED: "the connection was killed",
+        MySQLError.LOCK_WAIT_TIMEOUT: LOCK_TIMEOUT,
+        MySQLError.LOCK_DEADLOCK: DEADLOCK,
+    }
+    TRY_LOCK = "SELECT GET_LOCK(%s, 0) AS got"
+    UNLOCK = "SELECT RELEASE_LOCK(%s) AS released"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.driver = _import_pymysql()
+        self.Error: tuple[type[BaseException], ...] = (self.driver.MySQLError,)
+        self.conn: Any = None
+        self.socket = settings.db_unix_socket
+        local = settings.db_host == "localhost" and settings.db_port == self.default_port
+        if self.socket is None and local:
+            self.socket = _local_mysql_socket()
+        # How the connection goes, for `check` and the error lines.
+        if self.socket:
+            self.route = f"through the local socket {self.socket}"
+        elif local:
+            self.route = (
+                f"on localhost:{settings.db_port} over TCP (no MySQL socket in"
+                f" {', '.join(MYSQL_SOCKETS)}; database.unix_socket names another)"
+            )
+        else:
+            self.route = f"on {settings.db_host}:{settings.db_port}"
+
+    def connect(self) -> None:
+        try:
+            self.conn = self._connect_once(self.socket)
+        except self.driver.MySQLError as exc:
+            raise DatabaseError(self.describe(exc) + self._denied_host_hint(exc)) from None
+        except RuntimeError as exc:
+            # MySQL 8's caching_sha2_password (or sha256_password) asked for
+            # the password encrypted with the server's RSA key: the one case
+            # that needs `cryptography`, loaded now.
+            if "cryptography" not in str(exc):
+                raise
+            if not _load_pymysql_rsa(self.driver):
+                raise DatabaseError(
+                    "the server wants the password RSA-encrypted (MySQL 8"
+                    " caching_sha2_password without TLS) and the Python package"
+                    " 'cryptography' is not installed: pip install cryptography"
+                ) from None
+            self.conn = self._connect_once(self.socket)
+
+    def _denied_host_hint(self, exc: BaseException) -> str:
+        """For an access denied over TCP: the host the server saw, and whether
+        the same user and password get in through the local socket."""
+        args = getattr(exc, "args", ())
+        if self.socket or not args or args[0] != MYSQL_ACCESS_DENIED:
+            return ""
+        seen = re.search(r"'[^']*'@'([^']*)'", str(args[1]) if len(args) > 1 else "")
+        host = seen.group(1) if seen else self.settings.db_host
+        hint = (
+            f"; the server saw this connection come from '{host}': an account created"
+            " for 'localhost' matches only its local socket, so create it for"
+            f" '{host}' too (SET @indexer_host = '{host}' before {GRANT_SCRIPT_MYSQL})"
+        )
+        socket = _local_mysql_socket()
+        if socket and self.settings.db_host in LOOPBACK_HOSTS:
+            try:
+                self._connect_once(socket).close()
+            except Exception:  # denied there too: the user or the password is wrong
+                return hint + ", or check the user and password"
+            return (
+                f"; the server saw this connection come from '{host}', and through the"
+                f" local socket {socket} the same user and password are accepted: the"
+                f" account exists for 'localhost' only. Set database.host to \"localhost\""
+                f" (the socket), or create the account for '{host}'"
+                f" (SET @indexer_host = '{host}' before {GRANT_SCRIPT_MYSQL})"
+            )
+        return hint + ", or check the user and password"
+
+    def _connect_once(self, socket: str | None) -> Any:
+        settings = self.settings
+        return self.driver.connect(
+            host=settings.db_host,
+            port=settings.db_port,
+            user=settings.db_user,
+            password=settings.db_password,
+            database=settings.db_name,
+            unix_socket=socket,
+            # Decodes latin1 and utf8 columns alike into correct Unicode.
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
+            read_timeout=DB_READ_TIMEOUT_SECONDS,
+            write_timeout=DB_READ_TIMEOUT_SECONDS,
+            cursorclass=self.driver.cursors.DictCursor,
+        )
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        with self.conn.cursor() as cur:
+            return int(cur.execute(sql, args))
+
+    def execute_batch(self, sql: str, rows: list[tuple]) -> None:
+        """One statement for many rows: PyMySQL sends an INSERT ... VALUES
+        batch as one multi-row statement, anything else row by row."""
+        with self.conn.cursor() as cur:
+            cur.executemany(sql, rows)
+
+    def begin(self) -> None:
+        self.conn.begin()
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def error_code(self, exc: BaseException) -> Any:
+        return exc.args[0] if exc.args else None
+
+    def describe(self, exc: BaseException) -> str:
+        """'(1045) Access denied ...': never the password. Errors that say
+        little by themselves (a killed connection is "(0) ") get the reason
+        in words."""
+        return _mysql_message(exc, self.REASONS)
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in self.MISSING_OBJECT
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in self.CONFLICT
+
+    def try_lock(self, name: str) -> bool:
+        return self.query(self.TRY_LOCK, (name,))[0]["got"] == 1
+
+    def unlock(self, name: str) -> None:
+        self.query(self.UNLOCK, (name,))
+
+
+def _mysql_message(exc: BaseException, reasons: Mapping[Any, str]) -> str:
+    args = getattr(exc, "args", ())
+    code = args[0] if args else None
+    text = " ".join(str(args[1]).split()) if len(args) >= 2 else ""
+    reason = reasons.get(code) if isinstance(code, int) else None
+    if reason and text:
+        return f"{reason} ({code}: {text})"
+    if reason:
+        return reason
+    if text:
+        return f"({code}) {text}"
+    return str(exc) or type(exc).__name__
+
+
+class PostgreSQLEngine:
+    """PostgreSQL 9.6 and later, through pg8000 (pure Python, installed only
+    where needed: requirements-postgresql.txt)."""
+
+    name = "postgresql"
+    default_port = 5432
+    MISSING_OBJECT = frozenset(
+        {
+            PostgreSQLError.UNDEFINED_TABLE,
+            PostgreSQLError.UNDEFINED_COLUMN,
+            PostgreSQLError.UNDEFINED_FUNCTION,
+            PostgreSQLError.INSUFFICIENT_PRIVILEGE,
+        }
+    )
+    CONFLICT = frozenset(
+        {
+            PostgreSQLError.DEADLOCK_DETECTED,
+            PostgreSQLError.LOCK_NOT_AVAILABLE,
+            PostgreSQLError.SERIALIZATION_FAILURE,
+        }
+    )
+    REASONS = {
+        PostgreSQLError.ADMIN_SHUTDOWN: LOST_CONNECTION,
+        PostgreSQLError.CRASH_SHUTDOWN: "the database server is shutting down",
+        PostgreSQLError.CANNOT_CONNECT_NOW: "the database server is starting up",
+        PostgreSQLError.LOCK_NOT_AVAILABLE: LOCK_TIMEOUT,
+        PostgreSQLError.QUERY_CANCELED: "the statement was cancelled (statement_timeout)",
+        PostgreSQLError.DEADLOCK_DETECTED: DEADLOCK,
+        PostgreSQLError.SERIALIZATION_FAILURE: "serialization failure with a PACS transaction",
+    }
+    TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s)) AS got"
+    UNLOCK = "SELECT pg_advisory_unlock(hashtext(%s)) AS released"
+    # MySQL gives up on a lock after 50 s (innodb_lock_wait_timeout);
+    # PostgreSQL would wait forever on a transaction left open. A
+    # lock_timeout set for the role or database is kept.
+    SET_LOCK_TIMEOUT = (
+        "SELECT set_config('lock_timeout', %s, false) WHERE current_setting('lock_timeout') = '0'"
+    )
+    # Every statement of the client reads its rows through an index: a tick
+    # reads what changed and what is pending, not the archive. The planner
+    # picks by statistics, which lag: a queue ANALYZEd during `initial`, when
+    # every row was pending, says that a tick's page of pending studies is the
+    # whole table, and it read all of study_service and study by hash joins.
+    # Priced this way, an index and a nested loop by primary key are the only
+    # paths it can afford, whatever it guesses (MySQL: FORCE INDEX). Plain
+    # index scans, not bitmap or index-only ones: only they mark the entries
+    # of dead rows (the 100,000 'pending' ones an initial load leaves until
+    # VACUUM) so that the next scan skips them; the others read them again at
+    # every tick. For this session only; indexer_process() sets the same.
+    INDEX_PATHS_ONLY = (
+        "SELECT set_config('enable_seqscan', 'off', false),"
+        " set_config('enable_hashjoin', 'off', false),"
+        " set_config('enable_mergejoin', 'off', false),"
+        " set_config('enable_bitmapscan', 'off', false),"
+        " set_config('enable_indexonlyscan', 'off', false)"
+    )
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        try:
+            import pg8000.dbapi
+        except ImportError:
+            raise DatabaseError(
+                'config.json says database.engine "postgresql" but its driver is not'
+                f" installed: run {sys.executable} -m pip install -r"
+                f" {HERE / 'requirements-postgresql.txt'}"
+            ) from None
+        self.driver = pg8000.dbapi
+        self.Error: tuple[type[BaseException], ...] = (pg8000.dbapi.Error,)
+        self.conn: Any = None
+        if settings.db_unix_socket:
+            self.route = f"through the local socket {settings.db_unix_socket}"
+        else:
+            self.route = f"on {settings.db_host}:{settings.db_port}"
+
+    def connect(self) -> None:
+        settings = self.settings
+        self.conn = self.driver.connect(
+            user=settings.db_user,
+            password=settings.db_password or None,
+            host=settings.db_host if not settings.db_unix_socket else None,
+            port=settings.db_port,
+            database=settings.db_name,
+            unix_sock=settings.db_unix_socket,
+            timeout=DB_CONNECT_TIMEOUT_SECONDS,
+            application_name="dicom-indexer",
+        )
+        self.conn.autocommit = True
+        # pg8000's timeout is the socket's, for every read, not only for
+        # connecting: left at DB_CONNECT_TIMEOUT_SECONDS, a statement waiting
+        # on a lock for longer would end the run with a socket error before
+        # lock_timeout could answer. From here on, reads wait as MySQL's do.
+        sock = getattr(self.conn, "_usock", None)
+        if sock is not None:
+            sock.settimeout(DB_READ_TIMEOUT_SECONDS)
+        self._run(self.SET_LOCK_TIMEOUT, (f"{PG_LOCK_TIMEOUT_SECONDS}s",))
+        self._run(self.INDEX_PATHS_ONLY, None)
+
+    def _run(self, sql: str, args: Any) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(sql, args if args is not None else ())
+        return cur
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        cur = self._run(sql, args)
+        if cur.description is None:
+            return []
+        names = [column[0] for column in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        return int(self._run(sql, args).rowcount)
+
+    def execute_batch(self, sql: str, rows: list[tuple]) -> None:
+        """One statement for many rows: pg8000 would run executemany() one
+        statement per row, so the queue's batch statements take one array
+        per column (unnest, or = ANY), and the rows are transposed here."""
+        self._run(sql, [list(column) for column in zip(*rows)])
+
+    def begin(self) -> None:
+        self._run("BEGIN", None)
+
+    def commit(self) -> None:
+        self._run("COMMIT", None)
+
+    def rollback(self) -> None:
+        try:
+            self._run("ROLLBACK", None)
+        except self.Error:
+            pass  # the connection is gone: the server rolled back
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def error_code(self, exc: BaseException) -> Any:
+        detail = exc.args[0] if exc.args else None
+        return detail.get("C") if isinstance(detail, dict) else None
+
+    def describe(self, exc: BaseException) -> str:
+        code = self.error_code(exc)
+        if code is None:
+            # Network errors come as InterfaceError with a plain text.
+            text = " ".join(str(exc).split())
+            lost = ("network error", "connection", "closed", "broken pipe", "reset", "eof")
+            if not text or any(word in text.lower() for word in lost):
+                return f"{LOST_CONNECTION} ({text})" if text else LOST_CONNECTION
+            return text
+        text = " ".join(str(exc.args[0].get("M", "")).split())
+        reason = self.REASONS.get(code)
+        return f"{reason} ({code}: {text})" if reason else f"({code}) {text}"
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in self.MISSING_OBJECT
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return self.error_code(exc) in self.CONFLICT
+
+    def try_lock(self, name: str) -> bool:
+        return bool(self.query(self.TRY_LOCK, (name,))[0]["got"])
+
+    def unlock(self, name: str) -> None:
+        self.query(self.UNLOCK, (name,))
+
+
+ENGINES: dict[str, Any] = {"mysql": MySQLEngine, "postgresql": PostgreSQLEngine}
+
+
+def statement_label(sql: str) -> str:
+    """What a statement does, for an error line: 'indexer_process', 'UPDATE
+    on study_service', 'SELECT from study'. Never its arguments."""
+    if "indexer_process" in sql:
+        return "indexer_process (finding the new and changed studies)"
+    if re.search(r"_lock\(", sql, re.IGNORECASE):  # GET_LOCK, pg_try_advisory_lock
+        return "the run lock (one run at a time per database)"
+    verb = sql.split(None, 1)[0].upper() if sql.strip() else "statement"
+    table = re.search(r"\b(FROM|INTO|UPDATE)\s+(\w+)", sql, re.IGNORECASE)
+    if table is None:
+        return verb
+    preposition = "on" if table.group(1).upper() == "UPDATE" else table.group(1).lower()
+    return f"{verb} {preposition} {table.group(2)}"
+
+
+def rewritten(text: str, old: str, new: str) -> str:
+    """`text` with `old` replaced by `new`, where one statement is another's
+    with one part changed; fails loudly (at import) if `old` is not there,
+    so that the two cannot drift apart silently."""
+    if old not in text:
+        raise AssertionError(f"rewritten(): {old!r} is not in {text[:60]!r}...")
+    return text.replace(old, new)
+
+
+class SQLiteEngine:
+    """The queue of an Orthanc site: a SQLite file, through the standard
+    library; WAL, one writer at a time (the run lock), every commit durable.
+    Created by the client, readable by its user only, like config.json."""
+
+    name = "sqlite"
+    # Columns (or aliases) that hold times: SQLite keeps them as text.
+    TIMES = frozenset({"now", "started", "queued_at", "next_at", "t", "next_attempt_at"})
+    BUSY_TIMEOUT_SECONDS = 50  # as MySQL's lock wait, for a reader beside the run
+
+    def __init__(self, settings: Settings) -> None:
+        import sqlite3
+
+        self.settings = settings
+        self.driver = sqlite3
+        self.Error: tuple[type[BaseException], ...] = (sqlite3.Error,)
+        self.path = settings.queue_file
+        self.conn: Any = None
+        self.lock_file: Any = None
+
+    def connect(self) -> None:
+        try:
+            # Created readable by its owner only: it names every study sent.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DatabaseError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        self.conn = self.driver.connect(
+            str(self.path),
+            timeout=self.BUSY_TIMEOUT_SECONDS,
+            isolation_level=None,  # autocommit, BEGIN and COMMIT as the queue says
+            check_same_thread=False,  # the initial load's thread opens its own
+        )
+        self.conn.row_factory = self.driver.Row
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        for statement in SQLiteQueueSQL.CREATE:
+            self.conn.execute(statement)
+
+    def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
+        rows = self.conn.execute(sql, args if args is not None else ()).fetchall()
+        return [self._dict(row) for row in rows]
+
+    def _dict(self, row: Any) -> dict[str, Any]:
+        values = dict(zip(row.keys(), row))
+        for name in self.TIMES.intersection(values):
+            if isinstance(values[name], str):
+                values[name] = datetime.datetime.fromisoformat(values[name])
+        return values
+
+    def rowcount(self, sql: str, args: Any = None) -> int:
+        return int(self.conn.execute(sql, args if args is not None else ()).rowcount)
+
+    def execute_batch(self, sql: str, rows: list[tuple]) -> None:
+        """Each statement of `sql` (an upsert is two) for every row."""
+        for statement in sql.split(";\n"):
+            self.conn.executemany(statement, rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.close()  # releases the run lock
+        self.conn.close()
+
+    def error_code(self, exc: BaseException) -> Any:
+        return getattr(exc, "sqlite_errorname", None) or str(exc)
+
+    def describe(self, exc: BaseException) -> str:
+        return f"{self.path}: {' '.join(str(exc).split())}"
+
+    def is_missing_object(self, exc: BaseException) -> bool:
+        return "no such" in str(exc)
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        return "locked" in str(exc)
+
+    def try_lock(self, name: str) -> bool:
+        """One run at a time per queue: an exclusive lock on a file beside
+        it, which the system releases when the process ends, even on kill -9."""
+        import fcntl
+
+        if self.lock_file is None:
+            self.lock_file = open(f"{self.path}.lock", "a")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+    def unlock(self, name: str) -> None:
+        import fcntl
+
+        fcntl.flock(self.lock_file, fcntl.LOCK_UN)
