@@ -3,6 +3,7 @@ run their statements on."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -12,6 +13,8 @@ from .study_service import StudyServiceQueue
 
 if TYPE_CHECKING:
     from .config import Settings
+
+log = logging.getLogger("dicom_indexer")
 
 
 class Database:
@@ -69,8 +72,11 @@ class Database:
         self.engine.rollback()
 
     def in_transaction(self, work: Callable[[], Any]) -> None:
-        """Runs work() in one transaction, again if the server chose it as a
-        deadlock victim: the initial load writes while acknowledgements do."""
+        """Runs work() in one transaction, again (DEADLOCK_RETRIES times at
+        most) if the server chose it as a deadlock victim or a lock wait ran
+        out: the initial load and the acknowledgements write rows that a PACS
+        transaction, or the other, may hold. The server rolled the victim
+        back, so all of work() runs again; it holds nothing but its writes."""
         for attempt in range(DEADLOCK_RETRIES + 1):
             self.begin()
             try:
@@ -81,6 +87,13 @@ class Database:
                 self.rollback()
                 if not self.engine.is_conflict(exc) or attempt == DEADLOCK_RETRIES:
                     raise
+                log.info(
+                    "%s, in %s: its transaction runs again (%d of %d)",
+                    self.describe(exc),
+                    statement_label(self.statement),
+                    attempt + 1,
+                    DEADLOCK_RETRIES,
+                )
                 time.sleep(0.1 * (attempt + 1))
 
     def describe(self, exc: BaseException) -> str:

@@ -8,11 +8,10 @@ import os
 import re
 import stat
 import sys
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from . import HERE
 from .errors import DatabaseError
-from .study_service import SQLiteQueueSQL
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -82,32 +81,77 @@ class PostgreSQLError:
 
 
 def _import_pymysql() -> Any:
-    """PyMySQL, without the `cryptography` package it imports up front when
-    it is installed: 7 MB of a budget of 50, used only by MySQL 8's
-    caching_sha2_password over a connection without TLS, and then only when
-    the server has not cached the password (_load_pymysql_rsa does it then)."""
-    # Only where neither is loaded yet (a test process may hold both).
-    blocked = "cryptography" not in sys.modules and "pymysql" not in sys.modules
-    if blocked:
-        sys.modules["cryptography"] = None  # type: ignore[assignment]
-    try:
-        # Every PyMySQL from 0.10 (the oldest requirements.txt allows) imports
-        # it under try/except ImportError: it then only lacks the RSA exchange.
-        import pymysql
-        import pymysql.cursors
-    finally:
-        if blocked:
-            del sys.modules["cryptography"]
+    """PyMySQL, without the `cryptography` package that its authentication
+    module imports up front whenever it is installed: 7 MB of a budget of
+    50, used only by MySQL 8's caching_sha2_password over a connection
+    without TLS, and then only when the server has not cached the password
+    (_load_pymysql_rsa loads it then)."""
+    # Where it is loaded already (a test process may hold it), it costs nothing more.
+    if "pymysql" not in sys.modules and "cryptography" not in sys.modules:
+        _load_pymysql_auth_without("cryptography")
+    import pymysql
+    import pymysql.cursors
+
     return pymysql
 
 
+def _load_pymysql_auth_without(declined: str) -> None:
+    """Loads pymysql._auth (and with it PyMySQL) with an import that declines
+    `declined` in that module only: nothing else in the process is touched,
+    and a thread importing `declined` meanwhile gets it. Every PyMySQL from
+    0.10 (the oldest requirements.txt allows) imports it under try/except
+    ImportError, and then only lacks the RSA exchange."""
+    import builtins
+    import importlib.machinery
+    import importlib.util
+
+    package = importlib.util.find_spec("pymysql")  # found, not run
+    if package is None or not package.submodule_search_locations:
+        return  # not installed: `import pymysql` says so
+    spec = importlib.machinery.PathFinder.find_spec(
+        "pymysql._auth", list(package.submodule_search_locations)
+    )
+    if spec is None or spec.loader is None:
+        return
+    real_import = builtins.__import__
+
+    def declining(
+        name: str,
+        globals: Mapping[str, Any] | None = None,
+        locals: Mapping[str, Any] | None = None,
+        fromlist: Any = (),
+        level: int = 0,
+    ) -> Any:
+        if level == 0 and name.split(".")[0] == declined:
+            raise ImportError(f"{declined} is loaded only when needed", name=name)
+        return real_import(name, globals, locals, fromlist, level)
+
+    auth = importlib.util.module_from_spec(spec)
+    # The builtins this module's code runs with: its own, with that import.
+    auth.__dict__["__builtins__"] = {**vars(builtins), "__import__": declining}
+    sys.modules[spec.name] = auth
+    try:
+        # Its first import (.err) runs pymysql/__init__.py, which finds this
+        # module in sys.modules.
+        spec.loader.exec_module(auth)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    import pymysql
+
+    if getattr(pymysql, "_auth", None) is not auth:
+        pymysql._auth = auth  # as the import system sets it for a submodule
+
+
 def _load_pymysql_rsa(pymysql: Any) -> bool:
-    """Re-imports PyMySQL's authentication module, now with `cryptography`;
-    False when that package is not installed."""
+    """Runs PyMySQL's authentication module again, now with the process's own
+    import, so that it loads `cryptography`; False when that package is not
+    installed."""
     import importlib
 
+    pymysql._auth.__dict__.pop("__builtins__", None)  # run again with the real builtins
     importlib.reload(pymysql._auth)
-    return sys.modules.get("cryptography") is not None
+    return bool(pymysql._auth._have_cryptography)
 
 
 # Where MariaDB and MySQL put their server's socket: Debian and Ubuntu
@@ -173,8 +217,16 @@ class MySQLEngine:
     TRY_LOCK = "SELECT GET_LOCK(%s, 0) AS got"
     UNLOCK = "SELECT RELEASE_LOCK(%s) AS released"
 
+    @staticmethod
+    def placeholders(sql: str) -> str:
+        """A statement written once (see Statements) as PyMySQL takes it: %s,
+        and %% for a %, since every statement goes through its %-formatting
+        (query() and rowcount() pass () when there are no parameters)."""
+        return _outside_quotes(sql.replace("%", "%%"), lambda text: text.replace("?", "%s"))
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.lock_scope = settings.db_name  # the run lock is one per database
         self.driver = _import_pymysql()
         self.Error: tuple[type[BaseException], ...] = (self.driver.MySQLError,)
         self.conn: Any = None
@@ -260,12 +312,12 @@ class MySQLEngine:
 
     def query(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
         with self.conn.cursor() as cur:
-            cur.execute(sql, args)
+            cur.execute(sql, () if args is None else args)
             return list(cur.fetchall())
 
     def rowcount(self, sql: str, args: Any = None) -> int:
         with self.conn.cursor() as cur:
-            return int(cur.execute(sql, args))
+            return int(cur.execute(sql, () if args is None else args))
 
     def execute_batch(self, sql: str, rows: list[tuple]) -> None:
         """One statement for many rows: PyMySQL sends an INSERT ... VALUES
@@ -308,7 +360,7 @@ class MySQLEngine:
 
 
 def _mysql_message(exc: BaseException, reasons: Mapping[Any, str]) -> str:
-    args = getattr(exc, "args", ())
+    args: tuple[Any, ...] = getattr(exc, "args", ())
     code = args[0] if args else None
     text = " ".join(str(args[1]).split()) if len(args) >= 2 else ""
     reason = reasons.get(code) if isinstance(code, int) else None
@@ -378,8 +430,22 @@ class PostgreSQLEngine:
         " set_config('enable_indexonlyscan', 'off', false)"
     )
 
+    @staticmethod
+    def placeholders(sql: str) -> str:
+        """A statement written once (see Statements) as pg8000 takes it: %s.
+        pg8000 reads a % outside quotes as %% with parameters and as % without,
+        so a statement that needs one is written for this engine alone."""
+
+        def placed(text: str) -> str:
+            if "%" in text:
+                raise AssertionError(f"a % outside quotes, ambiguous to pg8000: {sql[:60]!r}...")
+            return text.replace("?", "%s")
+
+        return _outside_quotes(sql, placed)
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.lock_scope = settings.db_name  # the run lock is one per database
         try:
             import pg8000.dbapi
         except ImportError:
@@ -503,13 +569,74 @@ def statement_label(sql: str) -> str:
     return f"{verb} {preposition} {table.group(2)}"
 
 
-def rewritten(text: str, old: str, new: str) -> str:
-    """`text` with `old` replaced by `new`, where one statement is another's
-    with one part changed; fails loudly (at import) if `old` is not there,
-    so that the two cannot drift apart silently."""
-    if old not in text:
-        raise AssertionError(f"rewritten(): {old!r} is not in {text[:60]!r}...")
-    return text.replace(old, new)
+# --------------------------------------------------------------------------
+# Statements: SQL written once per difference
+#
+# A statement is written once, as the server reads it (a % is a %), with ?
+# for each parameter; the engine supplies its placeholders. A class of
+# statements shared by engines (the queue's, a schema's) holds them, and a
+# class per engine derives from it and holds only what differs: whole
+# statements (upserts, locking, catalog queries), or parts that the shared
+# ones name as {PART} (the clock, an index hint, how a statement takes many
+# rows). A class that sets `engine` is one that engine runs: each of its
+# statements, its own and its bases', is then written out with its parts
+# filled in and in that engine's placeholders.
+# --------------------------------------------------------------------------
+
+_PART = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")
+_QUOTED = re.compile(r"('(?:[^']|'')*')")
+
+
+def _outside_quotes(sql: str, change: Callable[[str], str]) -> str:
+    """`sql` with change() applied to what is not inside a quoted literal."""
+    pieces = _QUOTED.split(sql)
+    return "".join(piece if i % 2 else change(piece) for i, piece in enumerate(pieces))
+
+
+def _is_statement(name: str, value: Any) -> bool:
+    return name.isupper() and not name.startswith("_") and isinstance(value, (str, tuple))
+
+
+class Statements:
+    """Statements (upper-case attributes: a text, or a tuple of them, nested)
+    written once: see above. Each class records what it wrote in _written;
+    a class with an engine gets all of them written out for it, at import,
+    where a {PART} it does not have fails loudly."""
+
+    engine: ClassVar[Any] = None  # the engine class that runs these; None: shared
+    _written: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._written = {
+            name: value for name, value in vars(cls).items() if _is_statement(name, value)
+        }
+        if cls.engine is None:
+            return
+        written: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            written.update(vars(klass).get("_written", {}))
+
+        def filled(value: Any, name: str) -> Any:
+            if isinstance(value, tuple):
+                return tuple(filled(item, name) for item in value)
+
+            def part(match: re.Match[str]) -> str:
+                if match.group(1) not in written:
+                    raise AssertionError(
+                        f"{cls.__name__}.{name} names {{{match.group(1)}}}, which it lacks"
+                    )
+                return str(filled(written[match.group(1)], match.group(1)))
+
+            return _PART.sub(part, value)
+
+        def placed(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return tuple(placed(item) for item in value)
+            return cls.engine.placeholders(value)
+
+        for name, value in written.items():
+            setattr(cls, name, placed(filled(value, name)))
 
 
 class SQLiteEngine:
@@ -522,6 +649,11 @@ class SQLiteEngine:
     TIMES = frozenset({"now", "started", "queued_at", "next_at", "t", "next_attempt_at"})
     BUSY_TIMEOUT_SECONDS = 50  # as MySQL's lock wait, for a reader beside the run
 
+    @staticmethod
+    def placeholders(sql: str) -> str:
+        """The standard library's sqlite3 takes ? (and ?NNN) as written."""
+        return sql
+
     def __init__(self, settings: Settings) -> None:
         import sqlite3
 
@@ -529,6 +661,7 @@ class SQLiteEngine:
         self.driver = sqlite3
         self.Error: tuple[type[BaseException], ...] = (sqlite3.Error,)
         self.path = settings.queue_file
+        self.lock_scope = str(self.path)  # the run lock is one per queue file
         self.conn: Any = None
         self.lock_file: Any = None
 
@@ -549,6 +682,8 @@ class SQLiteEngine:
         self.conn.row_factory = self.driver.Row
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = FULL")
+        from .study_service import SQLiteQueueSQL  # its statements run on this module's engines
+
         for statement in SQLiteQueueSQL.CREATE:
             self.conn.execute(statement)
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import collections
 import datetime
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from .document import _format_datetime
+from .engines import MySQLEngine, PostgreSQLEngine, SQLiteEngine, Statements
 from .errors import DatabaseError, LockedError
 from .stability import StabilityWindow, hold_reason
 
 if TYPE_CHECKING:
+    from .database import Database
     from .delivery import Outcome
-    from .sources.dcm4chee import PacsDatabase, PacsSource
+    from .sources import Source
 
 # An Orthanc site's queue (study_service in SQLite), beside config.json
 # unless queue_file says otherwise.
@@ -36,9 +38,10 @@ PENDING, SENT, FAILED, DELETING, DELETED = "pending", "sent", "failed", "deletin
 # 5 spreads them over study, patient, patient_id, person_name and
 # study_query_attrs (a cache of counts). A schema class (Dcm4chee2,
 # ArcLight5) knows where they live and turns its rows into the fields of the
-# document; its statements, one class per engine, are written out in full.
-# PacsSource reads them; how a tick finds what changed is indexer_process,
-# installed by the schema's script. The queue's own table, study_service,
+# document; its statements are written once, with a class per engine that
+# holds only what differs there (sources/dcm4chee.py). PacsSource reads
+# them; how a tick finds what changed is indexer_process, installed by the
+# schema's script. The queue's own table, study_service,
 # lives in the same database, so the statements that list pending studies
 # join it: one read gives a study's queue state and its fields.
 # --------------------------------------------------------------------------
@@ -65,8 +68,10 @@ SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now', 'localtime')"
 # of the document the service last acknowledged, the attempts and the last
 # error, and when the next attempt is due after a failure. Rows with
 # study_pk < 1 hold the tick's cursor and the unfinished initial load and
-# reconcile. It lives in the PACS's own database (the only table the indexer
-# adds there); the statements are the same for both schemas.
+# reconcile. For dcm4chee (2.x and arc-light) it lives in the PACS's own
+# database, the only table the indexer adds there, on MySQL/MariaDB or
+# PostgreSQL; for every other source (Orthanc), in a SQLite file beside
+# config.json. One class of statements per engine.
 # --------------------------------------------------------------------------
 
 # How often the sending loop looks again while the initial load is enqueueing.
@@ -75,11 +80,110 @@ ENQUEUE_POLL_SECONDS = 0.05
 STATUS_PENDING_ROWS = 10000
 
 
-class MySQLQueueSQL:
-    """study_service on MySQL/MariaDB, and the catalog queries of that engine."""
+class QueueSQL(Statements):
+    """study_service's statements that every engine runs alike, written once
+    (engines.Statements); the class of each engine holds what differs. The
+    parts they name: NOW, the database's clock as the queue stamps it, and
+    FOR_EACH_PK, which study each row of a batch (execute_batch) is about:
+    one row per execution, or on PostgreSQL one array for the batch."""
 
+    # What each engine's class writes for itself (SCHEMA_COLUMNS: only those
+    # of a dcm4chee database, MySQL and PostgreSQL).
+    NOW: ClassVar[str]
+    SERVER_VERSION: ClassVar[str]
+    SCHEMA_COLUMNS: ClassVar[str]
+    STUDY_SERVICE_COLUMNS: ClassVar[str]
+    INDEXER_PROCESS_COUNT: ClassVar[str]
+    INDEXER_PROCESS_OUTDATED: ClassVar[str]
+    SET_INITIAL_STARTED: ClassVar[str]
+    ENQUEUE_FOR_INITIAL: ClassVar[str]
+    START_BOOKKEEPING: ClassVar[str]
+    RECORD_SENT: ClassVar[str]
+    RECORD_FAILURE: ClassVar[str]
+    OLDEST_PENDING_SECONDS: ClassVar[str]
+
+    FOR_EACH_PK = "study_pk = ?"
+    DATABASE_NOW = "SELECT {NOW} AS now"
+    SELECT_BOOKKEEPING = (
+        "SELECT enqueued_at AS started, cursor_pk AS position, status"
+        " FROM study_service WHERE study_pk = ?"
+    )
+    SET_CURSOR = "UPDATE study_service SET cursor_pk = ? WHERE study_pk = ?"
+    RAISE_CURSOR = (
+        "UPDATE study_service SET cursor_pk = GREATEST(COALESCE(cursor_pk, 0), ?)"
+        " WHERE study_pk = ?"
+    )
+    SET_STATUS = "UPDATE study_service SET status = ? WHERE study_pk = ?"
+    DELETE_ROW = "DELETE FROM study_service WHERE study_pk = ?"
+    SELECT_DELETING_PAGE = (
+        "SELECT study_pk, study_iuid FROM study_service"
+        " WHERE status = 'deleting' AND study_pk > ? ORDER BY study_pk LIMIT ?"
+    )
+    RECORD_DELETED = (
+        "UPDATE study_service SET status = 'deleted', attempts = attempts + 1,"
+        " last_error = NULL, next_attempt_at = NULL, sent_at = {NOW} WHERE {FOR_EACH_PK}"
+    )
+    RECORD_UNCHANGED = (
+        "UPDATE study_service SET status = 'sent', last_error = NULL, next_attempt_at = NULL"
+        " WHERE {FOR_EACH_PK}"
+    )
+    MARK_GONE = (
+        "UPDATE study_service SET status = ?, attempts = 0, next_attempt_at = NULL,"
+        " last_error = 'study no longer in the PACS' WHERE study_pk = ?"
+    )
+    # reconcile: sent again; a study back from the trash, as new. sent_version
+    # comes first: MySQL evaluates SET left to right, the others on the old row.
+    ENQUEUE_CHANGED = (
+        "UPDATE study_service SET"
+        " sent_version = CASE WHEN status IN ('deleted', 'deleting') THEN NULL"
+        " ELSE sent_version END,"
+        " status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = NULL,"
+        " enqueued_at = {NOW} WHERE {FOR_EACH_PK}"
+    )
+    # retry-failed: the refused studies, and those waiting after a failure, now.
+    RETRY_FAILED = (
+        "UPDATE study_service SET status = 'pending', attempts = 0, next_attempt_at = NULL"
+        " WHERE status = 'failed' OR (status = 'pending' AND next_attempt_at IS NOT NULL)"
+    )
+    COUNT_BY_STATUS = (
+        "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
+    )
+    COUNT_PENDING = (
+        "SELECT COUNT(*) AS n FROM study_service WHERE status IN ('pending', 'deleting')"
+    )
+    # Pending studies waiting after a failure, and the soonest next attempt.
+    COUNT_WAITING = (
+        "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_at FROM study_service"
+        " WHERE status = 'pending' AND next_attempt_at > {NOW}"
+    )
+    LAST_SENT = "SELECT MAX(sent_at) AS t FROM study_service"
+    RECENT_ERRORS = (
+        "SELECT study_pk, status, attempts, last_error, next_attempt_at FROM study_service"
+        " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
+        " ORDER BY enqueued_at DESC LIMIT 5"
+    )
+    # What the indexer's user must be allowed on its table in the PACS's
+    # database, probed by statements that touch no row.
+    PRIVILEGE_PROBES = (
+        (
+            "SELECT, INSERT, UPDATE and DELETE on study_service",
+            (
+                "SELECT study_pk FROM study_service LIMIT 0",
+                "INSERT INTO study_service (study_pk) SELECT 0{FROM_NO_TABLE} WHERE 1 = 0",
+                "UPDATE study_service SET attempts = attempts WHERE 1 = 0",
+                "DELETE FROM study_service WHERE 1 = 0",
+            ),
+        ),
+    )
+
+
+class MySQLQueueSQL(QueueSQL):
+    """study_service on MySQL/MariaDB: its upserts, index hints and catalog."""
+
+    engine = MySQLEngine
+    NOW = "NOW(6)"
+    FROM_NO_TABLE = " FROM DUAL"  # MySQL 5.6 and 5.7 want one before WHERE
     SERVER_VERSION = "SELECT VERSION() AS v"
-    DATABASE_NOW = "SELECT NOW(6) AS now"
     # The columns of SCHEMA_PROBES this user can see: which schema this is.
     SCHEMA_COLUMNS = (
         "SELECT LOWER(TABLE_NAME) AS t, LOWER(COLUMN_NAME) AS c FROM information_schema.COLUMNS"
@@ -100,13 +204,13 @@ class MySQLQueueSQL:
     # `initial` marks every study pending, except those the service
     # acknowledged since this initial load began (SET_INITIAL_STARTED): an
     # interrupted load carries on instead of starting over.
-    SET_INITIAL_STARTED = "SET @indexer_initial_started = %s"
+    SET_INITIAL_STARTED = "SET @indexer_initial_started = ?"
     # study_iuid from the moment a study is enqueued (see add_indexer.sql).
     ENQUEUE_FOR_INITIAL = (
         "INSERT INTO study_service"
         " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at,"
         " study_iuid)"
-        " VALUES (%s, 'pending', 0, %s, %s, NOW(), %s)"
+        " VALUES (?, 'pending', 0, ?, ?, NOW(), ?)"
         " ON DUPLICATE KEY UPDATE"
         " next_attempt_at = IF(sent_at >= @indexer_initial_started, next_attempt_at, NULL),"
         " status = IF(sent_at >= @indexer_initial_started, status, 'pending'),"
@@ -118,102 +222,42 @@ class MySQLQueueSQL:
     )
     START_BOOKKEEPING = (
         "INSERT IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
-        " VALUES (%s, %s, NOW(6), 0)"
+        " VALUES (?, ?, {NOW}, 0)"
     )
-    SELECT_BOOKKEEPING = (
-        "SELECT enqueued_at AS started, cursor_pk AS position, status"
-        " FROM study_service WHERE study_pk = %s"
-    )
-    SET_CURSOR = "UPDATE study_service SET cursor_pk = %s WHERE study_pk = %s"
-    RAISE_CURSOR = (
-        "UPDATE study_service SET cursor_pk = GREATEST(COALESCE(cursor_pk, 0), %s)"
-        " WHERE study_pk = %s"
-    )
-    SET_STATUS = "UPDATE study_service SET status = %s WHERE study_pk = %s"
-    DELETE_ROW = "DELETE FROM study_service WHERE study_pk = %s"
     SELECT_DELETING_PAGE = (
         "SELECT study_pk, study_iuid FROM study_service FORCE INDEX (study_service_status)"
-        " WHERE status = 'deleting' AND study_pk > %s ORDER BY study_pk LIMIT %s"
+        " WHERE status = 'deleting' AND study_pk > ? ORDER BY study_pk LIMIT ?"
     )
     # Acknowledgements, many rows per statement (PyMySQL batches INSERT ... VALUES).
     RECORD_SENT = (
         "INSERT INTO study_service (study_pk, status, attempts, sent_version, sent_at, study_iuid)"
-        " VALUES (%s, 'sent', 1, %s, NOW(6), %s)"
+        " VALUES (?, 'sent', 1, ?, {NOW}, ?)"
         " ON DUPLICATE KEY UPDATE status = 'sent', attempts = attempts + 1,"
         " last_error = NULL, next_attempt_at = NULL, sent_version = VALUES(sent_version),"
-        " sent_at = NOW(6), study_iuid = VALUES(study_iuid)"
-    )
-    RECORD_DELETED = (
-        "UPDATE study_service SET status = 'deleted', attempts = attempts + 1,"
-        " last_error = NULL, next_attempt_at = NULL, sent_at = NOW(6) WHERE study_pk = %s"
+        " sent_at = {NOW}, study_iuid = VALUES(study_iuid)"
     )
     # A failure: pending again (its next attempt after `wait` seconds; NULL:
     # as soon as the next run), failed (refused for good), or deleting.
     RECORD_FAILURE = (
-        "UPDATE study_service SET status = %s, attempts = attempts + 1, last_error = %s,"
-        " next_attempt_at = NOW(6) + INTERVAL %s SECOND WHERE study_pk = %s"
-    )
-    RECORD_UNCHANGED = (
-        "UPDATE study_service SET status = 'sent', last_error = NULL, next_attempt_at = NULL"
-        " WHERE study_pk = %s"
-    )
-    MARK_GONE = (
-        "UPDATE study_service SET status = %s, attempts = 0, next_attempt_at = NULL,"
-        " last_error = 'study no longer in the PACS' WHERE study_pk = %s"
-    )
-    # reconcile: sent again. sent_version is assigned first (MySQL evaluates
-    # SET left to right): a study back from the trash is sent again as new.
-    ENQUEUE_CHANGED = (
-        "UPDATE study_service SET"
-        " sent_version = IF(status IN ('deleted', 'deleting'), NULL, sent_version),"
-        " status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = NULL,"
-        " enqueued_at = NOW(6) WHERE study_pk = %s"
-    )
-    # retry-failed: the refused studies, and those waiting after a failure, now.
-    RETRY_FAILED = (
-        "UPDATE study_service SET status = 'pending', attempts = 0, next_attempt_at = NULL"
-        " WHERE status = 'failed' OR (status = 'pending' AND next_attempt_at IS NOT NULL)"
-    )
-    COUNT_BY_STATUS = (
-        "SELECT status, COUNT(*) AS n FROM study_service WHERE study_pk > 0 GROUP BY status"
-    )
-    COUNT_PENDING = (
-        "SELECT COUNT(*) AS n FROM study_service WHERE status IN ('pending', 'deleting')"
-    )
-    # Pending studies waiting after a failure, and the soonest next attempt.
-    COUNT_WAITING = (
-        "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_at FROM study_service"
-        " WHERE status = 'pending' AND next_attempt_at > NOW(6)"
+        "UPDATE study_service SET status = ?, attempts = attempts + 1, last_error = ?,"
+        " next_attempt_at = {NOW} + INTERVAL ? SECOND WHERE study_pk = ?"
     )
     OLDEST_PENDING_SECONDS = (
-        "SELECT TIMESTAMPDIFF(SECOND, MIN(enqueued_at), NOW(6)) AS age"
+        "SELECT TIMESTAMPDIFF(SECOND, MIN(enqueued_at), {NOW}) AS age"
         " FROM study_service WHERE status IN ('pending', 'deleting')"
     )
-    LAST_SENT = "SELECT MAX(sent_at) AS t FROM study_service"
-    RECENT_ERRORS = (
-        "SELECT study_pk, status, attempts, last_error, next_attempt_at FROM study_service"
-        " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
-        " ORDER BY enqueued_at DESC LIMIT 5"
-    )
-    PRIVILEGE_PROBES = (
-        (
-            "SELECT, INSERT, UPDATE and DELETE on study_service",
-            (
-                "SELECT study_pk FROM study_service LIMIT 0",
-                "INSERT INTO study_service (study_pk) SELECT 0 FROM DUAL WHERE 1 = 0",
-                "UPDATE study_service SET attempts = attempts WHERE 1 = 0",
-                "DELETE FROM study_service WHERE 1 = 0",
-            ),
-        ),
-    )
 
 
-class PostgreSQLQueueSQL:
-    """study_service on PostgreSQL. The statements that take many rows at
-    once take one array per column (PostgreSQLEngine.execute_batch)."""
+class PostgreSQLQueueSQL(QueueSQL):
+    """study_service on PostgreSQL: its upserts, catalog and clock. The
+    statements that take many rows at once take one array per column
+    (PostgreSQLEngine.execute_batch)."""
 
+    engine = PostgreSQLEngine
+    NOW = "LOCALTIMESTAMP"
+    FROM_NO_TABLE = ""
+    FOR_EACH_PK = "study_pk = ANY(?::bigint[])"
     SERVER_VERSION = "SELECT 'PostgreSQL ' || current_setting('server_version') AS v"
-    DATABASE_NOW = "SELECT LOCALTIMESTAMP AS now"
     SCHEMA_COLUMNS = (
         "SELECT LOWER(TABLE_NAME) AS t, LOWER(COLUMN_NAME) AS c FROM information_schema.COLUMNS"
         " WHERE table_schema = current_schema() AND (LOWER(TABLE_NAME), LOWER(COLUMN_NAME))"
@@ -234,13 +278,13 @@ class PostgreSQLQueueSQL:
         " WHERE proname = 'indexer_process' AND pronamespace = current_schema()::regnamespace"
         " AND NOT 'enable_seqscan=off' = ANY(COALESCE(proconfig, '{}'))"
     )
-    SET_INITIAL_STARTED = "SELECT set_config('dicom_indexer.initial_started', %s, false)"
+    SET_INITIAL_STARTED = "SELECT set_config('dicom_indexer.initial_started', ?, false)"
     ENQUEUE_FOR_INITIAL = (
         "INSERT INTO study_service AS q"
         " (study_pk, status, attempts, study_updated_time, study_version, enqueued_at,"
         " study_iuid)"
         " SELECT pk, 'pending', 0, updated, row_version, LOCALTIMESTAMP, iuid"
-        " FROM unnest(%s::bigint[], %s::timestamp[], %s::bytea[], %s::text[])"
+        " FROM unnest(?::bigint[], ?::timestamp[], ?::bytea[], ?::text[])"
         " AS r(pk, updated, row_version, iuid)"
         " ON CONFLICT (study_pk) DO UPDATE SET"
         " status = CASE WHEN q.sent_at >= current_setting('dicom_indexer.initial_started')"
@@ -259,87 +303,49 @@ class PostgreSQLQueueSQL:
     )
     START_BOOKKEEPING = (
         "INSERT INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
-        " VALUES (%s, %s, LOCALTIMESTAMP, 0) ON CONFLICT (study_pk) DO NOTHING"
+        " VALUES (?, ?, {NOW}, 0) ON CONFLICT (study_pk) DO NOTHING"
     )
-    SELECT_BOOKKEEPING = MySQLQueueSQL.SELECT_BOOKKEEPING
-    SET_CURSOR = MySQLQueueSQL.SET_CURSOR
-    RAISE_CURSOR = MySQLQueueSQL.RAISE_CURSOR
-    SET_STATUS = MySQLQueueSQL.SET_STATUS
-    DELETE_ROW = MySQLQueueSQL.DELETE_ROW
+    # No index hints: the range of study_service_status itself (see dcm4chee.py).
     SELECT_DELETING_PAGE = (
         "SELECT study_pk, study_iuid FROM study_service"
-        " WHERE (status, study_pk) > ('deleting', %s)"
+        " WHERE (status, study_pk) > ('deleting', ?)"
         f" AND (status, study_pk) <= ('deleting', {MAX_PK})"
-        " ORDER BY status, study_pk LIMIT %s"
+        " ORDER BY status, study_pk LIMIT ?"
     )
     RECORD_SENT = (
         "INSERT INTO study_service AS q"
         " (study_pk, status, attempts, sent_version, sent_at, study_iuid)"
-        " SELECT pk, 'sent', 1, fingerprint, LOCALTIMESTAMP, iuid"
-        " FROM unnest(%s::bigint[], %s::bytea[], %s::text[]) AS r(pk, fingerprint, iuid)"
+        " SELECT pk, 'sent', 1, fingerprint, {NOW}, iuid"
+        " FROM unnest(?::bigint[], ?::bytea[], ?::text[]) AS r(pk, fingerprint, iuid)"
         " ON CONFLICT (study_pk) DO UPDATE SET status = 'sent', attempts = q.attempts + 1,"
         " last_error = NULL, next_attempt_at = NULL, sent_version = EXCLUDED.sent_version,"
-        " sent_at = LOCALTIMESTAMP, study_iuid = EXCLUDED.study_iuid"
-    )
-    RECORD_DELETED = (
-        "UPDATE study_service SET status = 'deleted', attempts = attempts + 1,"
-        " last_error = NULL, next_attempt_at = NULL, sent_at = LOCALTIMESTAMP"
-        " WHERE study_pk = ANY(%s::bigint[])"
+        " sent_at = {NOW}, study_iuid = EXCLUDED.study_iuid"
     )
     RECORD_FAILURE = (
         "UPDATE study_service q SET status = r.status, attempts = q.attempts + 1,"
-        " last_error = r.error, next_attempt_at = LOCALTIMESTAMP + make_interval(secs => r.wait)"
-        " FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[])"
+        " last_error = r.error, next_attempt_at = {NOW} + make_interval(secs => r.wait)"
+        " FROM unnest(?::text[], ?::text[], ?::float8[], ?::bigint[])"
         " AS r(status, error, wait, pk) WHERE q.study_pk = r.pk"
-    )
-    RECORD_UNCHANGED = (
-        "UPDATE study_service SET status = 'sent', last_error = NULL, next_attempt_at = NULL"
-        " WHERE study_pk = ANY(%s::bigint[])"
     )
     MARK_GONE = (
         "UPDATE study_service q SET status = r.status, attempts = 0, next_attempt_at = NULL,"
         " last_error = 'study no longer in the PACS'"
-        " FROM unnest(%s::text[], %s::bigint[]) AS r(status, pk) WHERE q.study_pk = r.pk"
-    )
-    # PostgreSQL evaluates every SET expression on the old row.
-    ENQUEUE_CHANGED = (
-        "UPDATE study_service SET"
-        " sent_version = CASE WHEN status IN ('deleted', 'deleting') THEN NULL"
-        " ELSE sent_version END,"
-        " status = 'pending', attempts = 0, last_error = NULL, next_attempt_at = NULL,"
-        " enqueued_at = LOCALTIMESTAMP WHERE study_pk = ANY(%s::bigint[])"
-    )
-    RETRY_FAILED = MySQLQueueSQL.RETRY_FAILED
-    COUNT_BY_STATUS = MySQLQueueSQL.COUNT_BY_STATUS
-    COUNT_PENDING = MySQLQueueSQL.COUNT_PENDING
-    COUNT_WAITING = (
-        "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_at FROM study_service"
-        " WHERE status = 'pending' AND next_attempt_at > LOCALTIMESTAMP"
+        " FROM unnest(?::text[], ?::bigint[]) AS r(status, pk) WHERE q.study_pk = r.pk"
     )
     OLDEST_PENDING_SECONDS = (
-        "SELECT EXTRACT(EPOCH FROM LOCALTIMESTAMP - MIN(enqueued_at)) AS age"
+        "SELECT EXTRACT(EPOCH FROM {NOW} - MIN(enqueued_at)) AS age"
         " FROM study_service WHERE status IN ('pending', 'deleting')"
     )
-    LAST_SENT = MySQLQueueSQL.LAST_SENT
-    RECENT_ERRORS = MySQLQueueSQL.RECENT_ERRORS
-    PRIVILEGE_PROBES = (
-        (
-            "SELECT, INSERT, UPDATE and DELETE on study_service",
-            (
-                "SELECT study_pk FROM study_service LIMIT 0",
-                "INSERT INTO study_service (study_pk) SELECT 0 WHERE 1 = 0",
-                "UPDATE study_service SET attempts = attempts WHERE 1 = 0",
-                "DELETE FROM study_service WHERE 1 = 0",
-            ),
-        ),
-    )
 
 
-class SQLiteQueueSQL:
+class SQLiteQueueSQL(QueueSQL):
     """study_service in a SQLite file: the queue of a PACS that has no
     database the indexer may add a table to (Orthanc). Plain SQLite 3.7
     (CentOS 7's): no UPSERT, so an upsert is an INSERT OR IGNORE and an
     UPDATE, with numbered parameters that both take from one row."""
+
+    engine = SQLiteEngine
+    NOW = SQLITE_NOW
 
     CREATE = (
         "CREATE TABLE IF NOT EXISTS study_service ("
@@ -352,7 +358,6 @@ class SQLiteQueueSQL:
         "CREATE INDEX IF NOT EXISTS study_service_status ON study_service (status, study_pk)",
     )
     SERVER_VERSION = "SELECT 'SQLite ' || sqlite_version() AS v"
-    DATABASE_NOW = f"SELECT {SQLITE_NOW} AS now"
     STUDY_SERVICE_COLUMNS = "PRAGMA table_info(study_service)"
     # The change capture is the client's own (OrthancSource.enqueue_changes).
     INDEXER_PROCESS_COUNT = "SELECT 1 AS n"
@@ -373,28 +378,13 @@ class SQLiteQueueSQL:
         "INSERT OR IGNORE INTO study_service (study_pk, status, enqueued_at, cursor_pk)"
         f" VALUES (?, ?, {SQLITE_NOW}, 0)"
     )
-    SELECT_BOOKKEEPING = (
-        "SELECT enqueued_at AS started, cursor_pk AS position, status"
-        " FROM study_service WHERE study_pk = ?"
-    )
-    SET_CURSOR = "UPDATE study_service SET cursor_pk = ? WHERE study_pk = ?"
     RAISE_CURSOR = (
         "UPDATE study_service SET cursor_pk = MAX(COALESCE(cursor_pk, 0), ?) WHERE study_pk = ?"
-    )
-    SET_STATUS = "UPDATE study_service SET status = ? WHERE study_pk = ?"
-    DELETE_ROW = "DELETE FROM study_service WHERE study_pk = ?"
-    SELECT_DELETING_PAGE = (
-        "SELECT study_pk, study_iuid FROM study_service"
-        " WHERE status = 'deleting' AND study_pk > ? ORDER BY study_pk LIMIT ?"
     )
     RECORD_SENT = (
         "UPDATE study_service SET status = 'sent', attempts = attempts + 1, last_error = NULL,"
         f" next_attempt_at = NULL, sent_version = ?2, sent_at = {SQLITE_NOW}, study_iuid = ?3"
         " WHERE study_pk = ?1"
-    )
-    RECORD_DELETED = (
-        "UPDATE study_service SET status = 'deleted', attempts = attempts + 1,"
-        f" last_error = NULL, next_attempt_at = NULL, sent_at = {SQLITE_NOW} WHERE study_pk = ?"
     )
     RECORD_FAILURE = (
         "UPDATE study_service SET status = ?1, attempts = attempts + 1, last_error = ?2,"
@@ -402,36 +392,9 @@ class SQLiteQueueSQL:
         " strftime('%Y-%m-%d %H:%M:%f', 'now', 'localtime', '+' || ?3 || ' seconds') END"
         " WHERE study_pk = ?4"
     )
-    RECORD_UNCHANGED = (
-        "UPDATE study_service SET status = 'sent', last_error = NULL, next_attempt_at = NULL"
-        " WHERE study_pk = ?"
-    )
-    MARK_GONE = (
-        "UPDATE study_service SET status = ?, attempts = 0, next_attempt_at = NULL,"
-        " last_error = 'study no longer in the PACS' WHERE study_pk = ?"
-    )
-    ENQUEUE_CHANGED = (
-        "UPDATE study_service SET"
-        " sent_version = CASE WHEN status IN ('deleted', 'deleting') THEN NULL"
-        " ELSE sent_version END, status = 'pending', attempts = 0, last_error = NULL,"
-        f" next_attempt_at = NULL, enqueued_at = {SQLITE_NOW} WHERE study_pk = ?"
-    )
-    RETRY_FAILED = MySQLQueueSQL.RETRY_FAILED
-    COUNT_BY_STATUS = MySQLQueueSQL.COUNT_BY_STATUS
-    COUNT_PENDING = MySQLQueueSQL.COUNT_PENDING
-    COUNT_WAITING = (
-        "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_at FROM study_service"
-        f" WHERE status = 'pending' AND next_attempt_at > {SQLITE_NOW}"
-    )
     OLDEST_PENDING_SECONDS = (
         "SELECT CAST((julianday('now', 'localtime') - julianday(MIN(enqueued_at))) * 86400"
         " AS INTEGER) AS age FROM study_service WHERE status IN ('pending', 'deleting')"
-    )
-    LAST_SENT = MySQLQueueSQL.LAST_SENT
-    RECENT_ERRORS = (
-        "SELECT study_pk, status, attempts, last_error, next_attempt_at FROM study_service"
-        " WHERE last_error IS NOT NULL AND status IN ('pending', 'failed')"
-        " ORDER BY enqueued_at DESC LIMIT 5"
     )
     PRIVILEGE_PROBES: tuple = ()  # the client's own file: see SQLiteEngine.connect
 
@@ -447,7 +410,7 @@ class StudyServiceQueue:
     """study_service in the PACS database: the run lock, the bookkeeping of
     the initial load and of reconcile, and every acknowledgement."""
 
-    def __init__(self, db: PacsDatabase) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
         self.sql = QUEUE_STATEMENTS[db.engine.name]
         self.settings = db.settings
@@ -492,7 +455,7 @@ class StudyServiceQueue:
         return True
 
     def _run_lock_name(self) -> str:
-        return ("dicom_indexer." + self.settings.db_name)[:64]
+        return ("dicom_indexer." + self.db.engine.lock_scope)[:64]
 
     def database_now(self) -> datetime.datetime:
         return self.db.query(self.sql.DATABASE_NOW)[0]["now"]
@@ -525,7 +488,7 @@ class StudyServiceQueue:
 
     def enqueue_initial(
         self,
-        source: PacsSource,
+        source: Source,
         on_page: Callable[[int, int], None],
         keep_going: Callable[[], bool],
     ) -> int:
@@ -549,12 +512,12 @@ class StudyServiceQueue:
                 self.db.query(self.sql.SET_STATUS, ("initial-sending", INITIAL_ROW_PK))
                 break
             position = after
-            self.db.in_transaction(
-                lambda rows=rows, position=position: (
-                    self.db.execute_batch(self.sql.ENQUEUE_FOR_INITIAL, rows),
-                    self.db.query(self.sql.SET_CURSOR, (position, INITIAL_ROW_PK)),
-                )
-            )
+
+            def enqueue(rows: list[tuple] = rows, position: int = position) -> None:
+                self.db.execute_batch(self.sql.ENQUEUE_FOR_INITIAL, rows)
+                self.db.query(self.sql.SET_CURSOR, (position, INITIAL_ROW_PK))
+
+            self.db.in_transaction(enqueue)
             total += len(rows)
             on_page(len(rows), position)
         return total  # stopped early: still 'initial', the next run carries on
@@ -574,7 +537,8 @@ class StudyServiceQueue:
     # -- acknowledgements ------------------------------------------------------
 
     def record(self, outcomes: list[Outcome], unchanged: list[int]) -> None:
-        """Writes a batch of results in one transaction."""
+        """Writes a batch of results in one transaction, again if the server
+        chose it as a deadlock victim (a PACS transaction held its rows)."""
         if not outcomes and not unchanged:
             return
         sent = [
@@ -588,12 +552,15 @@ class StudyServiceQueue:
             for o in outcomes
             if o.fate != SENT
         ]
-        self.db.begin()
-        self.db.execute_batch(self.sql.RECORD_SENT, sent)
-        self.db.execute_batch(self.sql.RECORD_DELETED, deleted)
-        self.db.execute_batch(self.sql.RECORD_FAILURE, failures)
-        self.db.execute_batch(self.sql.RECORD_UNCHANGED, [(pk,) for pk in unchanged])
-        self.db.commit()
+        unchanged_rows = [(pk,) for pk in unchanged]
+
+        def write() -> None:
+            self.db.execute_batch(self.sql.RECORD_SENT, sent)
+            self.db.execute_batch(self.sql.RECORD_DELETED, deleted)
+            self.db.execute_batch(self.sql.RECORD_FAILURE, failures)
+            self.db.execute_batch(self.sql.RECORD_UNCHANGED, unchanged_rows)
+
+        self.db.in_transaction(write)
 
     def mark_gone(self, gone: list[tuple[int, str | None]]) -> None:
         """Studies deleted from the PACS: to be DELETEd from the central index
@@ -627,12 +594,16 @@ class StudyServiceQueue:
     def record_reconciled(
         self, changed: list[int], gone: list[tuple[int, str | None]], position: int
     ) -> None:
-        """One page's findings and the new position, in one transaction."""
-        self.db.begin()
-        self.db.execute_batch(self.sql.ENQUEUE_CHANGED, [(pk,) for pk in changed])
-        self.db.query(self.sql.SET_CURSOR, (position, RECONCILE_ROW_PK))
-        self.mark_gone(gone)
-        self.db.commit()
+        """One page's findings and the new position, in one transaction
+        (again if the server chose it as a deadlock victim)."""
+        changed_rows = [(pk,) for pk in changed]
+
+        def write() -> None:
+            self.db.execute_batch(self.sql.ENQUEUE_CHANGED, changed_rows)
+            self.db.query(self.sql.SET_CURSOR, (position, RECONCILE_ROW_PK))
+            self.mark_gone(gone)
+
+        self.db.in_transaction(write)
 
     def finish_reconcile(self) -> None:
         self.db.query(self.sql.DELETE_ROW, (RECONCILE_ROW_PK,))
@@ -646,7 +617,7 @@ class StudyServiceQueue:
     def count_pending(self) -> int:
         return int(self.db.query(self.sql.COUNT_PENDING)[0]["n"])
 
-    def status_report(self, source: PacsSource) -> dict[str, Any]:
+    def status_report(self, source: Source) -> dict[str, Any]:
         counts = dict.fromkeys((PENDING, SENT, FAILED, DELETING, DELETED), 0)
         for row in self.db.query(self.sql.COUNT_BY_STATUS):
             counts[row["status"]] = int(row["n"])
@@ -680,15 +651,18 @@ class StudyServiceQueue:
             ],
         }
 
-    def held_reasons(self, source: PacsSource) -> dict[str, int]:
+    def held_reasons(self, source: Source) -> dict[str, int]:
         """Why pending studies wait, as a run would decide now: reason ->
         how many (among the first STATUS_PENDING_ROWS pending)."""
         window = self.stability_window()
         reasons: collections.Counter[str] = collections.Counter()
         for row in itertools.islice(source.pending_studies(), STATUS_PENDING_ROWS):
-            reason = (
-                None if source.schema.withdrawn(row) else hold_reason(row, source.schema, window)
-            )
+            if row.get("unreadable"):  # the source could not read it: a run records why
+                reason = "could not be read from the PACS: the next run records why"
+            elif source.schema.withdrawn(row):
+                reason = None
+            else:
+                reason = hold_reason(row, source.schema, window)
             if reason:
                 reasons[reason] += 1
         return dict(reasons)

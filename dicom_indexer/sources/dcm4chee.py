@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..database import Database
 from ..document import _datetime_or_none, _text
-from ..engines import ENGINES, rewritten
+from ..engines import ENGINES, MySQLEngine, PostgreSQLEngine, Statements
 from ..errors import EXIT_DATABASE, DatabaseError
 from ..reconciliation import reconcile
 from ..study_service import ENQUEUE_POLL_SECONDS, MAX_PK
@@ -22,112 +23,156 @@ if TYPE_CHECKING:
 
 # Without dcm4chee's study_updated index, indexer_process re-reads this many
 # of the newest studies on each call (recent_rows in the install scripts).
+log = logging.getLogger("dicom_indexer")
+
 RECENT_ROWS_WITHOUT_TIME_INDEX = 5000
-
-
-# How the statements that list pending studies end, whatever their schema:
-# those not tried since enqueued, a page at a time in pk order up to a bound
-# (how far the initial load has enqueued); and those that failed before,
-# whose next attempt is due (NULL: at the next run, after the new ones).
-NEW_PENDING = (
-    " WHERE q.status = 'pending' AND q.attempts = 0 AND q.study_pk > %s AND q.study_pk <= %s"
-    " ORDER BY q.study_pk LIMIT %s"
-)
-DUE_PENDING_MYSQL = (
-    " WHERE q.status = 'pending' AND q.attempts > 0"
-    " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= NOW(6))"
-    " AND q.study_pk > %s ORDER BY q.study_pk LIMIT %s"
-)
-# PostgreSQL has no index hints: the pending range is written as a range of
-# study_service_status itself, (status, study_pk) from ('pending', after) to
-# ('pending', bound), ordered as that index is. No other index can serve that
-# condition or that order, so the planner cannot walk the primary key through
-# every sent study instead, whatever its statistics say (with a separate
-# status = 'pending', the primary key's order would serve as well).
-NEW_PENDING_POSTGRESQL = (
-    " WHERE (q.status, q.study_pk) > ('pending', %s) AND (q.status, q.study_pk) <= ('pending', %s)"
-    " AND q.attempts = 0 ORDER BY q.status, q.study_pk LIMIT %s"
-)
-DUE_PENDING_POSTGRESQL = (
-    " WHERE (q.status, q.study_pk) > ('pending', %s)"
-    f" AND (q.status, q.study_pk) <= ('pending', {MAX_PK}) AND q.attempts > 0"
-    " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= LOCALTIMESTAMP)"
-    " ORDER BY q.status, q.study_pk LIMIT %s"
+# indexer_process's cursor (the same on both engines and every schema), and
+# the one a lost cursor is replaced with: before every study.
+TICK_CURSOR = "SELECT study_pk FROM study_service WHERE study_pk = 0"
+RESTART_TICK_CURSOR = (
+    "INSERT INTO study_service (study_pk, status, study_updated_time, cursor_pk)"
+    " VALUES (0, 'cursor', '1970-01-02 00:00:00', 0)"
 )
 
 
-class Dcm4chee2MySQL:
-    """dcm4chee 2.x on MySQL/MariaDB (extras/add_indexer.sql)."""
+# --------------------------------------------------------------------------
+# Statements, written once per difference (engines.Statements): what every
+# schema runs alike (Dcm4cheeSQL); where each schema keeps a study's fields
+# (Dcm4chee2SQL, ArcLight5SQL); what differs on each engine, whatever the
+# schema (MySQLSourceSQL, PostgreSQLSourceSQL); and per schema and engine,
+# only the study row's version, which the install scripts compute alike.
+# --------------------------------------------------------------------------
 
-    # What a study row contributes to its document, plus updated_time: the
-    # version indexer_process records, so that a study enqueued by
-    # `initial` is not enqueued again by the next tick. The install script
-    # writes the same expression (tests/test_install.py checks they agree).
-    STUDY_ROW_VERSION = (
-        "UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series, s.num_instances,"
-        " IFNULL(s.mods_in_study, ''), IFNULL(s.patient_fk, ''), s.study_iuid,"
-        " IFNULL(s.study_datetime, ''), IFNULL(s.study_desc, ''))))"
-    )
-    INDEXER_PROCESS = "CALL indexer_process()"
+
+class Dcm4cheeSQL(Statements):
+    """The statements of every dcm4chee schema on every engine. The parts
+    they name: a schema's STUDY_COLUMNS, STUDY_JOINS (the tables beside study
+    they come from), WITHDRAWN (a study no longer in the index) and
+    TIME_COLUMN (what indexer_process reads by); an engine's PENDING_INDEX,
+    NEW_PENDING, DUE_PENDING and IN_IUIDS; a schema on an engine's
+    STUDY_ROW_VERSION."""
+
     COUNT_STUDIES = "SELECT COUNT(*) AS n FROM study"
     # One page of the archive, by primary key: a plain read, so it takes no
-    # lock that dcm4chee's writes would wait for.
+    # lock that dcm4chee's writes would wait for. The version is what a study
+    # row contributes to its document, plus updated_time: the version
+    # indexer_process records, so that a study enqueued by `initial` is not
+    # enqueued again by the next tick. The install script writes the same
+    # expression (tests/test_sql.py checks they agree).
     SELECT_STUDY_PAGE = (
-        "SELECT s.pk, s.updated_time, " + STUDY_ROW_VERSION + " AS row_version, s.study_iuid"
-        " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-    )
-    # A study's fields, as the document needs them.
-    STUDY_COLUMNS = (
-        " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc, s.updated_time,"
-        " s.mods_in_study, s.num_series, s.num_instances,"
-        " p.pk AS patient_pk, p.pat_id, p.pat_name"
+        "SELECT s.pk, s.updated_time, {STUDY_ROW_VERSION} AS row_version, s.study_iuid"
+        " FROM study s WHERE s.pk > ? ORDER BY s.pk LIMIT ?"
     )
     QUEUE_COLUMNS = (
         "SELECT q.study_pk AS queued_pk, q.sent_version, q.study_iuid AS known_iuid,"
         " q.enqueued_at AS queued_at, q.attempts,"
     )
     # LEFT JOINs: a study gone from dcm4chee comes back with s.pk NULL; one
-    # whose patient row is missing, with p.* NULL. The index is forced:
-    # ordered by pk, the optimizer may otherwise walk the primary key through
-    # every sent study to find the few pending.
+    # whose patient row is missing, with p.* NULL.
     PENDING_FROM = (
-        " FROM study_service q FORCE INDEX (study_service_status)"
-        " LEFT JOIN study s ON s.pk = q.study_pk"
-        " LEFT JOIN patient p ON p.pk = s.patient_fk"
+        " FROM study_service q{PENDING_INDEX} LEFT JOIN study s ON s.pk = q.study_pk{STUDY_JOINS}"
     )
-    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
-    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_MYSQL
+    SELECT_NEW_PAGE = "{QUEUE_COLUMNS}{STUDY_COLUMNS}{PENDING_FROM}{NEW_PENDING}"
+    SELECT_DUE_PAGE = "{QUEUE_COLUMNS}{STUDY_COLUMNS}{PENDING_FROM}{DUE_PENDING}"
     # reconcile: a page of the archive with what the service acknowledged
     # for each; then the queue rows of that pk range whose study is gone.
     SELECT_RECONCILE_PAGE = (
-        "SELECT" + STUDY_COLUMNS + ", q.status, q.sent_version"
-        " FROM study s"
-        " LEFT JOIN patient p ON p.pk = s.patient_fk"
-        " LEFT JOIN study_service q ON q.study_pk = s.pk"
-        " WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
+        "SELECT{STUDY_COLUMNS}, q.status, q.sent_version"
+        " FROM study s{STUDY_JOINS} LEFT JOIN study_service q ON q.study_pk = s.pk"
+        " WHERE s.pk > ? ORDER BY s.pk LIMIT ?"
     )
     SELECT_GONE_IN_RANGE = (
         "SELECT q.study_pk, q.study_iuid FROM study_service q"
         " LEFT JOIN study s ON s.pk = q.study_pk"
-        " WHERE q.study_pk > %s AND q.study_pk <= %s"
-        " AND q.status IN ('pending', 'sent', 'failed') AND s.pk IS NULL"
+        " WHERE q.study_pk > ? AND q.study_pk <= ?"
+        " AND q.status IN ('pending', 'sent', 'failed') AND {WITHDRAWN}"
     )
     # adopt: which of these UIDs this indexer delivered, through the
-    # archive's unique index on study_iuid (one placeholder per UID).
+    # archive's unique index on study_iuid.
     SELECT_DELIVERED_IUIDS = (
         "SELECT s.study_iuid FROM study s JOIN study_service q ON q.study_pk = s.pk"
-        " WHERE q.status = 'sent' AND s.study_iuid IN ({placeholders})"
+        " WHERE q.status = 'sent' AND s.study_iuid {IN_IUIDS}"
     )
-    # Indexes of study whose first column is updated_time.
+
+
+class MySQLSourceSQL(Dcm4cheeSQL):
+    """What every schema runs differently on MySQL/MariaDB."""
+
+    INDEXER_PROCESS = "CALL indexer_process()"
+    # Forced: ordered by pk, the optimizer may otherwise walk the primary key
+    # through every sent study to find the few pending.
+    PENDING_INDEX = " FORCE INDEX (study_service_status)"
+    # How the statements that list pending studies end, whatever their
+    # schema: those not tried since enqueued, a page at a time in pk order up
+    # to a bound (how far the initial load has enqueued); and those that
+    # failed before, whose next attempt is due (NULL: at the next run, after
+    # the new ones).
+    NEW_PENDING = (
+        " WHERE q.status = 'pending' AND q.attempts = 0 AND q.study_pk > ? AND q.study_pk <= ?"
+        " ORDER BY q.study_pk LIMIT ?"
+    )
+    DUE_PENDING = (
+        " WHERE q.status = 'pending' AND q.attempts > 0"
+        " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= NOW(6))"
+        " AND q.study_pk > ? ORDER BY q.study_pk LIMIT ?"
+    )
+    IN_IUIDS = "IN ({placeholders})"  # one %s per UID, by PacsSource.delivered_iuids
+    # Indexes of study whose first column is the one indexer_process reads by.
     TIME_INDEXES = (
         "SELECT INDEX_NAME AS name FROM information_schema.STATISTICS"
         " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study'"
-        " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'updated_time'"
+        " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = '{TIME_COLUMN}'"
     )
+
+
+class PostgreSQLSourceSQL(Dcm4cheeSQL):
+    """What every schema runs differently on PostgreSQL.
+
+    It has no index hints: the pending range is written as a range of
+    study_service_status itself, (status, study_pk) from ('pending', after)
+    to ('pending', bound), ordered as that index is. No other index can serve
+    that condition or that order, so the planner cannot walk the primary key
+    through every sent study instead, whatever its statistics say (with a
+    separate status = 'pending', the primary key's order would serve as
+    well); tests/test_install.py checks the plan."""
+
+    INDEXER_PROCESS = "SELECT indexer_process() AS enqueued"
+    PENDING_INDEX = ""
+    NEW_PENDING = (
+        " WHERE (q.status, q.study_pk) > ('pending', ?)"
+        " AND (q.status, q.study_pk) <= ('pending', ?)"
+        " AND q.attempts = 0 ORDER BY q.status, q.study_pk LIMIT ?"
+    )
+    DUE_PENDING = (
+        " WHERE (q.status, q.study_pk) > ('pending', ?)"
+        f" AND (q.status, q.study_pk) <= ('pending', {MAX_PK}) AND q.attempts > 0"
+        " AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= LOCALTIMESTAMP)"
+        " ORDER BY q.status, q.study_pk LIMIT ?"
+    )
+    IN_IUIDS = "= ANY(?::text[])"
+    TIME_INDEXES = (
+        "SELECT c.relname AS name FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+        " WHERE i.indrelid = 'study'::regclass AND a.attname = '{TIME_COLUMN}'"
+    )
+
+
+class Dcm4chee2SQL(Dcm4cheeSQL):
+    """dcm4chee 2.x: a study's fields are columns of study and patient."""
+
+    STUDY_COLUMNS = (
+        " s.pk AS study_pk, s.study_iuid, s.study_datetime, s.study_desc, s.updated_time,"
+        " s.mods_in_study, s.num_series, s.num_instances,"
+        " p.pk AS patient_pk, p.pat_id, p.pat_name"
+    )
+    STUDY_JOINS = " LEFT JOIN patient p ON p.pk = s.patient_fk"
+    WITHDRAWN = "s.pk IS NULL"
+    TIME_COLUMN = "updated_time"
     # What a tick costs without the index: the newest studies, re-read.
     READ_RECENT_STUDIES = (
-        "SELECT COUNT(DISTINCT " + STUDY_ROW_VERSION + ") AS n FROM study s"
-        " WHERE s.pk > (SELECT COALESCE(MAX(pk), 0) FROM study) - %s"
+        "SELECT COUNT(DISTINCT {STUDY_ROW_VERSION}) AS n FROM study s"
+        " WHERE s.pk > (SELECT COALESCE(MAX(pk), 0) FROM study) - ?"
     )
     # What the indexer's user must be allowed (extras/grant_indexer.sql),
     # each probed by statements that touch no row.
@@ -146,9 +191,21 @@ class Dcm4chee2MySQL:
     )
 
 
-class Dcm4chee2PostgreSQL:
+class Dcm4chee2MySQL(MySQLSourceSQL, Dcm4chee2SQL):
+    """dcm4chee 2.x on MySQL/MariaDB (extras/add_indexer.sql)."""
+
+    engine = MySQLEngine
+    STUDY_ROW_VERSION = (
+        "UNHEX(MD5(CONCAT_WS('|', s.updated_time, s.num_series, s.num_instances,"
+        " IFNULL(s.mods_in_study, ''), IFNULL(s.patient_fk, ''), s.study_iuid,"
+        " IFNULL(s.study_datetime, ''), IFNULL(s.study_desc, ''))))"
+    )
+
+
+class Dcm4chee2PostgreSQL(PostgreSQLSourceSQL, Dcm4chee2SQL):
     """dcm4chee 2.x on PostgreSQL (extras/add_indexer_postgresql.sql)."""
 
+    engine = PostgreSQLEngine
     # Timestamps are formatted explicitly: concat_ws would follow the
     # session's DateStyle.
     STUDY_ROW_VERSION = (
@@ -158,57 +215,12 @@ class Dcm4chee2PostgreSQL:
         " COALESCE(to_char(s.study_datetime, 'YYYY-MM-DD HH24:MI:SS.US'), ''),"
         " COALESCE(s.study_desc, ''))), 'hex')"
     )
-    INDEXER_PROCESS = "SELECT indexer_process() AS enqueued"
-    COUNT_STUDIES = "SELECT COUNT(*) AS n FROM study"
-    SELECT_STUDY_PAGE = (
-        "SELECT s.pk, s.updated_time, " + STUDY_ROW_VERSION + " AS row_version, s.study_iuid"
-        " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-    )
-    STUDY_COLUMNS = Dcm4chee2MySQL.STUDY_COLUMNS
-    QUEUE_COLUMNS = Dcm4chee2MySQL.QUEUE_COLUMNS
-    # No index hints: the planner takes study_service_status for the
-    # pending range by itself (tests/test_install.py checks the plan).
-    PENDING_FROM = (
-        " FROM study_service q"
-        " LEFT JOIN study s ON s.pk = q.study_pk"
-        " LEFT JOIN patient p ON p.pk = s.patient_fk"
-    )
-    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING_POSTGRESQL
-    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_POSTGRESQL
-    SELECT_RECONCILE_PAGE = Dcm4chee2MySQL.SELECT_RECONCILE_PAGE
-    SELECT_GONE_IN_RANGE = Dcm4chee2MySQL.SELECT_GONE_IN_RANGE
-    SELECT_DELIVERED_IUIDS = (
-        "SELECT s.study_iuid FROM study s JOIN study_service q ON q.study_pk = s.pk"
-        " WHERE q.status = 'sent' AND s.study_iuid = ANY(%s::text[])"
-    )
-    TIME_INDEXES = (
-        "SELECT c.relname AS name FROM pg_index i"
-        " JOIN pg_class c ON c.oid = i.indexrelid"
-        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
-        " WHERE i.indrelid = 'study'::regclass AND a.attname = 'updated_time'"
-    )
-    READ_RECENT_STUDIES = (
-        "SELECT COUNT(DISTINCT " + STUDY_ROW_VERSION + ") AS n FROM study s"
-        " WHERE s.pk > (SELECT COALESCE(MAX(pk), 0) FROM study) - %s"
-    )
-    PRIVILEGE_PROBES = Dcm4chee2MySQL.PRIVILEGE_PROBES
 
 
-class ArcLight5MySQL:
-    """dcm4chee-arc-light 5.31 and later on MySQL/MariaDB
-    (extras/add_indexer_arclight5_mysql.sql)."""
+class ArcLight5SQL(Dcm4cheeSQL):
+    """dcm4chee-arc-light 5.31 and later: a study's fields spread over study,
+    study_query_attrs, patient, patient_id and person_name."""
 
-    STUDY_ROW_VERSION = (
-        "UNHEX(MD5(CONCAT_WS('|', DATE_FORMAT(s.updated_time, '%%Y-%%m-%%d %%H:%%i:%%s.%%f'),"
-        " IFNULL(s.version, ''), s.patient_fk, s.study_iuid, s.study_date,"
-        " s.study_time, s.study_desc, s.rejection_state)))"
-    )
-    INDEXER_PROCESS = "CALL indexer_process()"
-    COUNT_STUDIES = "SELECT COUNT(*) AS n FROM study"
-    SELECT_STUDY_PAGE = (
-        "SELECT s.pk, s.updated_time, " + STUDY_ROW_VERSION + " AS row_version, s.study_iuid"
-        " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-    )
     # The patient's primary ID: its first patient_id row (5.31 and later).
     PATIENT_ID = (
         "(SELECT i.pat_id FROM patient_id i WHERE i.patient_fk = p.pk ORDER BY i.pk LIMIT 1)"
@@ -217,40 +229,18 @@ class ArcLight5MySQL:
         " s.pk AS study_pk, s.study_iuid, s.study_date, s.study_time, s.study_desc,"
         " s.updated_time, s.study_size, s.rejection_state,"
         " a.pk AS counts_pk, a.mods_in_study, a.num_series, a.num_instances,"
-        " p.pk AS patient_pk, " + PATIENT_ID + " AS pat_id, n.alphabetic_name AS pat_name"
+        " p.pk AS patient_pk, {PATIENT_ID} AS pat_id, n.alphabetic_name AS pat_name"
     )
     # The counts of the query/retrieve view (a bound parameter, first).
     STUDY_JOINS = (
-        " LEFT JOIN study_query_attrs a ON a.study_fk = s.pk AND a.view_id = %s"
+        " LEFT JOIN study_query_attrs a ON a.study_fk = s.pk AND a.view_id = ?"
         " LEFT JOIN patient p ON p.pk = s.patient_fk"
         " LEFT JOIN person_name n ON n.pk = p.pat_name_fk"
     )
-    QUEUE_COLUMNS = Dcm4chee2MySQL.QUEUE_COLUMNS
-    PENDING_FROM = (
-        " FROM study_service q FORCE INDEX (study_service_status)"
-        " LEFT JOIN study s ON s.pk = q.study_pk" + STUDY_JOINS
-    )
-    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING
-    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_MYSQL
-    SELECT_RECONCILE_PAGE = (
-        "SELECT" + STUDY_COLUMNS + ", q.status, q.sent_version"
-        " FROM study s" + STUDY_JOINS + " LEFT JOIN study_service q ON q.study_pk = s.pk"
-        " WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-    )
     # A completely rejected study is withdrawn from the index, as a deleted one.
-    SELECT_GONE_IN_RANGE = (
-        "SELECT q.study_pk, q.study_iuid FROM study_service q"
-        " LEFT JOIN study s ON s.pk = q.study_pk"
-        " WHERE q.study_pk > %s AND q.study_pk <= %s"
-        " AND q.status IN ('pending', 'sent', 'failed')"
-        " AND (s.pk IS NULL OR s.rejection_state = 2)"
-    )
-    SELECT_DELIVERED_IUIDS = Dcm4chee2MySQL.SELECT_DELIVERED_IUIDS
-    TIME_INDEXES = (
-        "SELECT INDEX_NAME AS name FROM information_schema.STATISTICS"
-        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'study'"
-        " AND SEQ_IN_INDEX = 1 AND COLUMN_NAME = 'access_time'"
-    )
+    WITHDRAWN = "(s.pk IS NULL OR s.rejection_state = 2)"
+    # Any index on access_time serves: the install scripts force none.
+    TIME_COLUMN = "access_time"
     PRIVILEGE_PROBES = (
         (
             "SELECT on the columns of study it reads",
@@ -263,7 +253,7 @@ class ArcLight5MySQL:
         (
             "SELECT on the columns of patient, patient_id and person_name it reads",
             (
-                "SELECT p.pk, " + PATIENT_ID + ", n.alphabetic_name FROM patient p"
+                "SELECT p.pk, {PATIENT_ID}, n.alphabetic_name FROM patient p"
                 " LEFT JOIN person_name n ON n.pk = p.pat_name_fk LIMIT 0",
             ),
         ),
@@ -277,38 +267,28 @@ class ArcLight5MySQL:
     )
 
 
-class ArcLight5PostgreSQL:
+class ArcLight5MySQL(MySQLSourceSQL, ArcLight5SQL):
+    """dcm4chee-arc-light 5.31 and later on MySQL/MariaDB
+    (extras/add_indexer_arclight5_mysql.sql)."""
+
+    engine = MySQLEngine
+    STUDY_ROW_VERSION = (
+        "UNHEX(MD5(CONCAT_WS('|', DATE_FORMAT(s.updated_time, '%Y-%m-%d %H:%i:%s.%f'),"
+        " IFNULL(s.version, ''), s.patient_fk, s.study_iuid, s.study_date,"
+        " s.study_time, s.study_desc, s.rejection_state)))"
+    )
+
+
+class ArcLight5PostgreSQL(PostgreSQLSourceSQL, ArcLight5SQL):
     """dcm4chee-arc-light 5.31 and later on PostgreSQL
     (extras/add_indexer_arclight5_postgresql.sql)."""
 
+    engine = PostgreSQLEngine
     STUDY_ROW_VERSION = (
         "decode(md5(concat_ws('|', to_char(s.updated_time, 'YYYY-MM-DD HH24:MI:SS.US'),"
         " COALESCE(s.version::text, ''), s.patient_fk::text, s.study_iuid,"
         " s.study_date, s.study_time, s.study_desc, s.rejection_state::text)), 'hex')"
     )
-    INDEXER_PROCESS = "SELECT indexer_process() AS enqueued"
-    COUNT_STUDIES = "SELECT COUNT(*) AS n FROM study"
-    SELECT_STUDY_PAGE = (
-        "SELECT s.pk, s.updated_time, " + STUDY_ROW_VERSION + " AS row_version, s.study_iuid"
-        " FROM study s WHERE s.pk > %s ORDER BY s.pk LIMIT %s"
-    )
-    PATIENT_ID = ArcLight5MySQL.PATIENT_ID
-    STUDY_COLUMNS = ArcLight5MySQL.STUDY_COLUMNS
-    STUDY_JOINS = ArcLight5MySQL.STUDY_JOINS
-    QUEUE_COLUMNS = Dcm4chee2MySQL.QUEUE_COLUMNS
-    PENDING_FROM = " FROM study_service q LEFT JOIN study s ON s.pk = q.study_pk" + STUDY_JOINS
-    SELECT_NEW_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + NEW_PENDING_POSTGRESQL
-    SELECT_DUE_PAGE = QUEUE_COLUMNS + STUDY_COLUMNS + PENDING_FROM + DUE_PENDING_POSTGRESQL
-    SELECT_RECONCILE_PAGE = ArcLight5MySQL.SELECT_RECONCILE_PAGE
-    SELECT_GONE_IN_RANGE = ArcLight5MySQL.SELECT_GONE_IN_RANGE
-    SELECT_DELIVERED_IUIDS = Dcm4chee2PostgreSQL.SELECT_DELIVERED_IUIDS
-    TIME_INDEXES = (
-        "SELECT c.relname AS name FROM pg_index i"
-        " JOIN pg_class c ON c.oid = i.indexrelid"
-        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
-        " WHERE i.indrelid = 'study'::regclass AND a.attname = 'access_time'"
-    )
-    PRIVILEGE_PROBES = ArcLight5MySQL.PRIVILEGE_PROBES
 
 
 # arc-light 5.23 to 5.30: a patient has one patient_id row, which
@@ -320,43 +300,12 @@ class ArcLight523MySQL(ArcLight5MySQL):
     """dcm4chee-arc-light 5.23 to 5.30 on MySQL/MariaDB."""
 
     PATIENT_ID = PATIENT_ID_BEFORE_5_31
-    STUDY_COLUMNS = rewritten(ArcLight5MySQL.STUDY_COLUMNS, ArcLight5MySQL.PATIENT_ID, PATIENT_ID)
-    SELECT_NEW_PAGE = rewritten(
-        ArcLight5MySQL.SELECT_NEW_PAGE, ArcLight5MySQL.PATIENT_ID, PATIENT_ID
-    )
-    SELECT_DUE_PAGE = rewritten(
-        ArcLight5MySQL.SELECT_DUE_PAGE, ArcLight5MySQL.PATIENT_ID, PATIENT_ID
-    )
-    SELECT_RECONCILE_PAGE = rewritten(
-        ArcLight5MySQL.SELECT_RECONCILE_PAGE, ArcLight5MySQL.PATIENT_ID, PATIENT_ID
-    )
-    PRIVILEGE_PROBES = (
-        ArcLight5MySQL.PRIVILEGE_PROBES[0],
-        (
-            ArcLight5MySQL.PRIVILEGE_PROBES[1][0],
-            (
-                rewritten(
-                    ArcLight5MySQL.PRIVILEGE_PROBES[1][1][0], ArcLight5MySQL.PATIENT_ID, PATIENT_ID
-                ),
-            ),
-        ),
-        ArcLight5MySQL.PRIVILEGE_PROBES[2],
-    )
 
 
 class ArcLight523PostgreSQL(ArcLight5PostgreSQL):
     """dcm4chee-arc-light 5.23 to 5.30 on PostgreSQL."""
 
     PATIENT_ID = PATIENT_ID_BEFORE_5_31
-    STUDY_COLUMNS = ArcLight523MySQL.STUDY_COLUMNS
-    SELECT_NEW_PAGE = rewritten(
-        ArcLight5PostgreSQL.SELECT_NEW_PAGE, ArcLight5PostgreSQL.PATIENT_ID, PATIENT_ID
-    )
-    SELECT_DUE_PAGE = rewritten(
-        ArcLight5PostgreSQL.SELECT_DUE_PAGE, ArcLight5PostgreSQL.PATIENT_ID, PATIENT_ID
-    )
-    SELECT_RECONCILE_PAGE = ArcLight523MySQL.SELECT_RECONCILE_PAGE
-    PRIVILEGE_PROBES = ArcLight523MySQL.PRIVILEGE_PROBES
 
 
 class Dcm4chee2:
@@ -574,7 +523,20 @@ class PacsSource:
         self.page_size = db.settings.page_size
 
     def enqueue_changes(self) -> int:
-        """Calls indexer_process: enqueues studies new or changed since its last call."""
+        """Calls indexer_process: enqueues studies new or changed since its last call.
+
+        Without its cursor row (deleted by hand, or study_service emptied)
+        indexer_process would start again from now, and a study stored since
+        the last tick would never be sent. The row is put back at the very
+        beginning instead: this one call reads every study once, through the
+        time index, and enqueues those whose version the queue does not hold
+        (every one, if the queue was emptied): a full resynchronisation."""
+        if not self.db.query(TICK_CURSOR):
+            log.warning(
+                "study_service has lost the tick's cursor (row 0 deleted, or the table emptied):"
+                " this tick reads every study once and sends what the queue does not hold"
+            )
+            self.db.rowcount(RESTART_TICK_CURSOR)
         return int(self.db.query(self.sql.INDEXER_PROCESS)[0]["enqueued"])
 
     def count_studies(self) -> int:
@@ -652,9 +614,9 @@ class PacsSource:
         return itertools.chain(self.new_studies(), self.due_studies())
 
     def reconcile(
-        self, pacs: PacsDatabase, settings: Settings, max_studies: int | None, stop: Stop
+        self, queue: StudyServiceQueue, settings: Settings, max_studies: int | None, stop: Stop
     ) -> ReconcileReport:
-        return reconcile(pacs, settings, max_studies, stop)
+        return reconcile(self, queue, settings, max_studies, stop)
 
     def reconcile_page(self, after: int, size: int) -> list[dict[str, Any]]:
         return self.db.query(
@@ -679,7 +641,7 @@ class PacsSource:
             rows = self.db.query(
                 self.sql.SELECT_DELIVERED_IUIDS.format(placeholders=placeholders), wanted
             )
-        return {_text(row["study_iuid"]) for row in rows}
+        return {iuid for iuid in (_text(row["study_iuid"]) for row in rows) if iuid}
 
     def time_index(self) -> tuple[bool, str]:
         """How indexer_process finds changed studies in this database (for
