@@ -30,10 +30,11 @@ from .errors import (
     LockedError,
     internal_error_line,
 )
-from .logs import _SECRETS, _add_log_file, _setup_logging, hide_secrets
+from .http import TERMINATION
+from .logs import _add_log_file, _setup_logging, use_secrets
 from .metrics import write_metrics
 from .run import RunReport, Stop
-from .sources import open_pacs
+from .sources import KNOWN_SOURCES, open_pacs
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -45,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Registers the studies of a PACS with the central indexer: dcm4chee 2.x"
-        " and dcm4chee-arc-light 5 through their database (MySQL/MariaDB or PostgreSQL,"
-        ' config.json "database"), Orthanc through its REST API ("orthanc").',
+        description="Registers the studies of a PACS with the central indexer. The PACS\n"
+        "is read through the source that config.json's section names:\n"
+        + "".join(
+            f'  "{known.section}": {known.description}\n' for known in KNOWN_SOURCES.values()
+        ),
         epilog="exit codes:\n"
         + "".join(f"  {code:<4} {meaning}\n" for code, meaning in EXIT_CODE_HELP),
     )
@@ -154,8 +157,7 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    _SECRETS.clear()
-    hide_secrets(settings.key, settings.db_password, settings.orthanc_password)
+    use_secrets(settings.secrets)
     sending = args.command in SENDING_COMMANDS and not args.dry_run
     if args.command != "check":  # check lists every problem and warning itself
         problems = list(settings.problems)
@@ -211,19 +213,27 @@ def _run_guarded(command: Callable[[], int]) -> int | None:
 class _sigterm_requests:  # noqa: N801 (used as a context manager, like a function)
     """SIGTERM asks `stop` to end the run, for as long as the block runs.
     Python takes signals in the main thread only (tests call main()
-    elsewhere): there, or when not wanted, it changes nothing."""
+    elsewhere): there, or when not wanted, it changes nothing.
+
+    The HTTP layer's clients made in the block watch the same flag
+    (TERMINATION): a thread blocked on a socket (an Orthanc read, a request
+    to the service) has its exchange ended, at once or after the sending's
+    grace, and the run ends within the README's 10 seconds."""
 
     def __init__(self, stop: Stop, wanted: bool) -> None:
         self.stop = stop
         self.active = wanted and threading.current_thread() is threading.main_thread()
         self.previous: Any = None
+        self.token: Any = None
 
     def __enter__(self) -> None:
         if self.active:
             self.previous = signal.signal(signal.SIGTERM, self.stop.request)
+            self.token = TERMINATION.set(self.stop.event)
 
     def __exit__(self, *exc: Any) -> None:
         if self.active:
+            TERMINATION.reset(self.token)
             signal.signal(signal.SIGTERM, self.previous)
 
 

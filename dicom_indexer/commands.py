@@ -15,7 +15,6 @@ from .config import load_settings
 from .delivery import Outcome, deliver
 from .document import _text, document_fingerprint, encode_document, study_document
 from .errors import EXIT_CONFIG, EXIT_DATABASE, EXIT_OK, DatabaseError, IndexerError
-from .logs import redact
 from .run import STOP_EXIT_CODES, TERMINATED
 from .service import Sender
 from .sources import known_source, open_pacs
@@ -24,7 +23,7 @@ from .study_service import DELETED, DELETING, FAILED, PENDING, SENT
 if TYPE_CHECKING:
     from .config import Settings
     from .run import RunReport, Stop
-    from .sources.dcm4chee import PacsDatabase
+    from .sources import Pacs
 
 log = logging.getLogger("dicom_indexer")
 
@@ -140,7 +139,7 @@ def run_send(
             report.enqueued = max(loaded, found_by_tick)
         pending = pacs.queue.count_pending()
         if pending or loader:
-            sender = Sender(settings)
+            sender = Sender(settings.service)
             deliver(
                 pacs,
                 sender,
@@ -197,7 +196,7 @@ def run_reconcile(settings: Settings, max_studies: int | None, stop: Stop) -> in
     pacs = open_pacs(settings)
     try:
         pacs.queue.acquire_run_lock()
-        result = pacs.source.reconcile(pacs, settings, max_studies, stop)
+        result = pacs.source.reconcile(pacs.queue, settings, max_studies, stop)
     except pacs.Error as exc:
         raise pacs.explain(exc) from None
     finally:
@@ -263,7 +262,7 @@ def run_adopt(settings: Settings, old_config: Path) -> int:
     return EXIT_OK
 
 
-def _adopt(pacs: PacsDatabase, old: PacsDatabase, rows: list[dict[str, Any]], center: str) -> int:
+def _adopt(pacs: Pacs, old: Pacs, rows: list[dict[str, Any]], center: str) -> int:
     """Records as sent those of `rows` that the old archive's indexer delivered."""
     delivered = old.source.delivered_iuids([_text(row["study_iuid"]) for row in rows])
     outcomes = []
@@ -290,7 +289,7 @@ def run_status(settings: Settings, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status, indent=2))
         return EXIT_OK
-    print(redact("\n".join(_status_lines(pacs.where, status))))
+    print(settings.secrets.redact("\n".join(_status_lines(pacs.where, status))))
     return EXIT_OK
 
 
@@ -363,13 +362,13 @@ def run_check(settings: Settings) -> int:
         results.append(_check_service(settings))
     results += [("warning", warning, 0) for warning in settings.warnings]
     for state, message, _ in results:
-        print(redact(f"{state:<7} {message}"))
+        print(settings.secrets.redact(f"{state:<7} {message}"))
     failed = [code for state, _, code in results if state == "FAILED"]
     return failed[0] if failed else EXIT_OK
 
 
 def _check_service(settings: Settings) -> tuple[str, str, int]:
-    sender = Sender(settings)
+    sender = Sender(settings.service)
     try:
         code, message = sender.probe()
     finally:
@@ -396,7 +395,7 @@ def _check_database(settings: Settings) -> list[tuple[str, str, int]]:
     return results
 
 
-def _check_connection(settings: Settings, pacs: Any) -> list[tuple[str, str, int]]:
+def _check_connection(settings: Settings, pacs: Pacs) -> list[tuple[str, str, int]]:
     results = pacs.connection_lines()
     try:
         pacs.queue.check_installed()

@@ -14,6 +14,8 @@ from typing import Any
 
 from .engines import ENGINES
 from .errors import ConfigError
+from .http import credential_problem, split_credentials
+from .logs import Secrets
 from .study_service import QUEUE_FILE_NAME
 
 ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
@@ -24,6 +26,35 @@ ENV_ORTHANC_PASSWORD = "DICOM_INDEXER_ORTHANC_PASSWORD"
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The central service, as Sender (and check) needs it: nothing else of
+    config.json reaches the HTTP exchange with the service."""
+
+    url: str
+    key: str
+    ca_bundle: str | None
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
+    max_retries: int
+    backoff_seconds: float
+    max_connections: int
+    secrets: Secrets
+
+
+@dataclass(frozen=True)
+class OrthancSettings:
+    """An Orthanc's REST API, as OrthancClient needs it."""
+
+    url: str
+    user: str
+    password: str
+    ca_bundle: str | None
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
+    secrets: Secrets
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,35 @@ class Settings:
     # Wrong or missing fields, each one line naming file and field. `check`
     # lists them all; every other command stops at the first (exit 3).
     problems: tuple[ConfigError, ...] = ()
+    # The key and the passwords (and, later, what the HTTP layer makes of
+    # them): what no log line or message may show.
+    secrets: Secrets = field(default_factory=Secrets, compare=False, repr=False)
+
+    @property
+    def service(self) -> ServiceSettings:
+        return ServiceSettings(
+            url=self.webservice_url,
+            key=self.key,
+            ca_bundle=self.ca_bundle,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            read_timeout_seconds=self.read_timeout_seconds,
+            max_retries=self.max_retries,
+            backoff_seconds=self.backoff_seconds,
+            max_connections=self.concurrency or self.max_concurrency,
+            secrets=self.secrets,
+        )
+
+    @property
+    def orthanc(self) -> OrthancSettings:
+        return OrthancSettings(
+            url=self.orthanc_url,
+            user=self.orthanc_user,
+            password=self.orthanc_password,
+            ca_bundle=self.orthanc_ca_bundle,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            read_timeout_seconds=self.read_timeout_seconds,
+            secrets=self.secrets,
+        )
 
     @property
     def request_deadline_seconds(self) -> float:
@@ -357,7 +417,12 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         for name in fields.unknown()
     ]
     warnings += _exposure_warnings(settings, db, top)
-    return dataclasses.replace(settings, warnings=tuple(warnings), problems=tuple(problems))
+    secrets = Secrets(settings.key, settings.db_password, settings.orthanc_password)
+    for url in (settings.orthanc_url, settings.webservice_url):
+        secrets.add(split_credentials(url)[2])
+    return dataclasses.replace(
+        settings, warnings=tuple(warnings), problems=tuple(problems), secrets=secrets
+    )
 
 
 def _connection_fields(db: _Fields) -> dict[str, Any]:
@@ -394,7 +459,9 @@ def _orthanc_fields(orthanc: _Fields, top: _Fields, config_path: Path) -> dict[s
     url = orthanc.text("url", default="http://127.0.0.1:8042").rstrip("/")
     if url and not url.startswith(("http://", "https://")):
         orthanc.problem("url", "must start with http:// or https://")
-    password, _ = _secret(orthanc, "password", "password_file", ENV_ORTHANC_PASSWORD)
+    password, password_source = _secret(orthanc, "password", "password_file", ENV_ORTHANC_PASSWORD)
+    user = orthanc.text("user", default="", allow_empty=True) or ""
+    url, user, password = _url_credentials(orthanc, url, user, password, password_source)
     ca_bundle = orthanc.text("ca_bundle", default=None)
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         orthanc.problem("ca_bundle", f"file not found: {ca_bundle}", separator=": ")
@@ -406,14 +473,54 @@ def _orthanc_fields(orthanc: _Fields, top: _Fields, config_path: Path) -> dict[s
         "db_port": 0,
         "db_user": "",
         "db_password": "",
-        "db_name": str(queue_file),
+        "db_name": "",
         "db_unix_socket": None,
-        "orthanc_url": url,
-        "orthanc_user": orthanc.text("user", default="", allow_empty=True) or "",
+        "orthanc_url": url,  # without credentials: they are orthanc_user and orthanc_password
+        "orthanc_user": user,
         "orthanc_password": password,
         "orthanc_ca_bundle": ca_bundle,
         "queue_file": queue_file,
     }
+
+
+def _url_credentials(
+    orthanc: _Fields, url: str, user: str, password: str, password_source: str
+) -> tuple[str, str, str]:
+    """orthanc.url without the user and password written in it, which join
+    (or must agree with) orthanc.user and orthanc.password; each checked to
+    be sendable in HTTP Basic authentication (Latin-1, and no ':' in the
+    user), with one line naming where it came from and never showing it."""
+    url, url_user, url_password = split_credentials(url)
+    user_source = f"{orthanc.path}: field 'orthanc.user'"
+    if url_user and user and url_user != user:
+        orthanc.problem("url", "holds a user other than field 'orthanc.user': keep one of them")
+    if url_password and password and url_password != password:
+        orthanc.problem(
+            "url",
+            "holds a password other than orthanc.password (or its file, or"
+            f" {ENV_ORTHANC_PASSWORD}): keep one of them",
+        )
+    if url_user and not user:
+        user, user_source = url_user, f"{orthanc.path}: field 'orthanc.url' (its user)"
+    if url_password and not password:
+        password = url_password
+        password_source = f"{orthanc.path}: field 'orthanc.url' (its password)"
+    for what, value, source, field_name in (
+        ("user", user, user_source, "orthanc.user"),
+        ("password", password, password_source, "orthanc.password"),
+    ):
+        problem = credential_problem(value)
+        if what == "user" and not problem and ":" in value:
+            problem = "it holds a ':', which HTTP Basic authentication cannot carry in a user"
+        if problem:
+            orthanc.problems.append(
+                ConfigError(
+                    f"{source}: the Orthanc {what} cannot be sent: {problem}"
+                    f" (the {what} is not shown)",
+                    field=field_name,
+                )
+            )
+    return url, user, password
 
 
 def _service_fields(top: _Fields) -> dict[str, Any]:
@@ -422,6 +529,15 @@ def _service_fields(top: _Fields) -> dict[str, Any]:
     url = top.text("webservice_url")
     if url and not url.startswith(("http://", "https://")):
         top.problem("webservice_url", "must start with http:// or https://")
+    # A user and password in it go in an Authorization header (HttpClient).
+    _, url_user, url_password = split_credentials(url or "")
+    problem = credential_problem(url_user) or credential_problem(url_password)
+    if problem:
+        top.problem(
+            "webservice_url",
+            f"holds a user or password that cannot be sent: {problem} (not shown)",
+            separator=": ",
+        )
     ca_bundle = top.text("ca_bundle", default=None)
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         top.problem("ca_bundle", f"file not found: {ca_bundle}", separator=": ")
@@ -472,7 +588,11 @@ def _exposure_warnings(settings: Settings, db: _Fields, top: _Fields) -> list[st
         secret
         for secret, present in (
             ("database password", db.data.get("password")),
-            ("Orthanc password", isinstance(orthanc, dict) and orthanc.get("password")),
+            (
+                "Orthanc password",  # in its field, or written in its URL
+                isinstance(orthanc, dict)
+                and (orthanc.get("password") or split_credentials(str(orthanc.get("url")))[2]),
+            ),
             ("API key", top.data.get("key")),
         )
         if present
@@ -500,10 +620,10 @@ def _secret(fields: _Fields, name: str, file_field: str, variable: str) -> tuple
         fields.ignore(name)
         fields.ignore(file_field)
         return value, f"environment variable {variable}"
-    value = fields.secret_file(file_field)
-    if value is not None:
+    from_file = fields.secret_file(file_field)
+    if from_file is not None:
         fields.ignore(name)
-        return value, f"{fields.path}: the file in field '{fields.prefix}{file_field}'"
+        return from_file, f"{fields.path}: the file in field '{fields.prefix}{file_field}'"
     value = fields.text(name, default="", allow_empty=True) or ""
     return value.strip(), f"{fields.path}: field '{fields.prefix}{name}'"
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .run import RunReport, Stop
     from .service import Sender
-    from .sources.dcm4chee import PacsDatabase
+    from .sources import Pacs
     from .stability import StabilityWindow
     from .study_service import StudyServiceQueue
 
@@ -91,6 +91,7 @@ class Outcome:
     fate: str = PENDING  # what the queue records: SENT, FAILED, PENDING, DELETING
     wait_seconds: int | None = None  # PENDING: until the next attempt (None: next run)
     awaits_judgement: bool = False  # SendPool holds new requests until it is judged
+    run_stop: str | None = None  # the sender's: the service stalls, the run stops (HttpClient)
 
     @property
     def kind(self) -> str:
@@ -167,6 +168,9 @@ class StudyFates:
         if kind == DELIVERED:
             self._accepted(outcome)
             return None
+        if outcome.run_stop is not None and self.report.stop is None:
+            # Deadlines expired in a row: the service trickles or is silent.
+            self.report.stop = StopReason(UNREACHABLE, outcome.run_stop)
         if kind in (KEY_REFUSED, WRONG_URL, INTERNAL):
             self._stop_at_once(outcome, kind)
             return None
@@ -406,13 +410,18 @@ class SendPool:
             yield answer
 
     def drop_waiting(self) -> None:
-        """Studies handed over but not started stay pending, untried."""
+        """Studies handed over but not started stay pending, untried; one
+        tried before in this run (a retry) comes back with its last answer,
+        to be recorded."""
         while True:
             try:
-                self.jobs.get_nowait()
+                outcome = self.jobs.get_nowait()
             except queue.Empty:
                 return
-            self.outstanding -= 1
+            if outcome is not None and outcome.tries:
+                self.answers.put(outcome)
+            else:
+                self.outstanding -= 1
 
     def close(self) -> None:
         """Tells the workers to end (those still waiting on the service end
@@ -449,7 +458,8 @@ class SendPool:
                 or self.halted()
                 or not self.concurrency.acquire(self.halted)
             ):
-                self.answers.put(None)
+                # Not sent: a retry comes back with its last answer, to be recorded.
+                self.answers.put(outcome if outcome.tries else None)
                 continue
             try:
                 self.sender.send(outcome, outcome.body)
@@ -461,7 +471,7 @@ class SendPool:
                 if not outcome.delivered and not self.accepted:
                     outcome.awaits_judgement = True
                     self.unjudged += 1
-            if outcome.kind in (KEY_REFUSED, WRONG_URL, INTERNAL):
+            if outcome.kind in (KEY_REFUSED, WRONG_URL, INTERNAL) or outcome.run_stop:
                 # Every other study would get the same answer: the other workers
                 # stop at once, not when the main thread gets to this one.
                 self.stopping.set()
@@ -497,7 +507,7 @@ class Delivery:
 
     def __init__(
         self,
-        pacs: PacsDatabase,
+        pacs: Pacs,
         sender: Sender,
         settings: Settings,
         report: RunReport,
@@ -537,6 +547,16 @@ class Delivery:
         self.acks.unchanged.append(study_pk)
         self.report.unchanged += 1
         self.progress.update(1)
+
+    def unreadable(self, row: dict[str, Any]) -> None:
+        """A study the source could not read (its answers were malformed,
+        truncated, of the wrong types): never sent; pending, with its error
+        and a next attempt, as a study whose delivery failed."""
+        outcome = Outcome(
+            row["queued_pk"], None, _text(row["known_iuid"]), attempts=row["attempts"]
+        )
+        outcome.error = row["unreadable"]
+        self.fates._decide(outcome, PENDING, study_backoff_seconds(outcome.attempts + 1))
 
     def take_answers(self, wait: float = 0.0) -> None:
         for outcome in self.pool.take(wait):
@@ -604,7 +624,7 @@ class Delivery:
 
 
 def deliver(
-    pacs: PacsDatabase,
+    pacs: Pacs,
     sender: Sender,
     settings: Settings,
     report: RunReport,
@@ -641,7 +661,7 @@ def deliver(
 
 
 def studies_to_send(
-    pacs: PacsDatabase,
+    pacs: Pacs,
     settings: Settings,
     delivery: Delivery,
     window: StabilityWindow | None,
@@ -666,6 +686,9 @@ def studies_to_send(
     for row in rows:
         if delivery.halted():
             return
+        if row.get("unreadable"):
+            delivery.unreadable(row)
+            continue
         if schema.withdrawn(row):
             # Deleted from the PACS (or, on arc-light, rejected) since enqueued.
             pacs.queue.mark_gone([(row["queued_pk"], row["known_iuid"])])
@@ -688,7 +711,7 @@ def studies_to_send(
         )
 
 
-def delete_gone(pacs: PacsDatabase, sender: Sender, settings: Settings, delivery: Delivery) -> None:
+def delete_gone(pacs: Pacs, sender: Sender, settings: Settings, delivery: Delivery) -> None:
     """DELETEs, one at a time: studies leave the PACS rarely, and by hand."""
     for row in pacs.queue.deleting_studies():
         outcome = Outcome(row["study_pk"], None, _text(row["study_iuid"]), deletion=True)
@@ -707,7 +730,7 @@ def delete_gone(pacs: PacsDatabase, sender: Sender, settings: Settings, delivery
 
 
 def print_pending_documents(
-    pacs: PacsDatabase, settings: Settings, out: Any, max_studies: int | None
+    pacs: Pacs, settings: Settings, out: Any, max_studies: int | None
 ) -> int:
     """--dry-run: the JSON documents the pending studies would be sent as,
     one per line, and nothing else: no write to the database (a study gone
@@ -718,6 +741,9 @@ def print_pending_documents(
     for row in pacs.source.pending_studies():
         if max_studies is not None and printed >= max_studies:
             break
+        if row.get("unreadable"):
+            log.info("dry run: study %d cannot be read: %s", row["queued_pk"], row["unreadable"])
+            continue
         if pacs.schema.withdrawn(row):
             log.info("dry run: study %d is gone from the PACS (a run marks it)", row["queued_pk"])
             continue

@@ -3,84 +3,63 @@
 from __future__ import annotations
 
 import os
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import EXIT_DELIVERY, EXIT_KEY_REFUSED, EXIT_OK
 from .http import (
     ERROR_BODY_BYTES,
     ERROR_TEXT_CHARS,
-    OVERLOAD_STATUSES,
     SUCCESS_BODY_BYTES,
     Answer,
-    DeadlineWatch,
-    _cause_chain,
-    _caused_by,
-    _default_ca_bundle,
-    _environment_proxy,
-    _reason,
-    _safe_url,
+    HttpClient,
     _transport_retries,
-    _urllib3_classes,
+    safe_url,
 )
-from .logs import redact
+from .run import TERMINATION_GRACE_SECONDS
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import ServiceSettings
     from .delivery import Outcome
 
 
 class Sender:
     """One exchange at a time per worker thread, over one pool of keep-alive
-    connections that the threads share.
+    connections that the threads share (the HTTP layer's HttpClient).
 
     It calls urllib3, the transport under requests, directly: requests'
     per-request objects (sessions, prepared requests, cookie jars, responses)
     cost 7% of the throughput over a 50 ms network with 16 connections (286
     studies/s against 306, measured). requests still reads the proxy
     settings of the environment, when there are any. Every exchange is
-    bounded: a deadline on the whole of it (DeadlineWatch), and the body of
-    an answer read up to a small cap, the rest never read.
+    bounded: a deadline on the whole of it, and the body of an answer read up
+    to a small cap, the rest never read (a 2xx's body is not used: its status
+    is the answer, however long the body). A service that lets STALLED_DEADLINES
+    deadlines in a row expire stops the run (Outcome.run_stop).
     """
 
-    def __init__(self, settings: Settings) -> None:
-        import urllib3
-
-        self.settings = settings
-        self.url = settings.webservice_url
-        self.headers = {"Content-Type": "application/json", "X-Api-Key": settings.key}
-        self.retries = _transport_retries(settings)
-        self.watch = DeadlineWatch(settings.request_deadline_seconds)
-        options: dict[str, Any] = {
-            "num_pools": 1,
-            "maxsize": settings.concurrency or settings.max_concurrency,
-            "block": True,
-            "retries": self.retries,
-            "timeout": urllib3.Timeout(
-                connect=settings.connect_timeout_seconds, read=settings.read_timeout_seconds
-            ),
-        }
-        if self.url.startswith("https://"):
-            options["cert_reqs"] = "CERT_REQUIRED"
-            options["ca_certs"] = (
-                settings.ca_bundle
-                or os.environ.get("REQUESTS_CA_BUNDLE")
-                or os.environ.get("CURL_CA_BUNDLE")
-                or _default_ca_bundle()
-            )
-        proxy = _environment_proxy(self.url)
-        if proxy is not None:
-            proxy_url, proxy_headers = proxy
-            self.pool = urllib3.ProxyManager(proxy_url, proxy_headers=proxy_headers, **options)
-        else:
-            self.pool = urllib3.PoolManager(**options)
-        self.pool.pool_classes_by_scheme = _urllib3_classes()["pools"]
-        self.http_error = urllib3.exceptions.HTTPError
-        self.read_timeout = urllib3.exceptions.ReadTimeoutError
+    def __init__(self, service: ServiceSettings) -> None:
+        self.secrets = service.secrets
+        self.retries = _transport_retries(service.max_retries, service.backoff_seconds)
+        self.http = HttpClient(
+            service.url,
+            peer="the service",
+            connect_timeout=service.connect_timeout_seconds,
+            read_timeout=service.read_timeout_seconds,
+            retries=self.retries,
+            max_connections=service.max_connections,
+            ca_bundle=service.ca_bundle
+            or os.environ.get("REQUESTS_CA_BUNDLE")
+            or os.environ.get("CURL_CA_BUNDLE"),
+            headers={"Content-Type": "application/json", "X-Api-Key": service.key},
+            # After SIGTERM, the answers in flight may still come (and be
+            # recorded) for as long as the run waits for them.
+            termination_grace=TERMINATION_GRACE_SECONDS,
+            secrets=service.secrets,
+        )
+        self.url = self.http.url  # without credentials, if the URL had some
 
     def close(self) -> None:
-        self.watch.close()
-        self.pool.clear()
+        self.http.close()
 
     def send(self, outcome: Outcome, body: bytes) -> None:
         """Registers (POST) or removes (DELETE) one study; records the answer
@@ -92,6 +71,7 @@ class Sender:
         outcome.latency = answer.latency
         outcome.retry_after = answer.retry_after
         outcome.timed_out = answer.timed_out
+        outcome.run_stop = answer.stalled
         # For a DELETE, 404 means already gone: done.
         outcome.delivered = status is not None and (
             200 <= status < 300 or (outcome.deletion and status == 404)
@@ -101,7 +81,7 @@ class Sender:
         elif outcome.delivered:
             outcome.error = None
         else:
-            outcome.error = redact(_answer_line(answer))
+            outcome.error = self.secrets.redact(_answer_line(answer))
 
     def probe(self) -> tuple[int, str]:
         """For `check`: reaches the service with the key without registering
@@ -110,7 +90,7 @@ class Sender:
         service that answers a GET (405, 200) may not look at the key for it,
         and only a POST would prove it, which could register a study: the
         line says so rather than call the key good."""
-        where = _safe_url(self.url)
+        where = self.http.where
         answer = self._exchange("GET", None)
         code = answer.status
         if code is None:
@@ -118,7 +98,7 @@ class Sender:
         if 300 <= code < 400:
             return EXIT_DELIVERY, (
                 f"{where} answered HTTP {code}, a redirect to"
-                f" {_safe_url(answer.location or '(no Location)')}: set webservice_url to the"
+                f" {safe_url(answer.location or '(no Location)')}: set webservice_url to the"
                 " address it redirects to (a POST is never redirected)"
             )
         if code in (401, 403):
@@ -131,79 +111,23 @@ class Sender:
         )
 
     def _exchange(self, method: str, body: bytes | None) -> Answer:
-        answer = Answer()
-        self.watch.begin()
-        started = time.monotonic()
-        try:
-            response = self.pool.urlopen(
-                method,
-                self.url,
-                body=body,
-                headers=self.headers,
-                redirect=False,
-                preload_content=False,
-                decode_content=False,
-            )
-        except self.http_error as exc:
-            expired = self.watch.end()
-            answer.timed_out = expired or _caused_by(exc, self.read_timeout)
-            answer.error = self._describe(exc, expired)
+        answer = self.http.exchange(
+            method, "", body, bound=SUCCESS_BODY_BYTES, error_bound=ERROR_BODY_BYTES
+        )
+        if answer.status is None:
             return answer
-        answer.status = response.status
-        answer.location = response.headers.get("Location")
-        if response.status in OVERLOAD_STATUSES:
-            answer.retry_after = self.retries.get_retry_after(response)
-        complete = False
-        try:
-            cap = SUCCESS_BODY_BYTES if 200 <= response.status < 300 else ERROR_BODY_BYTES
-            data = response.read(cap + 1)
-            complete = len(data) <= cap
-            answer.text = " ".join(data[:cap].decode("utf-8", "replace").split())
-        except (self.http_error, OSError):
-            pass  # the status line arrived: it is the answer
-        finally:
-            expired = self.watch.end()
-            complete = complete and not expired  # a cut read can end without an error
-            if not complete:
-                # A body too long, or cut: never read the rest, drop the connection.
-                response.close()
-            response.release_conn()
-        answer.timed_out = expired
-        if expired and not complete:
-            answer.text = f"(its body did not arrive within {self.watch.seconds:g} s)"
-        retried = bool(response.retries and response.retries.history)
-        answer.latency = None if retried else time.monotonic() - started
+        answer.text = " ".join(bytes(answer.data).decode("utf-8", "replace").split())
+        if answer.terminated and not answer.complete:
+            answer.text = "(its body was cut short by SIGTERM)"
+        elif answer.timed_out and not answer.complete:
+            answer.text = f"(its body did not arrive within {self.http.deadline_seconds:g} s)"
         return answer
-
-    def _describe(self, exc: BaseException, expired: bool) -> str:
-        """One line for an exchange without an answer: timeout, TLS, or unreachable."""
-        import ssl
-
-        import urllib3
-
-        if expired:
-            return f"no complete answer within {self.watch.seconds:g} s"
-        chain = _cause_chain(exc)
-
-        def caused_by(kind: Any) -> bool:
-            return any(isinstance(e, kind) for e in chain)
-
-        if caused_by(urllib3.exceptions.ReadTimeoutError):
-            return f"no answer within {self.settings.read_timeout_seconds:g} s"
-        # urllib3 makes NewConnectionError (refused, no route) a ConnectTimeoutError.
-        if caused_by(urllib3.exceptions.ConnectTimeoutError) and not caused_by(
-            urllib3.exceptions.NewConnectionError
-        ):
-            return f"no connection within {self.settings.connect_timeout_seconds:g} s"
-        if caused_by((urllib3.exceptions.SSLError, ssl.SSLError)):
-            return redact(f"TLS error: {_reason(chain)}")
-        return redact(f"cannot reach the service: {_reason(chain)}")
 
 
 def _answer_line(answer: Answer) -> str:
     """'HTTP 422: {"error": ...}', for last_error and the log."""
     line = f"HTTP {answer.status}"
     if answer.status is not None and 300 <= answer.status < 400:
-        line += f" (a redirect to {_safe_url(answer.location or '(no Location)')})"
+        line += f" (a redirect to {safe_url(answer.location or '(no Location)')})"
     text = answer.text[:ERROR_TEXT_CHARS]
     return f"{line}: {text}" if text else line

@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..database import Database
 from ..engines import SQLiteEngine
-from ..errors import EXIT_DATABASE, IndexerError
-from ..http import _cause_chain, _default_ca_bundle, _reason
-from ..logs import hide_secrets
+from ..errors import EXIT_DATABASE, EXIT_TERMINATED, IndexerError
+from ..http import HttpClient, RunEnding, _urllib3_classes, safe_url, split_credentials
 from ..reconciliation import ReconcileReport, needs_resend
 from ..run import RateCap, _progress_bar
 from ..study_service import CURSOR_ROW_PK, RECONCILE_ROW_PK, SQLITE_NOW
 from ..values import _arclight_datetime, _person_name_as_2x
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from ..config import OrthancSettings, Settings
     from ..errors import DatabaseError
     from ..run import Stop
     from ..study_service import StudyServiceQueue
@@ -62,6 +61,29 @@ class OrthancError(IndexerError):
     exit_code = EXIT_DATABASE
 
 
+class ChangeFeedError(OrthancError):
+    """The change log answered what Orthanc never does: a page that does not
+    advance (a caching proxy repeating one page), or goes backwards."""
+
+
+class UnreadableStudy(Exception):
+    """One study's answers were not a study's (malformed or truncated JSON,
+    wrong types, no StudyInstanceUID, an error status): that study's alone."""
+
+
+# What reading one study can raise when Orthanc (or a proxy in front of it)
+# answers wrongly: the client's errors, and what a malformed answer makes of
+# the code that reads it.
+STUDY_READ_ERRORS = (OrthancError, UnreadableStudy, ValueError, TypeError, KeyError, AttributeError)
+# The paths that tell whether a resource of a change still exists.
+RESOURCE_PATHS = {
+    "Patient": "patients",
+    "Study": "studies",
+    "Series": "series",
+    "Instance": "instances",
+}
+
+
 def orthanc_pk(orthanc_id: str) -> int:
     """A study's (or patient's) pk, as the central index stores dcm4chee's:
     a JSON integer, from the first 13 hex digits of its Orthanc ID (itself
@@ -71,64 +93,103 @@ def orthanc_pk(orthanc_id: str) -> int:
     return int(orthanc_id.replace("-", "")[:13], 16) or 1
 
 
+# The largest answer an Orthanc read takes. Orthanc's largest answer to this
+# client is a study's expanded series list, about 63 bytes per instance
+# (5,000 instances: about 320 KB; 1.10.1, measured); the others are pages of
+# 1,000 changes or IDs (under 250 KB). 64 MB is a study of a million
+# instances, far past any real one, and bounds what one hostile answer (a
+# proxy padding it, a fault) makes this client hold: such an answer is that
+# request's error, never read further. Past 1 MB, answers are read one at a
+# time (HttpClient's one_large_body_at_a_time): the fetch threads never hold
+# one each.
+ORTHANC_BODY_BYTES = 64 * 1024 * 1024
+# urllib3 retries a GET (safe to repeat) that met a connection Orthanc had
+# closed (it closes idle ones after about a second); the deadline bounds the
+# GET as a whole, its retries included.
+ORTHANC_RETRIES = 2
+
+
 class OrthancClient:
-    """GETs of JSON from Orthanc's REST API, over keep-alive connections.
-    Orthanc closes idle ones after about a second: urllib3 reconnects, and
-    retries a GET (safe to repeat) that met a closed connection."""
+    """GETs of JSON from Orthanc's REST API, through the one HTTP layer
+    (HttpClient): keep-alive connections, a deadline on each GET as a whole
+    (connect_timeout_seconds + read_timeout_seconds), answers bounded by
+    ORTHANC_BODY_BYTES, redirects never followed, credentials (orthanc.user
+    and orthanc.password, or written in orthanc.url) in an Authorization
+    header and never in a message. Orthanc letting STALLED_DEADLINES
+    deadlines expire in a row, or SIGTERM, ends the run (RunEnding, never
+    one study's error)."""
 
-    def __init__(self, settings: Settings) -> None:
-        import urllib3
-
-        self.base = settings.orthanc_url
-        headers = {"Accept": "application/json"}
-        if settings.orthanc_user or settings.orthanc_password:
-            credentials = f"{settings.orthanc_user}:{settings.orthanc_password}"
-            headers.update(urllib3.make_headers(basic_auth=credentials))
-            hide_secrets(settings.orthanc_password, headers["authorization"].split()[-1])
-        options: dict[str, Any] = {
-            "num_pools": 1,
-            "maxsize": ORTHANC_FETCH_THREADS + 2,
-            "headers": headers,
-            "retries": urllib3.util.Retry(
-                total=2, connect=2, read=2, status=0, redirect=0, backoff_factor=0.1
+    def __init__(self, orthanc: OrthancSettings) -> None:
+        self.http = HttpClient(
+            orthanc.url,
+            peer=f"Orthanc at {safe_url(split_credentials(orthanc.url)[0])}",
+            connect_timeout=orthanc.connect_timeout_seconds,
+            read_timeout=orthanc.read_timeout_seconds,
+            retries=_urllib3_classes()["retry"](
+                total=ORTHANC_RETRIES,
+                connect=ORTHANC_RETRIES,
+                read=ORTHANC_RETRIES,
+                status=0,
+                redirect=0,
+                backoff_factor=0.1,
+                raise_on_redirect=False,
+                raise_on_status=False,
             ),
-            "timeout": urllib3.Timeout(
-                connect=settings.connect_timeout_seconds, read=settings.read_timeout_seconds
-            ),
-        }
-        if self.base.startswith("https://"):
-            options["cert_reqs"] = "CERT_REQUIRED"
-            options["ca_certs"] = settings.orthanc_ca_bundle or _default_ca_bundle()
-        self.pool = urllib3.PoolManager(**options)
-        self.http_error = urllib3.exceptions.HTTPError
+            max_connections=ORTHANC_FETCH_THREADS + 2,
+            ca_bundle=orthanc.ca_bundle,
+            headers={"Accept": "application/json"},
+            secrets=orthanc.secrets,
+            user=orthanc.user,
+            password=orthanc.password,
+            environment_proxy=False,  # Orthanc is the site's own: never through its proxy
+            deadline_per_attempt=False,
+            one_large_body_at_a_time=True,
+        )
+        self.base = self.http.where  # as messages show it: never with credentials
+        self.http.error_prefix = f"{self.http.peer}: "
 
     def get(self, path: str, missing_ok: bool = False) -> Any:
         """The JSON at `path`; None for a 404 when `missing_ok` (a resource
         deleted between the change log and its read: nothing to retry)."""
-        try:
-            response = self.pool.request("GET", self.base + path, redirect=False)
-        except self.http_error as exc:
-            raise OrthancError(
-                f"cannot reach Orthanc at {self.base}: {_reason(_cause_chain(exc))}"
-            ) from None
-        if response.status == 404 and missing_ok:
+        if self.http.stalled is not None:
+            raise RunEnding(self.http.stalled, EXIT_DATABASE)
+        answer = self.http.exchange("GET", path, bound=ORTHANC_BODY_BYTES)
+        what = f"GET {path.split('?')[0]}"
+        if answer.terminated:
+            raise RunEnding(
+                f"terminated (SIGTERM) while waiting for Orthanc's answer to {what}; what was"
+                " acknowledged is recorded, the rest stays pending",
+                EXIT_TERMINATED,
+            )
+        if answer.stalled is not None:
+            raise RunEnding(answer.stalled, EXIT_DATABASE)
+        status = answer.status
+        if status is None:
+            raise OrthancError(f"{answer.error} ({what})")
+        if status == 404 and missing_ok:
             return None
-        if response.status in (401, 403):
+        if status in (401, 403):
             raise OrthancError(
-                f"Orthanc at {self.base} refused the credentials (HTTP {response.status}):"
+                f"Orthanc at {self.base} refused the credentials (HTTP {status}):"
                 " check orthanc.user and orthanc.password in config.json"
             )
-        if response.status != 200:
+        if status != 200:
+            raise OrthancError(f"Orthanc at {self.base} answered HTTP {status} to {what}")
+        if answer.too_large:
             raise OrthancError(
-                f"Orthanc at {self.base} answered HTTP {response.status} to GET"
-                f" {path.split('?')[0]}"
+                f"Orthanc at {self.base} answered {what} with more than"
+                f" {ORTHANC_BODY_BYTES // (1024 * 1024)} MB: not read (a proxy or a fault"
+                " padding its answers?)"
+            )
+        if not answer.complete:
+            raise OrthancError(
+                f"Orthanc at {self.base}: no complete answer within"
+                f" {self.http.deadline_seconds:g} s to {what}"
             )
         try:
-            return json.loads(response.data)
+            return json.loads(answer.data)
         except ValueError:
-            raise OrthancError(
-                f"Orthanc at {self.base} answered GET {path.split('?')[0]} with no JSON"
-            ) from None
+            raise OrthancError(f"Orthanc at {self.base} answered {what} with no JSON") from None
 
     def version(self) -> str:
         """Orthanc's version; refuses one older than 1.10 (its REST API)."""
@@ -142,7 +203,7 @@ class OrthancClient:
         return version
 
     def close(self) -> None:
-        self.pool.clear()
+        self.http.close()
 
 
 class OrthancStatements:
@@ -182,6 +243,16 @@ class OrthancStatements:
     SELECT_DELIVERED_IUIDS = (
         "SELECT study_iuid FROM study_service WHERE status = 'sent' AND study_iuid IN "
     )
+    # The change log's cursor row keeps, beside the Seq of the last change
+    # read (cursor_pk), that change's "ResourceType ID" (source_id): the
+    # anchor by which the next tick knows the log is still the one it read.
+    SELECT_ANCHOR = (
+        f"SELECT cursor_pk AS position, source_id AS anchor FROM study_service"
+        f" WHERE study_pk = {CURSOR_ROW_PK}"
+    )
+    SET_CURSOR_AND_ANCHOR = (
+        f"UPDATE study_service SET cursor_pk = ?, source_id = ? WHERE study_pk = {CURSOR_ROW_PK}"
+    )
 
 
 class Orthanc:
@@ -216,6 +287,8 @@ class Orthanc:
         return fields
 
     def settled(self, row: Mapping[str, Any]) -> bool:
+        if row.get("unreadable"):
+            return False  # never sent: delivery records its error (studies_to_send)
         if row["is_stable"]:
             return True
         updated = _orthanc_time(row["last_update"])
@@ -226,6 +299,57 @@ class Orthanc:
 
     def withdrawn(self, row: Mapping[str, Any]) -> bool:
         return row["study_pk"] is None
+
+
+def _anchor_of(change: Mapping[str, Any]) -> str:
+    """A change's anchor: "ResourceType ID" (see OrthancSource, what changed)."""
+    return f"{change['ResourceType']} {change['ID']}"
+
+
+def _one_line(exc: BaseException, ident: str | None = None) -> str:
+    """A read's failure as one line: the client's and ours say what was
+    asked and how it failed; anything else only its kind (its text could
+    hold an answer's values, patient data among them)."""
+    if isinstance(exc, (OrthancError, UnreadableStudy)):
+        return str(exc)
+    about = f" for study {ident}" if ident else ""
+    return f"Orthanc's answer{about} could not be read ({type(exc).__name__})"
+
+
+def _checked_study(ident: str, study: Any, series: Any) -> tuple[dict, dict]:
+    """The study's MainDicomTags and PatientMainDicomTags, once its answers
+    are a study's: never a document made from a partial or wrong read."""
+    where = f"Orthanc's answer to GET /studies/{ident}"
+    if not isinstance(study, dict):
+        raise UnreadableStudy(f"{where} is not a study")
+    tags, patient = study.get("MainDicomTags"), study.get("PatientMainDicomTags")
+    if not isinstance(tags, dict):
+        raise UnreadableStudy(f"{where} has no MainDicomTags")
+    if not isinstance(patient, dict):
+        raise UnreadableStudy(f"{where} has no PatientMainDicomTags")
+    uid = tags.get("StudyInstanceUID")
+    if not isinstance(uid, str) or not uid.strip():
+        raise UnreadableStudy(f"{where} has no StudyInstanceUID")
+    if study.get("ID") != ident or not isinstance(study.get("ParentPatient"), str):
+        raise UnreadableStudy(f"{where} is not that study's (its ID or ParentPatient)")
+    for names, values in (
+        (("StudyDate", "StudyTime", "StudyDescription"), tags),
+        (("PatientID", "PatientName"), patient),
+    ):
+        for name in names:
+            if not isinstance(values.get(name, ""), str):
+                raise UnreadableStudy(f"{where} has a {name} that is not text")
+    if not isinstance(series, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("MainDicomTags"), dict)
+        and isinstance(s["MainDicomTags"].get("Modality", ""), str)
+        and isinstance(s.get("Instances"), list)
+        for s in series
+    ):
+        raise UnreadableStudy(
+            f"Orthanc's answer to GET /studies/{ident}/series is not a list of series"
+        )
+    return tags, patient
 
 
 def _orthanc_time(value: Any) -> datetime.datetime | None:
@@ -250,6 +374,33 @@ class OrthancSource:
         self.page_size = db.settings.page_size
 
     # -- what changed --------------------------------------------------------
+    #
+    # The cursor row keeps the Seq of the last change read and, as its anchor,
+    # that change's "ResourceType ID". Each tick's first request starts one
+    # change early (since = cursor - 1), so the one request that reads what is
+    # new also shows whether the log is still the one the cursor was read from:
+    # - its Last below the cursor: Orthanc's database replaced, or restored
+    #   from an older backup;
+    # - another change at the cursor's Seq: restored, and new studies have
+    #   pushed Last past the cursor again (Seq are numbered anew from the
+    #   backup's Last, so the cursor's Seq now names another change);
+    # - no change at the cursor's Seq: either its resource was deleted (its
+    #   rows go with it, an ordinary day) or the log was cleared (DELETE
+    #   /changes does not lower Last). It is history lost if the anchor's
+    #   resource still exists, or if no row at or below the cursor is left.
+    #   An anchor "" says the log had no change at the cursor when it was set
+    #   (a resynchronisation on an empty log, as DELETE /changes leaves it):
+    #   then history is lost if what followed the cursor is gone (a gap after
+    #   it, or no change left below Last). No anchor (a queue from before
+    #   anchors): history is lost if no row at or below the cursor is left;
+    #   its anchor is taken from the change at the cursor, once seen.
+    # History lost is a full resynchronisation: every study enqueued again,
+    # only what changed sent (the queue keeps the fingerprints). A change
+    # whose resource was deleted and then stored again (same Orthanc ID) can
+    # cause one resynchronisation too many: costly, never a loss.
+    # A page that does not advance (a caching proxy repeating one page, Seq
+    # or Last going backwards) stops the run: ChangeFeedError, exit 4, the
+    # cursor where it was.
 
     def enqueue_changes(self) -> int:
         """Reads the change log after the cursor and enqueues the studies it
@@ -257,35 +408,114 @@ class OrthancSource:
         the log, as installing the indexer does on dcm4chee."""
         state = self.db.queue.bookkeeping(CURSOR_ROW_PK)
         if state is None:
-            last = int(self.client.get("/changes?last")["Last"])
-            self.db.queue.start_bookkeeping(CURSOR_ROW_PK, "cursor", last)
+            seq, anchor = self._newest_change()
+            self.db.queue.start_bookkeeping(CURSOR_ROW_PK, "cursor", seq)
+            self.db.query(self.sql.SET_CURSOR_AND_ANCHOR, (seq, anchor))
             return 0
-        cursor, enqueued = int(state["position"] or 0), 0
+        row = self.db.query(self.sql.SELECT_ANCHOR)[0]
+        cursor, anchor = int(row["position"] or 0), row["anchor"]
+        since, newest, enqueued, first = max(cursor - 1, 0), None, 0, True
         while True:
-            page = self.client.get(f"/changes?since={cursor}&limit={ORTHANC_CHANGES_PAGE}")
-            changes, last = page["Changes"], int(page["Last"])
-            if self._history_lost(cursor, changes, last):
-                return enqueued + self._resynchronise(cursor, last)
-            if not changes:
+            changes, newest, done = self._changes_page(since, cursor, newest)
+            if first and cursor > 0:
+                if self._history_lost(cursor, anchor, changes, newest):
+                    return self._resynchronise(cursor, newest)
+                if changes and int(changes[0]["Seq"]) == cursor:
+                    if anchor is None:  # a queue from before anchors: its anchor now
+                        anchor = _anchor_of(changes[0])
+                        self.db.query(self.sql.SET_CURSOR_AND_ANCHOR, (cursor, anchor))
+                    changes = changes[1:]  # the anchor itself, read at the last tick
+            first = False
+            if changes:
+                studies = self._studies_of(changes)
+                cursor, anchor = int(changes[-1]["Seq"]), _anchor_of(changes[-1])
+                self._enqueue(studies, cursor, anchor)
+                enqueued += len(studies)
+            if done or since == cursor:
                 return enqueued
-            studies = self._studies_of(changes)
-            cursor = int(changes[-1]["Seq"])
-            self._enqueue(studies, cursor)
-            enqueued += len(studies)
-            if page["Done"]:
-                return enqueued
+            since = cursor
 
-    def _history_lost(self, cursor: int, changes: list[dict], last: int) -> bool:
-        """Whether the log no longer goes back to the cursor: Orthanc's
-        database replaced or restored (its newest Seq below the cursor), or
-        its log cleared (its oldest row past the cursor: the rows of deleted
-        resources go too, but never all of the older ones)."""
-        if not changes:
-            return last < cursor
-        if int(changes[0]["Seq"]) == cursor + 1:
-            return False
-        oldest = self.client.get("/changes?since=0&limit=1")["Changes"]
-        return bool(oldest) and int(oldest[0]["Seq"]) > cursor + 1
+    def _changes_page(
+        self, since: int, cursor: int, newest: int | None
+    ) -> tuple[list[dict], int, bool]:
+        """One page of the change log after `since`: its changes, Last and
+        Done, checked to be what Orthanc answers (Seq above `since`, rising,
+        at most Last; Last never lower than earlier in this run)."""
+        page = self.client.get(f"/changes?since={since}&limit={ORTHANC_CHANGES_PAGE}")
+        try:
+            changes, last, done = page["Changes"], int(page["Last"]), bool(page["Done"])
+            seqs = [int(change["Seq"]) for change in changes]
+            if not all(isinstance(c[k], str) for c in changes for k in ("ResourceType", "ID")):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise ChangeFeedError(
+                f"Orthanc at {self.client.base} answered GET /changes with a page that is not"
+                f" a change log's; the cursor stays at Seq {cursor}"
+            ) from None
+        problem = None
+        if seqs and seqs[0] <= since:
+            problem = f"its changes begin at Seq {seqs[0]}, not after Seq {since} as asked"
+        elif any(later <= earlier for earlier, later in zip(seqs, seqs[1:])):
+            problem = "its changes' Seq go backwards"
+        elif seqs and last < seqs[-1]:
+            problem = f"its Last ({last}) is below its own changes (up to Seq {seqs[-1]})"
+        elif newest is not None and last < newest:
+            problem = f"its Last went back from {newest} to {last} during this run"
+        if problem:
+            raise ChangeFeedError(
+                f"Orthanc's change log at {self.client.base} does not advance: asked for the"
+                f" changes after Seq {since}, {problem} (a cache or proxy in front of Orthanc?);"
+                f" the cursor stays at Seq {cursor}"
+            )
+        return changes, last, done
+
+    def _history_lost(
+        self, cursor: int, anchor: str | None, changes: list[dict], last: int
+    ) -> bool:
+        """Whether the log is no longer the one the cursor was read from (see above)."""
+        if last < cursor:
+            return True
+        first = int(changes[0]["Seq"]) if changes else None
+        if first == cursor:
+            return bool(anchor) and _anchor_of(changes[0]) != anchor
+        if anchor == "":  # the log had no change at the cursor when it was set
+            # Changes after it are gone (a gap, or none left below Last).
+            return (first is None and last > cursor) or (first is not None and first > cursor + 1)
+        if anchor is not None and self._resource_exists(anchor):
+            return True
+        oldest = self._oldest_change()
+        return oldest is None or oldest > cursor
+
+    def _oldest_change(self) -> int | None:
+        """The Seq of the oldest change left in the log (None: it is empty)."""
+        page = self.client.get("/changes?since=0&limit=1")
+        try:
+            changes = page["Changes"]
+            return int(changes[0]["Seq"]) if changes else None
+        except (KeyError, TypeError, ValueError):
+            raise ChangeFeedError(
+                f"Orthanc at {self.client.base} answered GET /changes with a page that is not"
+                " a change log's"
+            ) from None
+
+    def _resource_exists(self, anchor: str) -> bool:
+        kind, _, ident = anchor.partition(" ")
+        path = RESOURCE_PATHS.get(kind)
+        return path is not None and self.client.get(f"/{path}/{ident}", missing_ok=True) is not None
+
+    def _newest_change(self) -> tuple[int, str]:
+        """The newest change's Seq and anchor ("": the log has no change at
+        that Seq, as after DELETE /changes, or none at all)."""
+        page = self.client.get("/changes?last")
+        try:
+            last, changes = int(page["Last"]), page["Changes"]
+            anchor = _anchor_of(changes[-1]) if changes and changes[-1]["Seq"] == last else ""
+        except (KeyError, TypeError, ValueError):
+            raise ChangeFeedError(
+                f"Orthanc at {self.client.base} answered GET /changes?last with a page that is"
+                " not a change log's"
+            ) from None
+        return last, anchor
 
     def _resynchronise(self, cursor: int, last: int) -> int:
         log.warning(
@@ -295,23 +525,27 @@ class OrthancSource:
             cursor,
             last,
         )
+        # The newest change before the listing: what changes during it is after it.
+        newest, anchor = self._newest_change()
         count, offset = 0, 0
         while True:
-            ids = self.client.get(f"/studies?since={offset}&limit={ORTHANC_LIST_PAGE}")
+            ids = self._study_ids(offset, ORTHANC_LIST_PAGE)
             if not ids:
                 break
-            self._enqueue(ids, None)
+            self._enqueue(ids, None, None)
             count, offset = count + len(ids), offset + len(ids)
-        self.db.query(self.db.queue.sql.SET_CURSOR, (last, CURSOR_ROW_PK))
+        self.db.query(self.sql.SET_CURSOR_AND_ANCHOR, (newest, anchor))
         return count
 
     def _studies_of(self, changes: list[dict]) -> list[str]:
         """The studies the changes are about, in order, once each (a series
-        or an instance is looked up: its study is not in the entry)."""
-        wanted = [c for c in changes if c["ChangeType"] in ORTHANC_STUDY_CHANGES]
+        or an instance is looked up: its study is not in the entry). A lookup
+        that fails while Orthanc answers is skipped: the study's StableStudy,
+        logged after any new image, names it without a lookup."""
+        wanted = [c for c in changes if c.get("ChangeType") in ORTHANC_STUDY_CHANGES]
         series_study: dict[str, str | None] = {}
 
-        def study_of(change: dict) -> str | None:
+        def lookup(change: dict) -> str | None:
             kind, ident = change["ResourceType"], change["ID"]
             if kind == "Study":
                 return ident
@@ -325,33 +559,63 @@ class OrthancSource:
                 return series_study[ident]
             return None  # a patient's change: its studies log their own
 
+        def study_of(change: dict) -> str | None:
+            try:
+                study = lookup(change)
+                if study is not None and not isinstance(study, str):
+                    raise TypeError
+                return study
+            except STUDY_READ_ERRORS as exc:
+                self._check_orthanc_answers()
+                log.debug("change %s skipped: %s", change["Seq"], _one_line(exc))
+                return None
+
         import concurrent.futures
 
         with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as pool:
             found = list(pool.map(study_of, wanted))
         return list(dict.fromkeys(ident for ident in found if ident))
 
-    def _enqueue(self, studies: list[str], cursor: int | None) -> None:
+    def _enqueue(self, studies: list[str], cursor: int | None, anchor: str | None) -> None:
         rows = [(orthanc_pk(ident), ident) for ident in studies]
 
         def work() -> None:
             self.db.execute_batch(self.sql.ENQUEUE_CHANGE, rows)
             if cursor is not None:
-                self.db.query(self.db.queue.sql.SET_CURSOR, (cursor, CURSOR_ROW_PK))
+                self.db.query(self.sql.SET_CURSOR_AND_ANCHOR, (cursor, anchor))
 
         self.db.in_transaction(work)
+
+    def _study_ids(self, offset: int, limit: int) -> list[str]:
+        """A page of Orthanc's study IDs (by offset, in no order)."""
+        ids = self.client.get(f"/studies?since={offset}&limit={limit}")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise OrthancError(
+                f"Orthanc at {self.client.base} answered GET /studies with something that is"
+                " not a list of study IDs"
+            )
+        return ids
+
+    def _check_orthanc_answers(self) -> None:
+        """After one study's read failed: raises if Orthanc itself does not
+        answer (down, credentials refused), which is every study's trouble."""
+        self.client.get("/system")
 
     # -- the studies ----------------------------------------------------------
 
     def count_studies(self) -> int:
-        return int(self.client.get("/statistics")["CountStudies"])
+        """For the progress bar only: 0 when Orthanc's answer makes no sense."""
+        try:
+            return int(self.client.get("/statistics")["CountStudies"])
+        except (KeyError, TypeError, ValueError):
+            return 0
 
     def initial_page(self, offset: int) -> tuple[list[tuple], int]:
         """The initial load's next page of Orthanc's studies (by offset: it
         lists them in no order, so an interrupted load starts over; a study
         added meanwhile is in the change log anyway), as ENQUEUE_FOR_INITIAL
         takes them."""
-        ids = self.client.get(f"/studies?since={offset}&limit={ORTHANC_LIST_PAGE}")
+        ids = self._study_ids(offset, ORTHANC_LIST_PAGE)
         return [(orthanc_pk(ident), ident) for ident in ids], offset + len(ids)
 
     def initial_enqueued(self, queue: StudyServiceQueue, position: int) -> None:
@@ -383,17 +647,41 @@ class OrthancSource:
                 after = page[-1]["queued_pk"]
 
     def _with_fields(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A queue row with its study's fields, read from Orthanc (two GETs);
-        study_pk None if Orthanc no longer has it."""
+        """A queue row with its study's fields, read from Orthanc (two GETs):
+        see study_fields."""
+        if row["source_id"] is None:
+            return {**row, "study_pk": None}
         return {**row, **self.study_fields(row["source_id"])}
 
     def study_fields(self, ident: str, study: dict | None = None) -> dict[str, Any]:
-        study = study or self.client.get(f"/studies/{ident}", missing_ok=True)
-        series = self.client.get(f"/studies/{ident}/series", missing_ok=True) if study else None
-        if study is None or series is None:
+        """The study's fields, from GET /studies/{id} and /studies/{id}/series.
+
+        - study_pk None: Orthanc confirms it gone (a 404 read twice: a single
+          spurious 404, from a proxy say, must not DELETE it from the index).
+        - "unreadable" (one line, no patient data): its answers were not a
+          study's (malformed or truncated JSON, wrong types, no
+          StudyInstanceUID, an error status). That study's alone: it stays
+          pending with that error and a next attempt; never sent.
+        Raises only when Orthanc itself fails (its /system fails too)."""
+        try:
+            return self._read_study(ident, study)
+        except STUDY_READ_ERRORS as exc:
+            self._check_orthanc_answers()
+            return {"study_pk": orthanc_pk(ident), "unreadable": _one_line(exc, ident)}
+
+    def _read_study(self, ident: str, study: Any = None) -> dict[str, Any]:
+        study = study or self._study_or_gone(ident)
+        if study is None:
             return {"study_pk": None}
-        tags, patient = study.get("MainDicomTags", {}), study.get("PatientMainDicomTags", {})
-        modalities = {s.get("MainDicomTags", {}).get("Modality") for s in series} - {None, ""}
+        series = self.client.get(f"/studies/{ident}/series", missing_ok=True)
+        if series is None:  # deleted between the two reads, or a spurious 404
+            if self._study_or_gone(ident) is None:
+                return {"study_pk": None}
+            raise UnreadableStudy(
+                f"Orthanc answered HTTP 404 to GET /studies/{ident}/series but has the study"
+            )
+        tags, patient = _checked_study(ident, study, series)
+        modalities = {s["MainDicomTags"].get("Modality") for s in series} - {None, ""}
         return {
             "study_pk": orthanc_pk(study["ID"]),
             "study_iuid": tags.get("StudyInstanceUID"),
@@ -403,7 +691,7 @@ class OrthancSource:
             "updated_time": None,
             "mods_in_study": "\\".join(sorted(modalities)) or None,
             "num_series": len(series),
-            "num_instances": sum(len(s.get("Instances", ())) for s in series),
+            "num_instances": sum(len(s["Instances"]) for s in series),
             "patient_pk": orthanc_pk(study["ParentPatient"]),
             "pat_id": patient.get("PatientID"),
             "pat_name": patient.get("PatientName"),
@@ -411,23 +699,41 @@ class OrthancSource:
             "last_update": study.get("LastUpdate"),
         }
 
+    def _study_or_gone(self, ident: str) -> Any:
+        """GET /studies/{id}; None once a 404 is read twice in a row."""
+        for _ in range(2):
+            study = self.client.get(f"/studies/{ident}", missing_ok=True)
+            if study is not None:
+                return study
+        return None
+
+    def _gone(self, ident: str) -> bool:
+        """Whether Orthanc confirms the study gone (an error: not confirmed)."""
+        try:
+            return self._study_or_gone(ident) is None
+        except STUDY_READ_ERRORS:
+            self._check_orthanc_answers()
+            return False
+
     # -- reconcile -----------------------------------------------------------
 
     def reconcile(
-        self, pacs: OrthancPacs, settings: Settings, max_studies: int | None, stop: Stop
+        self, queue: StudyServiceQueue, settings: Settings, max_studies: int | None, stop: Stop
     ) -> ReconcileReport:
         """Lists every study of Orthanc, enqueueing those whose document is
         not what the service holds; then, once the sweep is whole, the
         studies it did not find, each checked gone, as deleted (Orthanc
         logs no deletion: this is how they are followed)."""
-        report, queue = ReconcileReport(), pacs.queue
+        report = ReconcileReport()
         offset = queue.reconcile_position()
-        started = queue.bookkeeping(RECONCILE_ROW_PK)["started"]
+        sweep = queue.bookkeeping(RECONCILE_ROW_PK)
+        assert sweep is not None  # reconcile_position() started it
+        started = sweep["started"]
         bar = _progress_bar(self.count_studies, "reconciling")
         cap = RateCap(settings.reconcile_rows_per_second)
         try:
             while (max_studies is None or report.checked < max_studies) and not stop.requested():
-                ids = self.client.get(f"/studies?since={offset}&limit={self.page_size}")
+                ids = self._study_ids(offset, self.page_size)
                 if not ids:
                     report.gone = self._mark_unseen_gone(queue, started)
                     report.finished = True
@@ -476,8 +782,7 @@ class OrthancSource:
         gone = [
             (row["study_pk"], row["study_iuid"])
             for row in unseen
-            if row["source_id"] is None
-            or self.client.get(f"/studies/{row['source_id']}", missing_ok=True) is None
+            if row["source_id"] is None or self._gone(row["source_id"])
         ]
         queue.mark_gone(gone)
         return len(gone)
@@ -508,7 +813,7 @@ class OrthancPacs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.where = f"Orthanc at {settings.orthanc_url}"
-        self.client = OrthancClient(settings)
+        self.client = OrthancClient(settings.orthanc)
         self.version = self.client.version()  # also proves the credentials
         self.db = Database(settings, SQLiteEngine(settings), f"queue {settings.queue_file}")
         self.Error = self.db.Error
