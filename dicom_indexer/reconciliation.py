@@ -15,7 +15,9 @@ from .study_service import DELETED, DELETING, MAX_PK, SENT
 if TYPE_CHECKING:
     from .config import Settings
     from .run import Stop
-    from .sources.dcm4chee import Dcm4chee2, PacsDatabase
+    from .sources import StudySchema
+    from .sources.dcm4chee import PacsSource
+    from .study_service import StudyServiceQueue
 
 log = logging.getLogger("dicom_indexer")
 
@@ -34,7 +36,7 @@ class ReconcileReport:
         return self.checked / self.seconds if self.seconds else 0.0
 
 
-def needs_resend(row: Mapping[str, Any], center: str, schema: Dcm4chee2) -> bool:
+def needs_resend(row: Mapping[str, Any], center: str, schema: StudySchema) -> bool:
     """Reconcile's verdict on one study: does the service hold a stale document?"""
     if schema.withdrawn(row) or not schema.settled(row):
         return False  # withdrawn: found by gone_between; unsettled: the tick sends it
@@ -47,40 +49,44 @@ def needs_resend(row: Mapping[str, Any], center: str, schema: Dcm4chee2) -> bool
 
 
 def reconcile(
-    pacs: PacsDatabase, settings: Settings, max_studies: int | None, stop: Stop
+    source: PacsSource,
+    queue: StudyServiceQueue,
+    settings: Settings,
+    max_studies: int | None,
+    stop: Stop,
 ) -> ReconcileReport:
     """Sweeps the archive in pk pages, throttled, enqueueing what the tick
     cannot see: patient edits and merges, deletions, restored studies."""
     report = ReconcileReport()
-    position = pacs.queue.reconcile_position()
+    position = queue.reconcile_position()
     if position:
         log.info("resuming reconcile after study pk %d", position)
     rate = settings.reconcile_rows_per_second
     page_size = max(1, min(settings.page_size, rate))
-    bar = _progress_bar(pacs.source.count_studies, "reconciling")
+    bar = _progress_bar(source.count_studies, "reconciling")
     cap = RateCap(rate)
     try:
         while (max_studies is None or report.checked < max_studies) and not stop.requested():
             size = (
                 page_size if max_studies is None else min(page_size, max_studies - report.checked)
             )
-            page = pacs.source.reconcile_page(position, size)
+            page = source.reconcile_page(position, size)
             upto = page[-1]["study_pk"] if page else MAX_PK
             changed = []
             for row in page:
                 if row["status"] is None:
                     report.untracked += 1
-                elif needs_resend(row, settings.center, pacs.schema):
+                elif needs_resend(row, settings.center, source.schema):
                     changed.append(row["study_pk"])
-            gone = pacs.source.gone_between(position, upto)
-            pacs.queue.record_reconciled(changed, gone, upto if page else position)
+            gone = source.gone_between(position, upto)
+            queue.record_reconciled(changed, gone, upto if page else position)
             report.checked += len(page)
             report.changed += len(changed)
             report.gone += len(gone)
             bar.update(len(page))
             if not page:
                 report.finished = True
-                pacs.queue.finish_reconcile()
+                queue.finish_reconcile()
                 break
             position = upto
             cap.passed(len(page))

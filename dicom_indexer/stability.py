@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
-    from .sources.dcm4chee import Dcm4chee2
+    from .sources import StudySchema
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class StabilityWindow:
 
 
 def hold_reason(
-    row: Mapping[str, Any], schema: Dcm4chee2, window: StabilityWindow | None
+    row: Mapping[str, Any], schema: StudySchema, window: StabilityWindow | None
 ) -> str | None:
     """Why a pending study is not sent in this run, or None to send it."""
     reason = window.hold(row) if window is not None else None
