@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -525,7 +526,7 @@ ARC5_VIEWS = ("hideRejected", "regularUse")
 
 class ArcDb(PacsDb):
     """An arc-light 5 database for one test; each helper writes the rows that
-    the archive writes for that event (../shared/dcm4chee-arc-light5.md)."""
+    the archive writes for that event (docs/arc-light.md tells what each event changes)."""
 
     def now(self) -> str:
         return "LOCALTIMESTAMP" if self.postgresql else "NOW(6)"
@@ -665,3 +666,107 @@ def arc(arc_database_name: str) -> Any:
     db = _emptied(ArcDb(arc_database_name), tables)
     yield db
     db.close()
+
+
+# --------------------------------------------------------------------------
+# The "server" marker, set automatically: `pytest -m "not server"` runs the
+# tests that need no server (CI runs them under the oldest Python supported)
+# --------------------------------------------------------------------------
+
+# Fixtures that stand a server up: a MySQL/PostgreSQL database, Orthanc, the
+# central service's stand-in (the fixtures built on them are found through
+# each test's fixture closure).
+SERVER_FIXTURES = {"database_name", "arc_database_name", "pacs", "arc", "service", "orthanc"}
+# What reaches a server when a test or fixture calls it directly: a database
+# made or opened, an Orthanc or a central service started, client.py run as a
+# process against what the test configured.
+SERVER_HELPERS = {
+    "connect",
+    "pg_connect",
+    "PgConnection",
+    "create_database",
+    "original_client_database",
+    "run_sql_file",
+    "run_psql_file",
+    "PacsDb",
+    "ArcDb",
+    "CentralService",
+    "OrthancServer",
+    "client_process",
+}
+_HERE = (str(ROOT / "tests"), str(ROOT / "dev"))
+# dev/'s programs (the benchmark, the storm...): each runs against servers.
+DEV_PROGRAMS = {
+    path.name
+    for path in (ROOT / "dev").glob("*.py")
+    if 'if __name__ == "__main__"' in path.read_text(encoding="utf-8")
+}
+
+
+def _code_objects(code: types.CodeType) -> Any:
+    """A function's code and that of the functions, lambdas and
+    comprehensions written inside it."""
+    yield code
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _code_objects(constant)
+
+
+def _reaches_a_server(target: Any, seen: set[Any]) -> bool:
+    """Whether this function (or class) of the tests or of dev/, or one of
+    theirs that it names, uses a server fixture by name or a SERVER_HELPER."""
+    if isinstance(target, type):
+        return any(_reaches_a_server(member, seen) for member in vars(target).values())
+    target = getattr(target, "__func__", target)  # a method, a staticmethod
+    code = getattr(target, "__code__", None)
+    if code is None or code in seen or not code.co_filename.startswith(_HERE):
+        return False
+    seen.add(code)
+    namespace = getattr(target, "__globals__", {})
+    for each in _code_objects(code):
+        if SERVER_HELPERS.intersection(each.co_names):
+            return True
+        # request.getfixturevalue("pacs"); ROOT / "dev" / "benchmark.py"
+        texts = {c for c in each.co_consts if isinstance(c, str)}
+        if texts & SERVER_FIXTURES or texts & DEV_PROGRAMS:
+            return True
+        # Names of the test's module, and of modules of tests/ or dev/ that
+        # it names (storm.run_storm).
+        spaces = [namespace] + [
+            vars(namespace[name])
+            for name in each.co_names
+            if isinstance(namespace.get(name), types.ModuleType)
+            and str(getattr(namespace[name], "__file__", "")).startswith(_HERE)
+        ]
+        for name in each.co_names:
+            for space in spaces:
+                if name in space and _reaches_a_server(space[name], seen):
+                    return True
+    return False
+
+
+def _needs_a_server(item: Any) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    if names & SERVER_FIXTURES:
+        return True
+    # An autouse fixture is in every test's closure: it is not counted (the
+    # session's teardown drops only the databases that tests made). If
+    # pytest stops keeping this table, every test is a server test and CI's
+    # `-m "not server"` step fails, selecting none.
+    autouse = getattr(item.session._fixturemanager, "_nodeid_autousenames", {})
+    skipped = {name for node in item.listchain() for name in autouse.get(node.nodeid, ())}
+    seen: set[Any] = set()
+    info = getattr(item, "_fixtureinfo", None)
+    for name, definitions in info.name2fixturedefs.items() if info else ():
+        counted = name in names and name not in skipped
+        if counted and any(_reaches_a_server(d.func, seen) for d in definitions):
+            return True
+    return _reaches_a_server(getattr(item, "function", None), seen)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Marks "server" every test that needs one (before -m selects)."""
+    for item in items:
+        if _needs_a_server(item):
+            item.add_marker(pytest.mark.server)

@@ -46,12 +46,11 @@ def test_an_answer_trickled_a_byte_at_a_time_ends_at_its_deadline(pacs, service,
     service.respond = lambda n, r: Reply(
         500, b"x" * 400, trickle_seconds=0.8, trickle_head=part == "head"
     )
-    started = time.monotonic()
     assert main(["initial", *args]) == EXIT_DELIVERY
-    elapsed = time.monotonic() - started
-    # Each request ends at its deadline (connect + read: 3 s); a study is
-    # tried twice (max_retries 1), after a backoff.
-    assert elapsed < 25, elapsed
+    # Each request ends at its deadline (connect + read: 3 s), the answer
+    # unread: the errors below say so. A study is tried at most twice
+    # (max_retries 1), and none is tried again after the run gave up.
+    assert len(service.attempts) <= 2 * len(studies)
     rows = pacs.queue()
     assert {rows[pk]["status"] for pk in studies} == {"pending"}
     errors = {rows[pk]["last_error"] for pk in studies}
@@ -150,9 +149,12 @@ def test_whatever_a_sender_thread_raises_ends_the_run_in_one_line(
         return real(self, outcome, body)
 
     monkeypatch.setattr(Sender, "send", broken)
-    started = time.monotonic()
     assert main(["initial", *configs]) == EXIT_INTERNAL
-    assert time.monotonic() - started < 15
+    # The other workers stopped at once: no study after the broken one was
+    # taken, but the few already on their way (the limit starts at 1 and
+    # grows by half a request per answer: at most 2 others).
+    tried = [r.json["study_pk"] for r in service.attempts]
+    assert set(tried) <= set(pks[:6]), tried
     err = capsys.readouterr().err
     [line] = [line for line in _errors(err) if "run stopped" in line]
     assert re.search(r"run stopped: internal error: ValueError at test_answers\.py:\d+;", line)

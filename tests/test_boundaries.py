@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import pytest
 from conftest import API_KEY, PacsDb, read_metrics, write_configs
 
 import dicom_indexer.delivery
-import dicom_indexer.logs
 from dicom_indexer.cli import main
 from dicom_indexer.errors import EXIT_INTERNAL
-from dicom_indexer.logs import hide_secrets, redact
+from dicom_indexer.logs import Secrets
 
 
 def _errors(err: str) -> list[str]:
@@ -79,7 +77,7 @@ def test_dry_run_writes_nothing_at_all(pacs, service, tmp_path, capsys):
 def test_a_study_dated_in_the_future_waits_stable_age_seconds_not_until_its_date(
     pacs, service, tmp_path, capsys
 ):
-    args = write_configs(tmp_path, pacs.name, service.url, stable_age_seconds=2)
+    args = write_configs(tmp_path, pacs.name, service.url, stable_age_seconds=600)
     future = pacs.add_study(pacs.add_patient())
     pacs.execute(  # a PACS whose clock was a year ahead
         f"UPDATE study SET updated_time = {pacs.ago(-365 * 86400)} WHERE pk = %s", (future,)
@@ -91,7 +89,10 @@ def test_a_study_dated_in_the_future_waits_stable_age_seconds_not_until_its_date
     out = capsys.readouterr().out
     assert "held              1  dated in the future (updated_time is ahead of the" in out
 
-    time.sleep(2.5)
+    # Enqueued 601 s ago, as if that much time had passed: a year before its date.
+    pacs.execute(
+        f"UPDATE study_service SET enqueued_at = {pacs.ago(601)} WHERE study_pk = %s", (future,)
+    )
     assert main(args) == 0
     assert service.study_pks() == [future]
 
@@ -107,23 +108,30 @@ def test_postgresql_statement_waiting_20_s_on_a_lock_waits_and_delivers(
     # Another session holds the tick's cursor row, as an administrator's
     # transaction left open for 20 s would.
     holder.query("SELECT * FROM study_service WHERE study_pk = 0 FOR UPDATE")
-    release = threading.Timer(20, holder.conn.rollback)
+    released = threading.Event()
+
+    def release_after_20_s() -> None:
+        released.set()  # before the lock goes: the run cannot get past it sooner
+        holder.conn.rollback()
+
+    release = threading.Timer(20, release_after_20_s)
     release.start()
-    started = time.monotonic()
     try:
         assert main(configs) == 0, capsys.readouterr().err
+        waited = released.is_set()
     finally:
         release.join()
         holder.close()
-    assert time.monotonic() - started >= 19
+    assert waited  # the run waited for the lock, and was not cut off meanwhile
     assert service.study_pks() == [study]
 
 
-def test_secrets_are_blanked_out_of_any_text_but_a_short_one_only_as_a_word(monkeypatch):
-    monkeypatch.setattr(dicom_indexer.logs, "_SECRETS", set())
-    hide_secrets("s3cr3t-key-value", "pw", None, "")
+def test_secrets_are_blanked_out_of_any_text_but_a_short_one_only_as_a_word():
+    secrets = Secrets("s3cr3t-key-value", "pw", None, "")
+    redact = secrets.redact
     assert redact("key s3cr3t-key-value, repr 's3cr3t-key-value'") == "key ***, repr '***'"
     assert redact("ok: pw is the password, pwned stays") == "ok: *** is the password, pwned stays"
     assert redact("url user:s3cr3t%2Dkey") == "url user:s3cr3t%2Dkey"  # not this secret
-    hide_secrets("a b/c")
+    secrets.add("a b/c")
     assert redact("proxy http://u:a%20b%2Fc@host") == "proxy http://u:***@host"
+    assert Secrets().redact("s3cr3t-key-value") == "s3cr3t-key-value"  # another run's are its own

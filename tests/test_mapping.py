@@ -93,8 +93,39 @@ def test_body_is_ascii_json_that_round_trips():
     body = encode_document(document)
     assert body.isascii()
     assert json.loads(body) == document
-    assert document_fingerprint(body) == document_fingerprint(encode_document(dict(document)))
-    assert len(document_fingerprint(body)) == 16
+
+
+def test_the_fingerprint_is_the_one_already_stored_and_sees_every_value():
+    """study_service.sent_version keeps the fingerprint of the body the
+    service acknowledged: one that an upgrade changed would send the whole
+    archive again, and one blind to a value would never send its change."""
+    body = encode_document(study_document(ROW, "CL-01"))
+    assert body == (
+        b'{"patient_pk":7,"patient_id":"12.345.678-5","patient_name":"MU\\u00d1OZ^JOS\\u00c9",'
+        b'"study_pk":42,"study_iuid":"1.2.3.4","study_datetime":"2024-05-17 09:42:10",'
+        b'"study_description":"TC CEREBRO","study_modality":"CT\\\\SR","study_series":3,'
+        b'"study_instances":254,"center":"CL-01"}'
+    )
+    # The MD5 of the body, 16 bytes: what sent_version (BINARY(16)/bytea) holds.
+    assert document_fingerprint(body).hex() == "c68a1d41dca70ec6fc41d214aba667ef"
+    changes = [
+        {"pat_name": "MUÑOZ^JOSE"},
+        {"pat_id": "12.345.678-K"},
+        {"study_desc": "TC CEREBRO "},
+        {"study_datetime": datetime.datetime(2024, 5, 17, 9, 42, 11)},
+        {"mods_in_study": "CT\\SR\\PR"},
+        {"num_series": 4},
+        {"num_instances": 255},
+        {"study_iuid": "1.2.3.5"},
+        {"patient_pk": 8},
+    ]
+    fingerprints = {
+        document_fingerprint(encode_document(study_document({**ROW, **change}, "CL-01")))
+        for change in changes
+    }
+    fingerprints.add(document_fingerprint(encode_document(study_document(ROW, "CL-02"))))
+    assert document_fingerprint(body) not in fingerprints
+    assert len(fingerprints) == len(changes) + 1
 
 
 def test_the_same_rows_give_the_same_bytes_on_both_engines(tmp_path):
