@@ -45,6 +45,19 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True)
+class DatabaseSettings:
+    """A dcm4chee database, as its engine needs it to connect."""
+
+    engine: str  # a key of ENGINES
+    host: str
+    port: int
+    user: str
+    password: str
+    name: str
+    unix_socket: str | None
+
+
+@dataclass(frozen=True)
 class OrthancSettings:
     """An Orthanc's REST API, as OrthancClient needs it."""
 
@@ -124,6 +137,18 @@ class Settings:
             backoff_seconds=self.backoff_seconds,
             max_connections=self.concurrency or self.max_concurrency,
             secrets=self.secrets,
+        )
+
+    @property
+    def database(self) -> DatabaseSettings:
+        return DatabaseSettings(
+            engine=self.db_engine,
+            host=self.db_host,
+            port=self.db_port,
+            user=self.db_user,
+            password=self.db_password,
+            name=self.db_name,
+            unix_socket=self.db_unix_socket,
         )
 
     @property

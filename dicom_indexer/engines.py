@@ -8,13 +8,14 @@ import os
 import re
 import stat
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from . import HERE
 from .errors import DatabaseError
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import DatabaseSettings
 
 # --------------------------------------------------------------------------
 # Engines: MySQL/MariaDB and PostgreSQL
@@ -224,14 +225,14 @@ class MySQLEngine:
         (query() and rowcount() pass () when there are no parameters)."""
         return _outside_quotes(sql.replace("%", "%%"), lambda text: text.replace("?", "%s"))
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.lock_scope = settings.db_name  # the run lock is one per database
+    def __init__(self, database: DatabaseSettings) -> None:
+        self.database = database
+        self.lock_scope = database.name  # the run lock is one per database
         self.driver = _import_pymysql()
         self.Error: tuple[type[BaseException], ...] = (self.driver.MySQLError,)
         self.conn: Any = None
-        self.socket = settings.db_unix_socket
-        local = settings.db_host == "localhost" and settings.db_port == self.default_port
+        self.socket = database.unix_socket
+        local = database.host == "localhost" and database.port == self.default_port
         if self.socket is None and local:
             self.socket = _local_mysql_socket()
         # How the connection goes, for `check` and the error lines.
@@ -239,11 +240,11 @@ class MySQLEngine:
             self.route = f"through the local socket {self.socket}"
         elif local:
             self.route = (
-                f"on localhost:{settings.db_port} over TCP (no MySQL socket in"
+                f"on localhost:{database.port} over TCP (no MySQL socket in"
                 f" {', '.join(MYSQL_SOCKETS)}; database.unix_socket names another)"
             )
         else:
-            self.route = f"on {settings.db_host}:{settings.db_port}"
+            self.route = f"on {database.host}:{database.port}"
 
     def connect(self) -> None:
         try:
@@ -271,14 +272,14 @@ class MySQLEngine:
         if self.socket or not args or args[0] != MYSQL_ACCESS_DENIED:
             return ""
         seen = re.search(r"'[^']*'@'([^']*)'", str(args[1]) if len(args) > 1 else "")
-        host = seen.group(1) if seen else self.settings.db_host
+        host = seen.group(1) if seen else self.database.host
         hint = (
             f"; the server saw this connection come from '{host}': an account created"
             " for 'localhost' matches only its local socket, so create it for"
             f" '{host}' too (SET @indexer_host = '{host}' before {GRANT_SCRIPT_MYSQL})"
         )
         socket = _local_mysql_socket()
-        if socket and self.settings.db_host in LOOPBACK_HOSTS:
+        if socket and self.database.host in LOOPBACK_HOSTS:
             try:
                 self._connect_once(socket).close()
             except Exception:  # denied there too: the user or the password is wrong
@@ -293,13 +294,13 @@ class MySQLEngine:
         return hint + ", or check the user and password"
 
     def _connect_once(self, socket: str | None) -> Any:
-        settings = self.settings
+        database = self.database
         return self.driver.connect(
-            host=settings.db_host,
-            port=settings.db_port,
-            user=settings.db_user,
-            password=settings.db_password,
-            database=settings.db_name,
+            host=database.host,
+            port=database.port,
+            user=database.user,
+            password=database.password,
+            database=database.name,
             unix_socket=socket,
             # Decodes latin1 and utf8 columns alike into correct Unicode.
             charset="utf8mb4",
@@ -443,9 +444,9 @@ class PostgreSQLEngine:
 
         return _outside_quotes(sql, placed)
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.lock_scope = settings.db_name  # the run lock is one per database
+    def __init__(self, database: DatabaseSettings) -> None:
+        self.database = database
+        self.lock_scope = database.name  # the run lock is one per database
         try:
             import pg8000.dbapi
         except ImportError:
@@ -457,20 +458,20 @@ class PostgreSQLEngine:
         self.driver = pg8000.dbapi
         self.Error: tuple[type[BaseException], ...] = (pg8000.dbapi.Error,)
         self.conn: Any = None
-        if settings.db_unix_socket:
-            self.route = f"through the local socket {settings.db_unix_socket}"
+        if database.unix_socket:
+            self.route = f"through the local socket {database.unix_socket}"
         else:
-            self.route = f"on {settings.db_host}:{settings.db_port}"
+            self.route = f"on {database.host}:{database.port}"
 
     def connect(self) -> None:
-        settings = self.settings
+        database = self.database
         self.conn = self.driver.connect(
-            user=settings.db_user,
-            password=settings.db_password or None,
-            host=settings.db_host if not settings.db_unix_socket else None,
-            port=settings.db_port,
-            database=settings.db_name,
-            unix_sock=settings.db_unix_socket,
+            user=database.user,
+            password=database.password or None,
+            host=database.host if not database.unix_socket else None,
+            port=database.port,
+            database=database.name,
+            unix_sock=database.unix_socket,
             timeout=DB_CONNECT_TIMEOUT_SECONDS,
             application_name="dicom-indexer",
         )
@@ -654,13 +655,12 @@ class SQLiteEngine:
         """The standard library's sqlite3 takes ? (and ?NNN) as written."""
         return sql
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, queue_file: Path) -> None:
         import sqlite3
 
-        self.settings = settings
         self.driver = sqlite3
         self.Error: tuple[type[BaseException], ...] = (sqlite3.Error,)
-        self.path = settings.queue_file
+        self.path = queue_file
         self.lock_scope = str(self.path)  # the run lock is one per queue file
         self.conn: Any = None
         self.lock_file: Any = None

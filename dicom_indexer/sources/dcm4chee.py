@@ -458,7 +458,7 @@ class PacsDatabase(Database):
     found there; its source (the studies) and its queue (study_service)."""
 
     def __init__(self, settings: Settings) -> None:
-        engine = ENGINES[settings.db_engine](settings)
+        engine = ENGINES[settings.db_engine](settings.database)
         super().__init__(settings, engine, f"database '{settings.db_name}' {engine.route}")
         try:
             found = {(row["t"], row["c"]) for row in self.query(self.queue.sql.SCHEMA_COLUMNS)}

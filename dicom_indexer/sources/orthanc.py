@@ -815,7 +815,9 @@ class OrthancPacs:
         self.where = f"Orthanc at {settings.orthanc_url}"
         self.client = OrthancClient(settings.orthanc)
         self.version = self.client.version()  # also proves the credentials
-        self.db = Database(settings, SQLiteEngine(settings), f"queue {settings.queue_file}")
+        self.db = Database(
+            settings, SQLiteEngine(settings.queue_file), f"queue {settings.queue_file}"
+        )
         self.Error = self.db.Error
         self.queue = self.db.queue
         self.schema = Orthanc(max(ORTHANC_QUIET_SECONDS, settings.stable_age_seconds))
