@@ -38,6 +38,10 @@ class SourceUnderTest:
     # Whether the source can answer "not found" for a study it still holds
     # (say_gone_once()): a database row cannot.
     SPURIOUS_GONE: tuple[str, ...] = ()
+    # Ways the queue can lose a study the source still holds, which reconcile
+    # must find (forget()). dcm4chee has none: a study the queue does not
+    # know is the original client's, sent before this one was installed.
+    FORGOTTEN: tuple[str, ...] = ()
 
     def __init__(self, directory: Path, service: CentralService) -> None:
         self.directory = directory
@@ -86,6 +90,9 @@ class SourceUnderTest:
         raise NotImplementedError
 
     def say_gone_once(self, pk: int, how: str) -> None:
+        raise NotImplementedError(how)
+
+    def forget(self, pk: int, how: str) -> None:
         raise NotImplementedError(how)
 
     # -- what the client recorded ----------------------------------------------
@@ -194,6 +201,7 @@ class OrthancUnderTest(SourceUnderTest):
     HISTORY_LOSSES = ("change log cleared",)
     FEED_STALLS = ("a cache repeating the first page",)
     SPURIOUS_GONE = ("one 404",)
+    FORGOTTEN = ("its queue row deleted",)
 
     def __init__(self, directory: Path, service: CentralService, orthanc: OrthancServer) -> None:
         super().__init__(directory, service)
@@ -279,6 +287,10 @@ class OrthancUnderTest(SourceUnderTest):
 
     def feed_requests(self) -> int:
         return self.proxy.count("/changes")
+
+    def forget(self, pk: int, how: str) -> None:
+        with sqlite3.connect(self.directory / QUEUE_FILE_NAME) as conn:
+            conn.execute("DELETE FROM study_service WHERE study_pk = ?", (pk,))
 
     def say_gone_once(self, pk: int, how: str) -> None:
         self.proxy.faults.append(Fault(f"/studies/{self.studies[pk]}", status=404, times=1))

@@ -42,6 +42,7 @@ def pytest_generate_tests(metafunc: Any) -> None:
         ("loss", "HISTORY_LOSSES"),
         ("stall", "FEED_STALLS"),
         ("gone", "SPURIOUS_GONE"),
+        ("forgotten", "FORGOTTEN"),
     ):
         if name in metafunc.fixturenames and under_test is not None:
             values = getattr(under_test, attribute)
@@ -171,6 +172,17 @@ class SourceContract:
         assert main(["reconcile", *source.configs]) == EXIT_OK
         assert main(source.configs) == EXIT_OK
         assert [r for r in service.received if r.method == "DELETE"] == []
+        assert source.queue()[pks[1]]["status"] == "sent"
+
+    def test_reconcile_sends_a_study_the_queue_lost(self, source, service, capsys, forgotten):
+        pks = source.add_studies(3)
+        assert main(["initial", *source.configs]) == EXIT_OK
+        source.forget(pks[1], forgotten)
+        service.clear()
+        assert main(source.configs) == EXIT_OK  # a tick cannot know
+        assert main(["reconcile", *source.configs]) == EXIT_OK
+        assert main(source.configs) == EXIT_OK
+        assert posted(service) == [pks[1]]
         assert source.queue()[pks[1]]["status"] == "sent"
 
     def test_a_study_is_deleted_at_the_index_once_the_source_says_it_is_gone(self, source, service):

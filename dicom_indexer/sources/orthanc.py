@@ -235,6 +235,12 @@ class OrthancStatements:
     )
     QUEUE_STATE = "SELECT study_pk, status, sent_version FROM study_service WHERE study_pk IN "
     MARK_RECONCILED = f"UPDATE study_service SET reconciled_at = {SQLITE_NOW} WHERE study_pk = ?"
+    # A study Orthanc holds and the queue never knew (its change lost with a
+    # restored Orthanc, its row lost with the queue file): sent as new.
+    ENQUEUE_UNTRACKED = (
+        "INSERT OR IGNORE INTO study_service (study_pk, status, attempts, enqueued_at, source_id)"
+        f" VALUES (?, 'pending', 0, {SQLITE_NOW}, ?)"
+    )
     # What reconcile did not find in Orthanc since its sweep began.
     SELECT_UNSEEN = (
         "SELECT study_pk, study_iuid, source_id FROM study_service WHERE study_pk > 0"
@@ -759,17 +765,21 @@ class OrthancSource:
         placeholders = "(" + ", ".join(["?"] * len(pks)) + ")"  # placeholders, never values
         rows = self.db.query(self.sql.QUEUE_STATE + placeholders, pks)
         state = {row["study_pk"]: row for row in rows}
-        changed = []
-        for pk, study in zip(pks, fields):
+        changed, untracked = [], []
+        for ident, pk, study in zip(ids, pks, fields):
             known = state.get(pk)
             if known is None:
-                report.untracked += 1
+                # Unlike dcm4chee's (the original client's archive, sent
+                # before this client), every study of an Orthanc is this
+                # client's to send: one it never knew was lost on the way.
+                untracked.append((pk, ident))
             elif needs_resend({**known, **study}, center, self.schema):
                 changed.append(pk)
         report.checked += len(ids)
-        report.changed += len(changed)
+        report.changed += len(changed) + len(untracked)
 
         def work() -> None:
+            self.db.execute_batch(self.sql.ENQUEUE_UNTRACKED, untracked)
             self.db.execute_batch(queue.sql.ENQUEUE_CHANGED, [(pk,) for pk in changed])
             self.db.execute_batch(self.sql.MARK_RECONCILED, [(pk,) for pk in pks])
             self.db.query(queue.sql.SET_CURSOR, (offset, RECONCILE_ROW_PK))
