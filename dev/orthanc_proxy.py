@@ -1,5 +1,5 @@
-"""A misbehaving Orthanc for the tests: a loopback HTTP proxy in front of a
-real one (testkit.OrthancServer) that forwards every request and can be told,
+"""A misbehaving Orthanc for the tests: a HostileFront (dev/hostile_http.py)
+in front of a real one (testkit.OrthancServer) that forwards every request and can be told,
 per path, to damage the answer: truncate its JSON, replace or drop a key,
 answer a status of its own, or, for the change log, repeat the first page it
 forwarded forever (a caching proxy). It counts the requests it forwards. Not
@@ -14,13 +14,11 @@ used by client.py.
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import http.server
 import json
-import socket
-import threading
-import urllib.parse
 from typing import Any
+
+from hostile_http import HostileFront, Rule, Seen
 
 
 @dataclasses.dataclass
@@ -47,13 +45,12 @@ class Fault:
         return path == self.path and (self.times is None or self.used < self.times)
 
 
-class OrthancProxy:
-    """A threaded HTTP/1.1 server on a free loopback port (keep-alive, as
-    Orthanc's), forwarding to `upstream` with the client's own headers."""
+class OrthancProxy(HostileFront):
+    """A HostileFront (its server, its forwarding) that damages answers the
+    way a broken Orthanc or a caching proxy would: Faults by exact path, and
+    a change log that repeats its first page."""
 
     def __init__(self, upstream: str) -> None:
-        parsed = urllib.parse.urlsplit(upstream)
-        self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.faults: list[Fault] = []
         # Once set: every /changes answered with the first page forwarded after it
         # (Done: false), up to max_repeats times; then 503, so that a client that
@@ -62,46 +59,19 @@ class OrthancProxy:
         self.max_repeats = 200
         self.repeats = 0
         self.first_changes_page: bytes | None = None
-        self.requests: list[str] = []  # "GET /path?query", in order
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def do_GET(self) -> None:
-                proxy._handle(self)
-
-            do_POST = do_DELETE = do_PUT = do_GET
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(upstream)
 
     def count(self, prefix: str) -> int:
-        """How many requests for a path starting with `prefix` came."""
+        """How many requests for a path (with its query) starting with `prefix` came."""
         with self.lock:
-            return sum(1 for line in self.requests if line.split(" ", 1)[1].startswith(prefix))
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+            return sum(1 for seen in self.seen if seen.path.startswith(prefix))
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         path = handler.path.split("?", 1)[0]
         with self.lock:
-            self.requests.append(f"{handler.command} {handler.path}")
+            self.seen.append(Seen(handler.command, handler.path, dict(handler.headers.items())))
             fault = next((f for f in self.faults if f.applies(path)), None)
             if fault is not None:
                 fault.used += 1
@@ -110,10 +80,10 @@ class OrthancProxy:
             with self.lock:
                 self.repeats += 1
                 exhausted = self.repeats > self.max_repeats
-            self._reply(handler, 503 if exhausted else 200, b"{}" if exhausted else repeated)
+            self._send(handler, 503 if exhausted else 200, b"{}" if exhausted else repeated)
             return
         if fault is not None and fault.status is not None:
-            self._reply(handler, fault.status, fault.body)
+            self._send(handler, fault.status, fault.body)
             return
         status, data = self._forward(handler, body)
         if (
@@ -129,21 +99,13 @@ class OrthancProxy:
                 self.first_changes_page = data
         if fault is not None and status == 200:
             data = self._damage(fault, data)
-        self._reply(handler, status, data, fault.pad if fault is not None else 0)
+        self._send(handler, status, data, fault.pad if fault is not None else 0)
 
-    def _forward(self, handler: Any, body: bytes) -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection(*self.upstream, timeout=30)
+    def _send(self, handler: Any, status: int, data: bytes, pad: int = 0) -> None:
         try:
-            headers = {
-                name: value
-                for name, value in handler.headers.items()
-                if name.lower() in ("authorization", "content-type", "accept")
-            }
-            connection.request(handler.command, handler.path, body=body or None, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+            self._reply(handler, status, data, Rule("", pad_bytes=pad))
+        except OSError:
+            handler.close_connection = True  # the client hung up once past its bound
 
     @staticmethod
     def _damage(fault: Fault, data: bytes) -> bytes:
@@ -156,18 +118,3 @@ class OrthancProxy:
         if fault.truncate:
             data = data[: len(data) // 2]
         return data
-
-    @staticmethod
-    def _reply(handler: Any, status: int, data: bytes, pad: int = 0) -> None:
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data) + pad))
-        handler.end_headers()
-        handler.wfile.write(data)
-        chunk = b" " * min(pad, 1 << 20)
-        try:
-            while pad > 0:  # the client may hang up once past its bound
-                handler.wfile.write(chunk[:pad])
-                pad -= len(chunk)
-        except OSError:
-            handler.close_connection = True

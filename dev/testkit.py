@@ -20,9 +20,27 @@ import contextlib
 import dataclasses
 import json
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
+
+
+def peak_rss_mb(process: subprocess.Popen) -> float:
+    """A child's own peak memory (VmHWM), read while it runs (not wait4's
+    ru_maxrss, which keeps the parent's size from before the exec)."""
+    peak = 0.0
+    status = Path(f"/proc/{process.pid}/status")
+    while process.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            break
+        time.sleep(0.02)
+    return peak
 
 
 def free_port() -> int:

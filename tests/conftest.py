@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "dev"))
 # storm and the benchmark.
 from testkit import (  # noqa: E402
     CentralService,
+    OrthancServer,
     PgConnection,
     Reply,  # noqa: F401 (for the tests)
     free_port,  # noqa: F401 (for the tests)
@@ -770,3 +771,35 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if _needs_a_server(item):
             item.add_marker(pytest.mark.server)
+
+
+# --------------------------------------------------------------------------
+# Orthanc: a real one (Debian's package) per test, on a free loopback port
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Any:
+    server = OrthancServer(tmp_path / "orthanc", stable_age_seconds=1)
+    yield server
+    server.stop(kill=True)
+
+
+def write_orthanc_configs(directory: Path, orthanc: Any, url: str, **extra: Any) -> list[str]:
+    """config.json (an "orthanc" section with the server's credentials) and
+    server.json, for a client reading `orthanc` and sending to `url`."""
+    config = {
+        "orthanc": {
+            "url": orthanc.url,
+            "user": OrthancServer.USER,
+            "password": OrthancServer.PASSWORD,
+        },
+        "key": API_KEY,
+        "webservice_url": url,
+        "backoff_seconds": 0.01,
+        **extra,
+    }
+    for name, data in (("config.json", config), ("server.json", {"server": CENTER})):
+        (directory / name).write_text(json.dumps(data))
+        (directory / name).chmod(0o600)
+    return ["--config", str(directory / "config.json"), "--server", str(directory / "server.json")]

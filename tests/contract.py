@@ -10,12 +10,11 @@ by each filesystem.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from conftest import API_KEY, CENTER, ArcDb, PacsDb, wait_until, write_configs
+from conftest import ArcDb, PacsDb, wait_until, write_configs, write_orthanc_configs
 from orthanc_proxy import Fault, OrthancProxy
 from testkit import CentralService, OrthancServer, dicom_instance, new_uid
 
@@ -209,25 +208,10 @@ class OrthancUnderTest(SourceUnderTest):
         self.proxy = OrthancProxy(orthanc.url)
         self.studies: dict[int, str] = {}  # pk -> Orthanc ID
         self.patients = 0
-        config = {
-            "orthanc": {
-                "url": self.proxy.url,
-                "user": OrthancServer.USER,
-                "password": OrthancServer.PASSWORD,
-            },
-            "key": API_KEY,
-            "webservice_url": service.url,
-            "backoff_seconds": 0.01,
-            "stable_age_seconds": 0,
-            "send_deletes": True,
-        }
-        for name, data in (("config.json", config), ("server.json", {"server": CENTER})):
-            (directory / name).write_text(json.dumps(data))
-            (directory / name).chmod(0o600)
-        self.configs = [
-            *("--config", str(directory / "config.json")),
-            *("--server", str(directory / "server.json")),
-        ]
+        # The client reads Orthanc through the proxy: it has the same URL shape.
+        self.configs = write_orthanc_configs(
+            directory, self.proxy, service.url, stable_age_seconds=0, send_deletes=True
+        )
 
     def add_studies(self, count: int) -> list[int]:
         added = []

@@ -9,11 +9,10 @@ import base64
 import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from conftest import API_KEY, ROOT, Reply, write_configs
+from testkit import peak_rss_mb
 
 from dicom_indexer.cli import main
 from dicom_indexer.errors import EXIT_DELIVERY, EXIT_INTERNAL, EXIT_KEY_REFUSED, EXIT_REJECTED
@@ -60,21 +59,6 @@ def test_an_answer_trickled_a_byte_at_a_time_ends_at_its_deadline(pacs, service,
         assert errors == {"no complete answer within 3 s"}
 
 
-def _peak_rss_mb(process: subprocess.Popen) -> float:
-    """The client's own peak memory (VmHWM), read while it runs."""
-    peak = 0.0
-    status = Path(f"/proc/{process.pid}/status")
-    while process.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) / 1024)
-        except (OSError, ValueError):
-            break
-        time.sleep(0.02)
-    return peak
-
-
 @pytest.mark.parametrize("status", [500, 201])
 def test_a_100_mb_answer_is_not_read_and_memory_stays_small(pacs, service, tmp_path, status):
     pks = pacs.add_studies(4)
@@ -86,7 +70,7 @@ def test_a_100_mb_answer_is_not_read_and_memory_stays_small(pacs, service, tmp_p
         stderr=subprocess.PIPE,
         text=True,
     )
-    peak = _peak_rss_mb(process)
+    peak = peak_rss_mb(process)
     _, err = process.communicate(timeout=60)
     assert 0 < peak < 100, peak
     if status == 201:

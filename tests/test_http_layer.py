@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import API_KEY, CENTER, Reply, client_process, free_port, wait_until, write_configs
 from hostile_http import HostileFront, Rule
-from testkit import ORTHANC_BINARY, OrthancServer, dicom_instance, new_uid
+from testkit import ORTHANC_BINARY, OrthancServer, dicom_instance, new_uid, peak_rss_mb
 
 from dicom_indexer.cli import main
 from dicom_indexer.errors import (
@@ -49,21 +49,6 @@ SHORT = {"connect_timeout_seconds": 0.5, "read_timeout_seconds": 1}
 
 def _errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if " ERROR " in line]
-
-
-def _peak_rss_mb(process: subprocess.Popen) -> float:
-    """The client's own peak memory (VmHWM), read while it runs."""
-    peak = 0.0
-    status = Path(f"/proc/{process.pid}/status")
-    while process.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) / 1024)
-        except (OSError, ValueError):
-            break
-        time.sleep(0.02)
-    return peak
 
 
 def _basic(user: str, password: str) -> str:
@@ -148,13 +133,6 @@ def test_a_service_url_password_a_header_cannot_carry_is_one_line_exit_3(tmp_pat
 
 
 @pytest.fixture
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc", stable_age_seconds=1)
-    yield server
-    server.stop(kill=True)
-
-
-@pytest.fixture
 def front(orthanc):
     hostile = HostileFront(orthanc.url)
     yield hostile
@@ -209,7 +187,7 @@ def _queue(directory: Path) -> dict[str, dict[str, Any]]:
 def _client(args: list[str], *extra: str) -> tuple[subprocess.Popen, float]:
     """client.py as its own process, and its peak memory once it ended."""
     process = client_process(args, *extra)
-    return process, _peak_rss_mb(process)
+    return process, peak_rss_mb(process)
 
 
 @needs_orthanc

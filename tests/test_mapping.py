@@ -30,7 +30,7 @@ ROW = {
 
 
 # The original client's README ("Formato JSON para INSERT (POST)"): the names
-# the central service reads. Written out here, not taken from client.py, so
+# the central service reads. Written out here, not taken from dicom_indexer, so
 # that a rename in the client fails this test.
 CONTRACT_KEYS = [
     "patient_pk",

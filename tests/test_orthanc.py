@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, CENTER, ROOT, client_process, wait_until
+from conftest import API_KEY, CENTER, ROOT, client_process, wait_until, write_orthanc_configs
 from testkit import ORTHANC_BINARY, CentralService, OrthancServer, dicom_instance, new_uid
 
 from dicom_indexer.cli import main
@@ -27,31 +27,6 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists(ORTHANC_BINARY),
     reason="needs Debian's orthanc package (.ci/run installs it)",
 )
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc", stable_age_seconds=1)
-    yield server
-    server.stop(kill=True)
-
-
-def write_orthanc_configs(directory, orthanc, url, **extra):
-    config = {
-        "orthanc": {
-            "url": orthanc.url,
-            "user": OrthancServer.USER,
-            "password": OrthancServer.PASSWORD,
-        },
-        "key": API_KEY,
-        "webservice_url": url,
-        "backoff_seconds": 0.01,
-        **extra,
-    }
-    for name, data in (("config.json", config), ("server.json", {"server": CENTER})):
-        (directory / name).write_text(json.dumps(data))
-        (directory / name).chmod(0o600)
-    return ["--config", str(directory / "config.json"), "--server", str(directory / "server.json")]
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import sqlite3
 import types
 
 import pytest
+from conftest import write_orthanc_configs
 from orthanc_proxy import Fault, OrthancProxy
-from test_orthanc import posts_of, upload_study, wait_stable, write_orthanc_configs
-from testkit import ORTHANC_BINARY, OrthancServer, dicom_instance
+from test_orthanc import posts_of, upload_study, wait_stable
+from testkit import ORTHANC_BINARY, dicom_instance
 
 from dicom_indexer.cli import main
 from dicom_indexer.errors import EXIT_DATABASE, EXIT_DELIVERY, EXIT_OK
@@ -26,13 +27,6 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists(ORTHANC_BINARY),
     reason="needs Debian's orthanc package (.ci/run installs it)",
 )
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    server = OrthancServer(tmp_path / "orthanc", stable_age_seconds=1)
-    yield server
-    server.stop(kill=True)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from contract import (
     OrthancUnderTest,
     SourceUnderTest,
 )
-from testkit import ORTHANC_BINARY, OrthancServer
+from testkit import ORTHANC_BINARY
 
 from dicom_indexer.cli import main
 from dicom_indexer.document import DOCUMENT_KEYS
@@ -222,9 +222,7 @@ class TestOrthanc(SourceContract):
     UNDER_TEST = OrthancUnderTest
 
     @pytest.fixture
-    def source(self, service, tmp_path):
-        orthanc = OrthancServer(tmp_path / "orthanc", stable_age_seconds=1)
+    def source(self, orthanc, service, tmp_path):
         under_test = OrthancUnderTest(tmp_path, service, orthanc)
         yield under_test
         under_test.close()
-        orthanc.stop(kill=True)
