@@ -172,3 +172,27 @@ class HostileFront:
             out.write(bytes([byte]))
             out.flush()
             time.sleep(seconds)
+
+
+@dataclasses.dataclass
+class HeaderRule(Rule):
+    """A Rule whose answers (the peer's, or `status` and `body`) carry these
+    headers too: a Warning, a Server (a HeaderFront honours it)."""
+
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class HeaderFront(HostileFront):
+    """A HostileFront that also honours HeaderRule: its headers go into the
+    answer's head (the answer itself neither padded nor trickled)."""
+
+    def _reply(self, handler: Any, status: int, data: bytes, rule: Rule) -> None:
+        extra = getattr(rule, "headers", None)
+        if not extra:
+            super()._reply(handler, status, data, rule)
+            return
+        head = f"HTTP/1.1 {status} Whatever\r\nContent-Type: application/dicom+json\r\n"
+        head += f"Content-Length: {len(data)}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in extra.items())
+        handler.wfile.write((head + "\r\n").encode() + data)
+        handler.wfile.flush()

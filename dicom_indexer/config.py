@@ -21,6 +21,12 @@ from .study_service import QUEUE_FILE_NAME
 ENV_DB_PASSWORD = "DICOM_INDEXER_DB_PASSWORD"
 ENV_KEY = "DICOM_INDEXER_KEY"
 ENV_ORTHANC_PASSWORD = "DICOM_INDEXER_ORTHANC_PASSWORD"
+ENV_DICOMWEB_PASSWORD = "DICOM_INDEXER_DICOMWEB_PASSWORD"
+ENV_DICOMWEB_TOKEN = "DICOM_INDEXER_DICOMWEB_TOKEN"
+# The sections that name a site's source: exactly one of them.
+SOURCE_SECTIONS = ("database", "orthanc", "dicomweb", "dimse")
+# An AE title: up to 16 characters of printable ASCII but the backslash (PS3.5, AE).
+AE_TITLE_RE = re.compile(r"^[ -\[\]-~]{1,16}$")
 
 
 # --------------------------------------------------------------------------
@@ -71,6 +77,40 @@ class OrthancSettings:
 
 
 @dataclass(frozen=True)
+class DicomwebSettings:
+    """A PACS's QIDO-RS service, as DicomwebFinder needs it."""
+
+    url: str  # the DICOMweb root (".../dicom-web"), without credentials
+    auth: str  # "none", "basic" or "bearer"
+    user: str
+    password: str = field(repr=False)
+    token: str = field(repr=False)
+    ca_bundle: str | None
+    result_cap: int | None  # the PACS's known result cap, if the site knows it
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
+    secrets: Secrets
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    """A PACS's C-FIND service, as DimseFinder needs it."""
+
+    host: str
+    port: int
+    pacs_ae: str  # the PACS's AE title (the called AE)
+    indexer_ae: str  # ours (the calling AE), registered in the PACS
+    tls_ca_bundle: str | None  # TLS: the CA that signed the PACS's certificate
+    tls_certificate: str | None  # our certificate, when the PACS asks for one
+    tls_key: str | None
+    timezone: str | None  # the PACS's time zone ("America/Santiago", "-03:00"); None: ours
+    result_cap: int | None
+    connect_timeout_seconds: float
+    read_timeout_seconds: float  # DIMSE and network timeouts: each answer's wait
+    secrets: Secrets
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a run needs, from config.json and server.json; the
     defaults are load_settings()'s.
@@ -81,7 +121,9 @@ class Settings:
     server.json holds "server", the center's code, sent as "center".
     """
 
-    source: str  # "dcm4chee" (a database: "database") or "orthanc" (REST: "orthanc")
+    # "dcm4chee" (section "database"), "orthanc", "dicomweb" or "dimse": a key
+    # of sources.KNOWN_SOURCES, named by its config.json section.
+    source: str
     db_engine: str  # a key of ENGINES; "sqlite" for an Orthanc site's queue
     db_host: str
     db_port: int
@@ -96,7 +138,7 @@ class Settings:
     orthanc_user: str
     orthanc_password: str = field(repr=False)
     orthanc_ca_bundle: str | None
-    queue_file: Path  # Orthanc: the queue's SQLite file
+    queue_file: Path  # Orthanc, DICOMweb, DIMSE: the queue's SQLite file
     center: str
     config_path: Path
     server_path: Path
@@ -124,6 +166,20 @@ class Settings:
     # The key and the passwords (and, later, what the HTTP layer makes of
     # them): what no log line or message may show.
     secrets: Secrets = field(default_factory=Secrets, compare=False, repr=False)
+    # The source's own section, for the sources whose settings are read
+    # only as a whole (None for the others).
+    dicomweb_section: DicomwebSettings | None = None
+    dimse_section: DimseSettings | None = None
+
+    @property
+    def dicomweb(self) -> DicomwebSettings:
+        assert self.dicomweb_section is not None, "not a DICOMweb site"
+        return self.dicomweb_section
+
+    @property
+    def dimse(self) -> DimseSettings:
+        assert self.dimse_section is not None, "not a DIMSE site"
+        return self.dimse_section
 
     @property
     def service(self) -> ServiceSettings:
@@ -417,36 +473,60 @@ def load_settings(config_path: Path, server_path: Path) -> Settings:
         problems,
     )
     top.ignore("server")  # the original's placeholder: "see server.json"
-    if "orthanc" in top.data:
-        # An Orthanc site: its REST API, and the queue in a file of its own.
-        if "database" in top.data:
-            top.problem("orthanc", "and 'database' are both set: keep the one this site's PACS is")
-        db = _Fields(config_path, {}, [], "database.")
-        orthanc = top.section("orthanc")
-        source = _orthanc_fields(orthanc, top, config_path)
-    else:
-        db = top.section("database")
-        orthanc = _Fields(config_path, {}, [], "orthanc.")
+    named = [name for name in SOURCE_SECTIONS if name in top.data]
+    chosen = named[0] if named else "database"
+    for other in named[1:]:
+        top.problem(other, f"and '{chosen}' are both set: keep the one this site's PACS is")
+    sections = {
+        name: top.section(name) if name == chosen else _Fields(config_path, {}, [], name + ".")
+        for name in SOURCE_SECTIONS
+    }
+    db = sections["database"]
+    tuning = _tuning_fields(top)
+    dicomweb = dimse = None
+    if chosen == "database":
         source = {**_connection_fields(db), **_NO_ORTHANC}
+    elif chosen == "orthanc":
+        # An Orthanc site: its REST API, and the queue in a file of its own.
+        source = _orthanc_fields(sections["orthanc"], top, config_path)
+    else:
+        # DICOMweb and DIMSE: the PACS's query service, the queue in a file.
+        source = {**_NO_ORTHANC, **_QUEUE_FILE_ONLY, "source": chosen}
+        source["queue_file"] = _queue_file(top, config_path)
+        if chosen == "dicomweb":
+            dicomweb = _dicomweb_fields(sections["dicomweb"], tuning)
+        else:
+            dimse = _dimse_fields(sections["dimse"], tuning)
     settings = Settings(
         **source,
         **_service_fields(top),
-        **_tuning_fields(top),
+        **tuning,
         center=server.code("server"),
         config_path=config_path,
         server_path=server_path,
+        dicomweb_section=dicomweb,
+        dimse_section=dimse,
     )
     warnings = [
         f"{fields.path}: unknown field '{name}' ignored (misspelt?)"
-        for fields in (top, db, orthanc, server)
+        for fields in (top, *sections.values(), server)
         for name in fields.unknown()
     ]
     warnings += _exposure_warnings(settings, db, top)
     secrets = Secrets(settings.key, settings.db_password, settings.orthanc_password)
+    if dicomweb is not None:
+        secrets.add(dicomweb.password)
+        secrets.add(dicomweb.token)
+        secrets.add(split_credentials(dicomweb.url)[2])
     for url in (settings.orthanc_url, settings.webservice_url):
         secrets.add(split_credentials(url)[2])
     return dataclasses.replace(
-        settings, warnings=tuple(warnings), problems=tuple(problems), secrets=secrets
+        settings,
+        warnings=tuple(warnings),
+        problems=tuple(problems),
+        secrets=secrets,
+        dicomweb_section=dicomweb and dataclasses.replace(dicomweb, secrets=secrets),
+        dimse_section=dimse and dataclasses.replace(dimse, secrets=secrets),
     )
 
 
@@ -479,6 +559,147 @@ _NO_ORTHANC: dict[str, Any] = {
 }
 
 
+_QUEUE_FILE_ONLY: dict[str, Any] = {
+    "db_engine": "sqlite",
+    "db_host": "",
+    "db_port": 0,
+    "db_user": "",
+    "db_password": "",
+    "db_name": "",
+    "db_unix_socket": None,
+}
+
+
+def _queue_file(top: _Fields, config_path: Path) -> Path:
+    """Where a source without a database of ours keeps the queue: beside config.json."""
+    return top.file_path("queue_file") or config_path.resolve().with_name(QUEUE_FILE_NAME)
+
+
+def _existing_file(fields: _Fields, name: str) -> str | None:
+    """An optional field naming a file that must exist (a CA bundle, a key)."""
+    value = fields.text(name, default=None)
+    if value is not None and not Path(value).is_file():
+        fields.problem(name, f"file not found: {value}", separator=": ")
+    return value
+
+
+def _result_cap(fields: _Fields) -> int | None:
+    if fields.data.get("result_cap") is None:
+        fields.ignore("result_cap")
+        return None
+    cap: int = fields.number("result_cap", default=None, minimum=1, maximum=1000000)
+    return cap
+
+
+def _dicomweb_fields(web: _Fields, tuning: dict[str, Any]) -> DicomwebSettings:
+    """ "dicomweb": a QIDO-RS root and how to authenticate to it."""
+    url = web.text("url").rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        web.problem("url", "must start with http:// or https://")
+    url, url_user, url_password = split_credentials(url)
+    password, password_source = _secret(web, "password", "password_file", ENV_DICOMWEB_PASSWORD)
+    token, token_source = _secret(web, "token", "token_file", ENV_DICOMWEB_TOKEN)
+    user = web.text("user", default="", allow_empty=True) or url_user
+    password = password or url_password
+    default_auth = "bearer" if token else "basic" if (user or password) else "none"
+    auth = web.choice("auth", default=default_auth, choices=("none", "basic", "bearer"))
+    if auth == "basic" and not user:
+        web.problem("user", 'is missing: auth "basic" needs a user and a password')
+    if auth == "bearer" and not token:
+        web.problem(
+            "token",
+            f'is missing: auth "bearer" needs a token (or token_file, or {ENV_DICOMWEB_TOKEN})',
+        )
+    for what, value, source in (
+        ("user", user, f"{web.path}: field 'dicomweb.user'"),
+        ("password", password, password_source),
+    ):
+        problem = credential_problem(value) if auth == "basic" and value else None
+        if problem:
+            web.problems.append(
+                ConfigError(
+                    f"{source}: the DICOMweb {what} cannot be sent: {problem}",
+                    field=f"dicomweb.{what}",
+                )
+            )
+    problem = header_value_problem(token) if auth == "bearer" and token else None
+    if problem:
+        web.problems.append(
+            ConfigError(
+                f"{token_source}: the DICOMweb token cannot be sent in an HTTP header:"
+                f" {problem} (the token is not shown)",
+                field="dicomweb.token",
+            )
+        )
+    return DicomwebSettings(
+        url=url,
+        auth=auth,
+        user=user if auth == "basic" else "",
+        password=password if auth == "basic" else "",
+        token=token if auth == "bearer" else "",
+        ca_bundle=_existing_file(web, "ca_bundle"),
+        result_cap=_result_cap(web),
+        connect_timeout_seconds=tuning["connect_timeout_seconds"],
+        read_timeout_seconds=tuning["read_timeout_seconds"],
+        secrets=Secrets(),
+    )
+
+
+def _ae_title(fields: _Fields, name: str, default: Any = _MISSING) -> str:
+    value = fields.text(name, default=default)
+    if value and not AE_TITLE_RE.match(value.strip() or "\\"):
+        fields.problem(name, "must be an AE title: 1 to 16 characters, no backslash")
+    return str(value or "").strip()
+
+
+def _dimse_fields(dimse: _Fields, tuning: dict[str, Any]) -> DimseSettings:
+    """ "dimse": the PACS's C-FIND service: where it listens, both AE titles, TLS."""
+    certificate = _existing_file(dimse, "tls_certificate")
+    key = _existing_file(dimse, "tls_key")
+    if bool(certificate) != bool(key):
+        dimse.problem(
+            "tls_key" if certificate else "tls_certificate",
+            "is missing: a TLS certificate needs its key, and a key its certificate",
+        )
+    timezone = dimse.text("timezone", default=None)
+    if timezone is not None and _zone_problem(timezone):
+        dimse.problem("timezone", _zone_problem(timezone) or "", separator=": ")
+        timezone = None
+    return DimseSettings(
+        host=dimse.text("host"),
+        port=dimse.number("port", default=104, minimum=1, maximum=65535),
+        pacs_ae=_ae_title(dimse, "pacs_ae"),
+        indexer_ae=_ae_title(dimse, "indexer_ae", default="DICOM_INDEXER"),
+        tls_ca_bundle=_existing_file(dimse, "tls_ca_bundle"),
+        tls_certificate=certificate,
+        tls_key=key,
+        timezone=timezone,
+        result_cap=_result_cap(dimse),
+        connect_timeout_seconds=tuning["connect_timeout_seconds"],
+        read_timeout_seconds=tuning["read_timeout_seconds"],
+        secrets=Secrets(),
+    )
+
+
+UTC_OFFSET_RE = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
+
+
+def _zone_problem(zone: str) -> str | None:
+    """Why a time zone cannot be used: an offset ("-03:00", "-0300") or an
+    IANA name ("America/Santiago", Python 3.9 and later)."""
+    if UTC_OFFSET_RE.match(zone):
+        return None
+    try:
+        import zoneinfo  # Python 3.9+
+    except ImportError:
+        return f"{zone!r}: a zone name needs Python 3.9 or later; give an offset such as -03:00"
+    try:
+        zoneinfo.ZoneInfo(zone)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return f"{zone!r} is neither an offset such as -03:00 nor a known zone name"
+    return None
+
+
 def _orthanc_fields(orthanc: _Fields, top: _Fields, config_path: Path) -> dict[str, Any]:
     """ "orthanc": its REST API's address and credentials; and where the queue is."""
     url = orthanc.text("url", default="http://127.0.0.1:8042").rstrip("/")
@@ -490,7 +711,7 @@ def _orthanc_fields(orthanc: _Fields, top: _Fields, config_path: Path) -> dict[s
     ca_bundle = orthanc.text("ca_bundle", default=None)
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         orthanc.problem("ca_bundle", f"file not found: {ca_bundle}", separator=": ")
-    queue_file = top.file_path("queue_file") or config_path.resolve().with_name(QUEUE_FILE_NAME)
+    queue_file = _queue_file(top, config_path)
     return {
         "source": "orthanc",
         "db_engine": "sqlite",

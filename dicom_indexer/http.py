@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, IndexerError
@@ -262,6 +262,7 @@ class Answer:
     timed_out: bool = False
     terminated: bool = False  # SIGTERM ended it, or it never started because of it
     stalled: str | None = None  # the peer stalls: the line the run stops with
+    headers: dict[str, str] = field(default_factory=dict)  # names as title case ("Warning")
 
 
 def _default_ca_bundle() -> str:
@@ -534,6 +535,7 @@ class HttpClient:
             self._count(answer)
             return answer
         answer.status = response.status
+        answer.headers = {str(k).title(): str(v) for k, v in response.headers.items()}
         answer.location = response.headers.get("Location")
         if response.status in OVERLOAD_STATUSES:
             answer.retry_after = self.retries.get_retry_after(response)

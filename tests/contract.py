@@ -10,14 +10,34 @@ by each filesystem.
 
 from __future__ import annotations
 
+import datetime
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from conftest import ArcDb, PacsDb, wait_until, write_configs, write_orthanc_configs
+from conftest import (
+    API_KEY,
+    CENTER,
+    ArcDb,
+    PacsDb,
+    wait_until,
+    write_configs,
+    write_orthanc_configs,
+)
+from hostile_http import HostileFront
 from orthanc_proxy import Fault, OrthancProxy
-from testkit import CentralService, OrthancServer, dicom_instance, new_uid
+from testkit import (
+    CentralService,
+    OrthancServer,
+    dicom_instance,
+    dicom_instance_with,
+    dicomweb_orthanc_settings,
+    free_port,
+    new_uid,
+)
 
+from dicom_indexer.sources.harvest import uid_pk
 from dicom_indexer.sources.orthanc import ORTHANC_BODY_BYTES, orthanc_pk
 from dicom_indexer.study_service import QUEUE_FILE_NAME
 
@@ -293,3 +313,198 @@ class OrthancUnderTest(SourceUnderTest):
             conn.row_factory = sqlite3.Row
             rows = conn.execute("SELECT * FROM study_service WHERE study_pk > 0").fetchall()
         return {row["study_pk"]: dict(row) for row in rows}
+
+
+class DamagingQidoFront(HostileFront):
+    """A front for Orthanc's QIDO-RS that damages one study's entry in every
+    answer that lists it (a proxy, or a PACS, answering a value of the wrong
+    kind), the rest of the answer intact."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.damage: dict[str, tuple[str, Any]] = {}  # StudyInstanceUID -> (tag, value)
+
+    def _forward(self, handler: Any, body: bytes) -> tuple[int, bytes]:
+        status, data = super()._forward(handler, body)
+        if status != 200 or not self.damage or "/studies" not in handler.path:
+            return status, data
+        entries = json.loads(data)
+        for entry in entries:
+            uid = (entry.get("0020000D", {}).get("Value") or [None])[0]
+            if uid in self.damage:
+                tag, value = self.damage[uid]
+                entry[tag] = {"vr": "PN" if tag == "00100010" else "IS", "Value": [value]}
+        return status, json.dumps(entries).encode()
+
+
+class HarvestUnderTest(SourceUnderTest):
+    """A real Orthanc 1.10 with its DICOMweb plugin and its DICOM port, read
+    by queries (sources/harvest.py) through one protocol: QIDO-RS
+    ("dicomweb") or C-FIND ("dimse"). Its studies are dated today, so that a
+    tick's first window sees their changes, as it does a PACS's day."""
+
+    HISTORY_LOSSES = ("queue file deleted",)
+    FORGOTTEN = ("its queue row deleted",)
+    INDEXER_AE = "DICOM_INDEXER"
+
+    def __init__(
+        self,
+        directory: Path,
+        service: CentralService,
+        protocol: str,
+        orthanc_settings: dict[str, Any] | None = None,
+        section_extra: dict[str, Any] | None = None,
+        **config_extra: Any,
+    ) -> None:
+        super().__init__(directory, service)
+        self.protocol = protocol
+        self.name = f"Orthanc through {protocol}"
+        self.dicom_port = free_port()
+        self.orthanc = OrthancServer(
+            directory / "orthanc",
+            stable_age_seconds=1,
+            **dicomweb_orthanc_settings(
+                DicomServerEnabled=True,
+                DicomPort=self.dicom_port,
+                DicomAet="ORTHANC",
+                DicomCheckCalledAet=True,
+                DicomAlwaysAllowFind=False,
+                DicomModalities={"indexer": [self.INDEXER_AE, "127.0.0.1", free_port()]},
+                **(orthanc_settings or {}),
+            ),
+        )
+        self.studies: dict[int, str] = {}  # pk -> Orthanc ID
+        self.uids: dict[int, str] = {}  # pk -> StudyInstanceUID
+        self.patients = 0
+        self.front: DamagingQidoFront | None = None
+        if protocol == "dicomweb":
+            self.front = DamagingQidoFront(self.orthanc.url)
+            section = {
+                "dicomweb": {
+                    "url": self.front.url + "/dicom-web",
+                    "user": OrthancServer.USER,
+                    "password": OrthancServer.PASSWORD,
+                }
+            }
+        else:
+            section = {
+                "dimse": {
+                    "host": "127.0.0.1",
+                    "port": self.dicom_port,
+                    "pacs_ae": "ORTHANC",
+                    "indexer_ae": self.INDEXER_AE,
+                }
+            }
+        for fields in section.values():
+            fields.update(section_extra or {})
+        config = {
+            **section,
+            "key": API_KEY,
+            "webservice_url": service.url,
+            "backoff_seconds": 0.01,
+            "stable_age_seconds": 0,
+            "send_deletes": True,
+            **config_extra,
+        }
+        for name, data in (("config.json", config), ("server.json", {"server": CENTER})):
+            (directory / name).write_text(json.dumps(data))
+            (directory / name).chmod(0o600)
+        self.configs = [
+            "--config", str(directory / "config.json"), "--server", str(directory / "server.json")
+        ]  # fmt: skip
+
+    def set_section(self, **fields: Any) -> None:
+        """Changes fields of config.json's source section."""
+        path = self.directory / "config.json"
+        config = json.loads(path.read_text())
+        config[self.protocol].update(fields)
+        path.write_text(json.dumps(config))
+
+    def _store(
+        self, study_uid: str, modality: str, study_date: str | None, patient_id: str = ""
+    ) -> str:
+        kwargs = {"absent": ("StudyDate", "StudyTime")} if study_date is None else {}
+        answer = self.orthanc.upload(
+            dicom_instance_with(
+                patient_name="SOTO^ANA",
+                # RUT-like, and first digits spread as a real archive's are
+                # (a PatientID prefix split divides them).
+                patient_id=patient_id or f"{self.patients % 10}{3000000 + self.patients}-K",
+                study_uid=study_uid,
+                series_uid=new_uid(),
+                modality=modality,
+                study_date=study_date or "20000101",
+                **kwargs,
+            )
+        )
+        return str(answer["ParentStudy"])
+
+    def add_studies(
+        self, count: int, days_ago: int = 0, study_date: str | None = "", patient_id: str = ""
+    ) -> list[int]:
+        """`count` new studies, dated `days_ago` days ago, or `study_date`
+        (None: undated); their pks, in the order the harvest sends them."""
+        if study_date == "":
+            today = datetime.date.today()
+            study_date = (today - datetime.timedelta(days=days_ago)).strftime("%Y%m%d")
+        added = []
+        for _ in range(count):
+            self.patients += 1
+            uid = new_uid()
+            pk = uid_pk(uid)
+            self.studies[pk] = self._store(uid, "CT", study_date, patient_id)
+            self.uids[pk] = uid
+            added.append(pk)
+        return sorted(added)  # the harvest sends in pk order
+
+    def add_late_studies(self, count: int) -> list[int]:
+        return self.add_studies(count, days_ago=400)  # beyond every tick window
+
+    def change(self, pk: int) -> None:
+        info = self.orthanc.get(f"/studies/{self.studies[pk]}")
+        patient = info["PatientMainDicomTags"]["PatientID"]
+        self._store(self.uids[pk], "MR", info["MainDicomTags"].get("StudyDate"), patient)
+
+    def delete(self, pk: int) -> None:
+        self.orthanc.delete(f"/studies/{self.studies[pk]}")
+
+    def break_read(self, pk: int, fault: str) -> None:
+        assert self.front is not None
+        self.front.damage[self.uids[pk]] = {
+            "PatientName not a person name": ("00100010", 12345),
+            "a count not a number": ("00201208", "many"),
+        }[fault]
+
+    def heal(self) -> None:
+        if self.front is not None:
+            self.front.damage.clear()
+
+    def lose_history(self, how: str) -> None:
+        if how != "queue file deleted":
+            raise NotImplementedError(how)
+        (self.directory / QUEUE_FILE_NAME).unlink()
+
+    def forget(self, pk: int, how: str) -> None:
+        with sqlite3.connect(self.directory / QUEUE_FILE_NAME) as conn:
+            conn.execute("DELETE FROM study_service WHERE study_pk = ?", (pk,))
+
+    def queue(self) -> dict[int, dict[str, Any]]:
+        with sqlite3.connect(self.directory / QUEUE_FILE_NAME) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute("SELECT * FROM study_service WHERE study_pk > 0").fetchall()
+        return {row["study_pk"]: dict(row) for row in rows}
+
+    def close(self) -> None:
+        if self.front is not None:
+            self.front.stop()
+        self.orthanc.stop(kill=True)
+
+
+class DicomwebUnderTest(HarvestUnderTest):
+    """The harvest through QIDO-RS, read through a front that can damage one
+    study's entry in the answers."""
+
+    READ_FAULTS = ("PatientName not a person name", "a count not a number")
+
+    def __init__(self, directory: Path, service: CentralService) -> None:
+        super().__init__(directory, service, "dicomweb")

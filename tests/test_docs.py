@@ -238,3 +238,21 @@ def test_readme_starts_with_the_install_and_test_commands_ci_runs():
     ]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
     assert ci[-1] == blocks[1]  # CI ends with the README's test command, as written there
+
+
+def test_every_setting_in_a_source_page_table_is_read_by_the_client():
+    """The configuration tables of the source pages (docs/orthanc.md,
+    docs/dicomweb.md, docs/dimse.md) name fields the client reads, each in
+    its own section ("dimse.pacs_ae")."""
+    read = _fields_read_by_the_client()
+    for page, section in (("orthanc", "orthanc"), ("dicomweb", "dicomweb"), ("dimse", "dimse")):
+        text = (ROOT / "docs" / f"{page}.md").read_text(encoding="utf-8")
+        rows = re.findall(r"^\| ((?:`[a-z_.]+`(?:, )?)+) \|", text, re.M)
+        fields = {
+            name.split(".", 1)[-1]
+            for row in rows
+            for name in re.findall(r"`([a-z_.]+)`", row)
+            if name.startswith(section + ".") or "." not in name
+        }
+        assert {"url"} <= fields or {"host", "pacs_ae"} <= fields, page
+        assert sorted(fields - read) == [], page

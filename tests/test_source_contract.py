@@ -24,10 +24,12 @@ import pytest
 from contract import (
     ArcLightUnderTest,
     Dcm4cheeUnderTest,
+    DicomwebUnderTest,
+    HarvestUnderTest,
     OrthancUnderTest,
     SourceUnderTest,
 )
-from testkit import ORTHANC_BINARY
+from testkit import DICOMWEB_PLUGIN, ORTHANC_BINARY
 
 from dicom_indexer.cli import main
 from dicom_indexer.document import DOCUMENT_KEYS
@@ -224,5 +226,28 @@ class TestOrthanc(SourceContract):
     @pytest.fixture
     def source(self, orthanc, service, tmp_path):
         under_test = OrthancUnderTest(tmp_path, service, orthanc)
+        yield under_test
+        under_test.close()
+
+
+@pytest.mark.skipif(not os.path.exists(DICOMWEB_PLUGIN), reason="needs Debian's orthanc-dicomweb")
+class TestDicomweb(SourceContract):
+    UNDER_TEST = DicomwebUnderTest
+
+    @pytest.fixture
+    def source(self, service, tmp_path):
+        under_test = DicomwebUnderTest(tmp_path, service)
+        yield under_test
+        under_test.close()
+
+
+@pytest.mark.skipif(not os.path.exists(ORTHANC_BINARY), reason="needs Debian's orthanc package")
+class TestDimse(SourceContract):
+    UNDER_TEST = HarvestUnderTest
+
+    @pytest.fixture
+    def source(self, service, tmp_path):
+        pytest.importorskip("pynetdicom")
+        under_test = HarvestUnderTest(tmp_path, service, "dimse")
         yield under_test
         under_test.close()

@@ -145,6 +145,21 @@ KNOWN_SOURCES: dict[str, KnownSource] = {
         description="Orthanc, through its REST API",
         check_label="source",
     ),
+    "dicomweb": KnownSource(
+        section="dicomweb",
+        module="dicomweb",
+        opener="DicomwebPacs",
+        description="any PACS through DICOMweb (QIDO-RS)",
+        check_label="source",
+    ),
+    "dimse": KnownSource(
+        section="dimse",
+        module="dimse",
+        opener="DimsePacs",
+        description="any PACS through DIMSE (C-FIND)",
+        check_label="source",
+        install_hint="python3 -m pip install -r requirements-dimse.txt",
+    ),
 }
 
 
