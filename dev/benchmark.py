@@ -1058,15 +1058,34 @@ def scene_flaky(args: argparse.Namespace) -> dict[str, Any]:
 
 ORTHANC_IMAGES_PER_STUDY = 3
 ORTHANC_UPLOAD_THREADS = 8
+# Real series are big: an expanded series lists every instance's ID (about
+# 63 bytes each). At 1,000 studies and more, two of the archive's studies
+# hold one series of this many images, and the busy tick's study one of
+# ORTHANC_BUSY_SERIES_IMAGES; smaller runs (CI's) keep them small.
+ORTHANC_BIG_SERIES_IMAGES = 1500
+ORTHANC_BIG_STUDIES = 2
+ORTHANC_BUSY_SERIES_IMAGES = 1000
+ORTHANC_SMALL_RUN_SERIES_IMAGES = 10
+ORTHANC_PAGE = 1000  # the bare paged loop's page, studies or series per request
+
+
+def _orthanc_big_series_images(studies: int) -> tuple[int, int]:
+    """(images in each big study's series, images in the busy tick's series)."""
+    if studies >= 1000:
+        return ORTHANC_BIG_SERIES_IMAGES, ORTHANC_BUSY_SERIES_IMAGES
+    return ORTHANC_SMALL_RUN_SERIES_IMAGES, ORTHANC_SMALL_RUN_SERIES_IMAGES
 
 
 def _orthanc_archive(orthanc: Any, studies: int) -> list[str]:
     """`studies` studies of ORTHANC_IMAGES_PER_STUDY images (two series),
-    uploaded through POST /instances as a modality would; their IDs, once
-    Orthanc calls every one stable."""
+    uploaded through POST /instances as a modality would, and among them
+    ORTHANC_BIG_STUDIES of one big series; their IDs, once Orthanc calls
+    every one stable."""
     import concurrent.futures
 
     from testkit import dicom_instance, new_uid
+
+    big_images, _ = _orthanc_big_series_images(studies)
 
     def upload(number: int) -> str:
         study_uid, patient = (
@@ -1083,47 +1102,189 @@ def _orthanc_archive(orthanc: Any, studies: int) -> list[str]:
         return answer["ParentStudy"]
 
     with concurrent.futures.ThreadPoolExecutor(ORTHANC_UPLOAD_THREADS) as pool:
-        ids = list(pool.map(upload, range(studies)))
-    while not all(s["IsStable"] for s in orthanc.get("/studies?expand&since=0&limit=100000")):
-        time.sleep(0.5)
+        big = min(ORTHANC_BIG_STUDIES, studies)
+        ids = [_orthanc_big_study(orthanc, pool, big_images, n) for n in range(big)]
+        ids += list(pool.map(upload, range(big, studies)))
+    _orthanc_wait_stable(orthanc)
     return ids
 
 
-def orthanc_reference_loop(orthanc: Any, url: str, ids: list[str]) -> float:
-    """A bare requests.Session doing what the client does for each study,
-    one at a time: the two REST reads, the document, the POST. Studies/s."""
+def _orthanc_big_study(orthanc: Any, pool: Any, images: int, number: int) -> str:
+    """A study of one series of `images` images (a CT of that many slices)."""
+    from testkit import dicom_instance, new_uid
+
+    patient = (f"{20_000_000 + number}-0", "APELLIDO^GRANDE")
+    study_uid, series_uid = new_uid(), new_uid()
+    answers = list(
+        pool.map(
+            lambda _: orthanc.upload(dicom_instance(*patient, study_uid, series_uid, "CT")),
+            range(images),
+        )
+    )
+    return str(answers[-1]["ParentStudy"])
+
+
+def _orthanc_wait_stable(orthanc: Any) -> None:
+    while not all(s["IsStable"] for s in orthanc.get("/studies?expand&since=0&limit=1000000")):
+        time.sleep(0.5)
+
+
+class CountingProxy:
+    """A loopback proxy in front of Orthanc, between it and every reader the
+    benchmark measures (the client, the bare loops): forwards each request
+    over keep-alive connections, unchanged, and counts it by kind."""
+
+    def __init__(self, upstream: str) -> None:
+        from hostile_http import HostileFront
+
+        proxy = self
+
+        class Front(HostileFront):
+            def _forward(self, handler: Any, body: bytes) -> tuple[int, bytes]:
+                return proxy._forward(handler, body)
+
+        self.local = threading.local()
+        self.front = Front(upstream)
+        self.url = self.front.url
+
+    def _forward(self, handler: Any, body: bytes) -> tuple[int, bytes]:
+        import http.client
+        import socket
+
+        headers = {
+            name: value
+            for name, value in handler.headers.items()
+            if name.lower() in ("authorization", "content-type", "accept")
+        }
+        for attempt in range(2):  # Orthanc closes idle connections after about 1 s
+            connection = getattr(self.local, "connection", None)
+            if connection is None:
+                connection = http.client.HTTPConnection(*self.front.upstream, timeout=300)
+                connection.connect()
+                connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.local.connection = connection
+            try:
+                connection.request(
+                    handler.command, handler.path, body=body or None, headers=headers
+                )
+                response = connection.getresponse()
+                return response.status, response.read()
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                self.local.connection = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def mark(self) -> int:
+        with self.front.lock:
+            return len(self.front.seen)
+
+    def requests_since(self, mark: int) -> dict[str, Any]:
+        """The requests forwarded since `mark`: how many, and how many of each kind."""
+        with self.front.lock:
+            seen = self.front.seen[mark:]
+        kinds = collections.Counter(_request_kind(s.method, s.path) for s in seen)
+        return {"total": len(seen), "kinds": dict(kinds.most_common())}
+
+    def stop(self) -> None:
+        self.front.stop()
+
+
+def _request_kind(method: str, path: str) -> str:
+    """ "GET /studies?..." for a page, "GET /studies/{id}/series" for one study's read."""
+    path, _, query = path.partition("?")
+    parts = path.strip("/").split("/")
+    kind = (
+        "/"
+        + parts[0]
+        + ("/{id}" if len(parts) > 1 else "")
+        + "".join("/" + part for part in parts[2:])
+    )
+    return f"{method} {kind}{'?...' if query else ''}"
+
+
+def orthanc_reference_loop(orthanc: Any, base: str, url: str, ids: list[str]) -> float:
+    """A bare requests.Session reading study by study, as the client did
+    before it read in pages: the two REST reads, the document, the POST,
+    one study at a time. Studies/s."""
     headers = {"X-Api-Key": "bench-key"}
     with requests.Session() as session:
         session.auth = orthanc.http.auth
         started = time.monotonic()
         for ident in ids:
-            study = session.get(f"{orthanc.url}/studies/{ident}", timeout=30).json()
-            series = session.get(f"{orthanc.url}/studies/{ident}/series", timeout=30).json()
-            tags, patient = study["MainDicomTags"], study["PatientMainDicomTags"]
-            document = {
-                "patient_pk": int(study["ParentPatient"].replace("-", "")[:13], 16),
-                "patient_id": patient.get("PatientID"),
-                "patient_name": patient.get("PatientName"),
-                "study_pk": int(ident.replace("-", "")[:13], 16),
-                "study_iuid": tags.get("StudyInstanceUID"),
-                "study_datetime": tags.get("StudyDate"),
-                "study_description": tags.get("StudyDescription"),
-                "study_modality": "\\".join(
-                    sorted({s["MainDicomTags"]["Modality"] for s in series})
-                ),
-                "study_series": len(series),
-                "study_instances": sum(len(s["Instances"]) for s in series),
-                "center": "BENCH",
-            }
+            study = session.get(f"{base}/studies/{ident}", timeout=30).json()
+            series = session.get(f"{base}/studies/{ident}/series", timeout=30).json()
+            modalities = {s["MainDicomTags"]["Modality"] for s in series}
+            counts = (modalities, len(series), sum(len(s["Instances"]) for s in series))
+            document = _reference_document(study, *counts)
             session.post(url, json=document, headers=headers, timeout=30).raise_for_status()
         return len(ids) / (time.monotonic() - started)
 
 
-def _write_orthanc_config(config_dir: Path, orthanc: Any, url: str) -> None:
+def orthanc_paged_reference_loop(orthanc: Any, base: str, url: str) -> tuple[float, int]:
+    """A bare requests.Session reading in pages, as the client does: every
+    series (`/series?expand`, for modality and images) and every study
+    (`/studies?expand`), ORTHANC_PAGE to a request, then one POST per
+    study, one at a time; the join held in a dict. (Studies/s, studies.)"""
+    headers = {"X-Api-Key": "bench-key"}
+    counts: dict[str, tuple[set, int, int]] = {}
+    with requests.Session() as session:
+        session.auth = orthanc.http.auth
+        started = time.monotonic()
+        since = 0
+        while True:
+            page = session.get(
+                f"{base}/series?expand&since={since}&limit={ORTHANC_PAGE}", timeout=300
+            ).json()
+            if not page:
+                break
+            since += len(page)
+            for series in page:
+                modalities, count, images = counts.get(series["ParentStudy"], (set(), 0, 0))
+                modalities.add(series["MainDicomTags"]["Modality"])
+                counts[series["ParentStudy"]] = (
+                    modalities,
+                    count + 1,
+                    images + len(series["Instances"]),
+                )
+        since = posted = 0
+        while True:
+            page = session.get(
+                f"{base}/studies?expand&since={since}&limit={ORTHANC_PAGE}", timeout=300
+            ).json()
+            if not page:
+                break
+            since += len(page)
+            for study in page:
+                document = _reference_document(study, *counts[study["ID"]])
+                session.post(url, json=document, headers=headers, timeout=30).raise_for_status()
+                posted += 1
+        return posted / (time.monotonic() - started), posted
+
+
+def _reference_document(study: dict, modalities: set, series: int, images: int) -> dict:
+    tags, patient = study["MainDicomTags"], study["PatientMainDicomTags"]
+    return {
+        "patient_pk": int(study["ParentPatient"].replace("-", "")[:13], 16),
+        "patient_id": patient.get("PatientID"),
+        "patient_name": patient.get("PatientName"),
+        "study_pk": int(study["ID"].replace("-", "")[:13], 16),
+        "study_iuid": tags.get("StudyInstanceUID"),
+        "study_datetime": tags.get("StudyDate"),
+        "study_description": tags.get("StudyDescription"),
+        "study_modality": "\\".join(sorted(modalities)),
+        "study_series": series,
+        "study_instances": images,
+        "center": "BENCH",
+    }
+
+
+def _write_orthanc_config(config_dir: Path, orthanc: Any, url: str, orthanc_url: str) -> None:
     config_dir.mkdir(parents=True, exist_ok=True)
     user, password = orthanc.http.auth
     config = {
-        "orthanc": {"url": orthanc.url, "user": user, "password": password},
+        "orthanc": {"url": orthanc_url, "user": user, "password": password},
         "key": "bench-key",
         "webservice_url": url,
     }
@@ -1132,15 +1293,37 @@ def _write_orthanc_config(config_dir: Path, orthanc: Any, url: str) -> None:
         (config_dir / file_name).chmod(0o600)
 
 
+def _orthanc_run(
+    proxy: CountingProxy, receiver: Receiver, config_dir: Path, *command: str
+) -> dict[str, Any]:
+    """One client.py run: its wall time, peak RSS, exit code, the requests
+    Orthanc received (counted by the proxy) and the POSTs the service got."""
+    mark, posts = proxy.mark(), receiver.stats()["posts"]
+    wall, rss, code, cpu = run_client(config_dir, *command)
+    return {
+        "exit_code": code,
+        "seconds": round(wall, 2),
+        "peak_rss_mb": round(rss, 1),
+        "cpu_seconds": round(cpu, 2),
+        "requests": proxy.requests_since(mark),
+        "posts": receiver.stats()["posts"] - posts,
+    }
+
+
 def benchmark_orthanc(args: argparse.Namespace) -> dict[str, Any]:
-    """`client.py initial` from an Orthanc of args.studies studies, beside a
-    bare loop doing the same reads and POSTs; then the idle tick."""
-    from testkit import OrthancServer
+    """Against a real Orthanc behind a counting proxy: `client.py initial`,
+    beside two bare loops (study by study, and in pages); an idle tick; a
+    busy tick (a study of one big series arrived); `client.py reconcile`.
+    Each with the requests Orthanc received."""
+    from testkit import OrthancServer, dicom_instance, new_uid
 
     results: dict[str, Any] = {"source": "orthanc", "studies": args.studies, "machine": _machine()}
+    big_images, busy_images = _orthanc_big_series_images(args.studies)
+    results["big_series_images"] = big_images
     with tempfile.TemporaryDirectory() as tmp:
         orthanc = OrthancServer(Path(tmp) / "orthanc", stable_age_seconds=1)
         receiver = Receiver(args.latency_ms)
+        proxy = CountingProxy(orthanc.url)
         try:
             print(f"uploading {args.studies:,} studies to Orthanc ...", file=sys.stderr)
             started = time.monotonic()
@@ -1148,45 +1331,72 @@ def benchmark_orthanc(args: argparse.Namespace) -> dict[str, Any]:
             results["orthanc_version"] = orthanc.get("/system")["Version"]
             results["upload_seconds"] = round(time.monotonic() - started, 1)
             config_dir = Path(tmp) / "client"
-            _write_orthanc_config(config_dir, orthanc, receiver.url)
+            _write_orthanc_config(config_dir, orthanc, receiver.url, proxy.url)
             print("client.py initial ...", file=sys.stderr)
-            wall, rss, code, cpu = run_client(config_dir, "initial")
+            run = _orthanc_run(proxy, receiver, config_dir, "initial")
             stats = receiver.stats()
-            results["initial"] = {
-                "exit_code": code,
-                "seconds": round(wall, 2),
-                "studies_per_second": round(stats["unique_studies"] / wall, 1),
-                "peak_rss_mb": round(rss, 1),
-                "cpu_seconds_per_1000": round(cpu * 1000 / args.studies, 3),
-                "posts": stats["posts"],
-                "unique_studies": stats["unique_studies"],
-            }
-            print("reference: the same reads and POSTs, one study at a time ...", file=sys.stderr)
-            reference = orthanc_reference_loop(orthanc, receiver.url, ids)
+            run["studies_per_second"] = round(stats["unique_studies"] / run["seconds"], 1)
+            run["cpu_seconds_per_1000"] = round(run["cpu_seconds"] * 1000 / args.studies, 3)
+            run["unique_studies"] = stats["unique_studies"]
+            results["initial"] = run
+            print("reference: study by study, then in pages ...", file=sys.stderr)
+            mark = proxy.mark()
+            reference = orthanc_reference_loop(orthanc, proxy.url, receiver.url, ids)
+            results["reference_requests"] = proxy.requests_since(mark)["total"]
             results["reference_studies_per_second"] = round(reference, 1)
-            results["ratio"] = round(results["initial"]["studies_per_second"] / reference, 2)
-            posts_before = receiver.stats()["posts"]
-            ticks = [run_client(config_dir) for _ in range(NOOP_REPEATS)]
-            results["idle_tick_seconds"] = round(statistics.median(t[0] for t in ticks), 3)
-            results["idle_tick_max_seconds"] = round(max(t[0] for t in ticks), 3)
-            results["idle_tick_posts"] = receiver.stats()["posts"] - posts_before
+            results["ratio"] = round(run["studies_per_second"] / reference, 2)
+            mark = proxy.mark()
+            paged, posted = orthanc_paged_reference_loop(orthanc, proxy.url, receiver.url)
+            assert posted == args.studies, posted
+            results["paged_reference_requests"] = proxy.requests_since(mark)["total"]
+            results["paged_reference_studies_per_second"] = round(paged, 1)
+            results["paged_ratio"] = round(run["studies_per_second"] / paged, 2)
+            ticks = [_orthanc_run(proxy, receiver, config_dir) for _ in range(NOOP_REPEATS)]
+            results["idle_tick_seconds"] = round(statistics.median(t["seconds"] for t in ticks), 3)
+            results["idle_tick_max_seconds"] = round(max(t["seconds"] for t in ticks), 3)
+            results["idle_tick_posts"] = sum(t["posts"] for t in ticks)
+            results["idle_tick_requests"] = max(t["requests"]["total"] for t in ticks)
+            print(f"busy tick: a study of one {busy_images}-image series ...", file=sys.stderr)
+            patient, study_uid, series_uid = (
+                ("30000000-0", "APELLIDO^OCUPADO"),
+                new_uid(),
+                new_uid(),
+            )
+            for _ in range(busy_images):
+                orthanc.upload(dicom_instance(*patient, study_uid, series_uid, "MR"))
+            _orthanc_wait_stable(orthanc)
+            results["busy_tick"] = _orthanc_run(proxy, receiver, config_dir)
+            print("client.py reconcile ...", file=sys.stderr)
+            results["reconcile"] = _orthanc_run(proxy, receiver, config_dir, "reconcile")
         finally:
+            proxy.stop()
             receiver.stop()
             orthanc.stop()
     return results
 
 
 def print_orthanc(results: dict[str, Any]) -> None:
-    run = results["initial"]
+    run, busy, reconcile = results["initial"], results["busy_tick"], results["reconcile"]
     rows = [
-        ("studies (images each)", f"{results['studies']:,} ({ORTHANC_IMAGES_PER_STUDY})"),
+        (
+            "studies (images each; big series)",
+            f"{results['studies']:,} ({ORTHANC_IMAGES_PER_STUDY}; {ORTHANC_BIG_STUDIES} of"
+            f" {results['big_series_images']:,})",
+        ),
         ("Orthanc", results["orthanc_version"]),
         ("initial: studies/s", f"{run['studies_per_second']:,.0f} ({run['seconds']} s)"),
+        ("initial: requests to Orthanc", _requests_cell(run["requests"])),
         (
-            "reference (same reads and POSTs): studies/s",
-            f"{results['reference_studies_per_second']:,.0f}",
+            "bare loop, in pages: studies/s (requests)",
+            f"{results['paged_reference_studies_per_second']:,.0f}"
+            f" ({results['paged_reference_requests']:,})",
         ),
-        ("ratio client / reference", f"{results['ratio']:.2f}"),
+        ("ratio client / bare loop in pages", f"{results['paged_ratio']:.2f}"),
+        (
+            "bare loop, study by study: studies/s (requests)",
+            f"{results['reference_studies_per_second']:,.0f} ({results['reference_requests']:,})",
+        ),
+        ("ratio client / bare loop study by study", f"{results['ratio']:.2f}"),
         ("initial: peak RSS", f"{run['peak_rss_mb']} MB"),
         ("initial: CPU per 1,000 studies", f"{run['cpu_seconds_per_1000']} s"),
         ("initial: delivered (posts / unique)", f"{run['posts']:,} / {run['unique_studies']:,}"),
@@ -1194,12 +1404,23 @@ def print_orthanc(results: dict[str, Any]) -> None:
             "idle tick: wall (median of 5)",
             f"{results['idle_tick_seconds']} s (max {results['idle_tick_max_seconds']} s)",
         ),
+        ("idle tick: requests to Orthanc", str(results["idle_tick_requests"])),
         ("idle tick: posts", str(results["idle_tick_posts"])),
+        ("busy tick (one big series arrived): wall", f"{busy['seconds']} s"),
+        ("busy tick: requests to Orthanc", _requests_cell(busy["requests"])),
+        ("reconcile: wall", f"{reconcile['seconds']} s"),
+        ("reconcile: requests to Orthanc", _requests_cell(reconcile["requests"])),
+        ("reconcile: peak RSS", f"{reconcile['peak_rss_mb']} MB"),
     ]
     print("| measure | value |\n| ------- | ----- |")
     for label, value in rows:
         print(f"| {label} | {value} |")
     print(f"\nmachine: {results['machine']}")
+
+
+def _requests_cell(requests_seen: dict[str, Any]) -> str:
+    kinds = ", ".join(f"{count:,} `{kind}`" for kind, count in requests_seen["kinds"].items())
+    return f"{requests_seen['total']:,} ({kinds})" if kinds else "0"
 
 
 def print_scenes(results: dict[str, Any]) -> None:

@@ -5,6 +5,13 @@ answer a status of its own, or, for the change log, repeat the first page it
 forwarded forever (a caching proxy). It counts the requests it forwards. Not
 used by client.py.
 
+A fault on a study's own read (/studies/{id}, /studies/{id}/series) damages
+that study wherever Orthanc would answer it, as a broken Orthanc would: in a
+page of /studies?expand too, its entry loses its MainDicomTags (or gets the
+fault's replacements), so that the client's page reader must leave the
+study to its own read, where it meets the fault. A 404 stays one read's:
+a study Orthanc no longer has is simply not listed.
+
     proxy = OrthancProxy(orthanc.url)
     proxy.faults.append(Fault(f"/studies/{ident}", truncate=True))
     proxy.repeat_changes = True
@@ -16,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
-from typing import Any
+from typing import Any, Callable
 
 from hostile_http import HostileFront, Rule, Seen
 
@@ -59,6 +66,10 @@ class OrthancProxy(HostileFront):
         self.max_repeats = 200
         self.repeats = 0
         self.first_changes_page: bytes | None = None
+        # Called with each forwarded request's path (and query) once Orthanc
+        # has answered it, before the client gets the answer: what a test
+        # does to Orthanc between two pages.
+        self.on_answer: Callable[[str], None] | None = None
         super().__init__(upstream)
 
     def count(self, prefix: str) -> int:
@@ -86,6 +97,8 @@ class OrthancProxy(HostileFront):
             self._send(handler, fault.status, fault.body)
             return
         status, data = self._forward(handler, body)
+        if self.on_answer is not None:
+            self.on_answer(handler.path)
         if (
             path == "/changes"
             and status == 200
@@ -99,6 +112,8 @@ class OrthancProxy(HostileFront):
                 self.first_changes_page = data
         if fault is not None and status == 200:
             data = self._damage(fault, data)
+        elif path == "/studies" and status == 200 and "expand" in handler.path:
+            data = self._damage_entries(data)
         self._send(handler, status, data, fault.pad if fault is not None else 0)
 
     def _send(self, handler: Any, status: int, data: bytes, pad: int = 0) -> None:
@@ -106,6 +121,26 @@ class OrthancProxy(HostileFront):
             self._reply(handler, status, data, Rule("", pad_bytes=pad))
         except OSError:
             handler.close_connection = True  # the client hung up once past its bound
+
+    def _damage_entries(self, data: bytes) -> bytes:
+        """A page of studies with the entries of the studies a fault names damaged."""
+        with self.lock:
+            damaged = {
+                f.path.split("/")[2]: f
+                for f in self.faults
+                if f.path.startswith("/studies/") and f.status != 404
+                and (f.times is None or f.used < f.times)
+            }  # fmt: skip
+        if not damaged:
+            return data
+        page = json.loads(data)
+        for entry in page:
+            fault = damaged.get(entry.get("ID")) if isinstance(entry, dict) else None
+            if fault is not None:
+                entry.update(fault.replace)
+                if not fault.replace or fault.path.endswith("/series"):
+                    entry.pop("MainDicomTags", None)
+        return json.dumps(page).encode()
 
     @staticmethod
     def _damage(fault: Fault, data: bytes) -> bytes:

@@ -195,24 +195,26 @@ def _client(args: list[str], *extra: str) -> tuple[subprocess.Popen, float]:
 def test_a_huge_orthanc_answer_is_refused_and_memory_stays_bounded(
     orthanc, front, service, tmp_path, where
 ):
-    studies = _upload_studies(orthanc, ORTHANC_FETCH_THREADS)
-    _stable(orthanc, studies)
     args = _through(front, tmp_path, service.url)
-    # What a run that reads and sends them all takes, with its imports and
-    # threads; then the same run again, from a new queue, through the front.
-    process, usual = _client(args, "initial", "-q")
+    assert main(["-q", *args]) == EXIT_OK  # the queue, its cursor at the log's end
+    # A tick reads each new study on its own (initial reads pages): what a
+    # tick that reads and sends them all takes, with its imports and
+    # threads; then a tick over as many new studies, through the front.
+    _stable(orthanc, _upload_studies(orthanc, ORTHANC_FETCH_THREADS))
+    process, usual = _client(args, "-q")
     assert process.communicate(timeout=120)[1] == ""
     assert process.returncode == EXIT_OK
-    assert len(service.received) == len(studies)
+    assert len(service.received) == ORTHANC_FETCH_THREADS
     service.received.clear()
-    (tmp_path / QUEUE_FILE_NAME).unlink()
+    studies = _upload_studies(orthanc, ORTHANC_FETCH_THREADS)
+    _stable(orthanc, studies)
 
     # 100 MB of whitespace after valid JSON, with no Content-Length: the client
     # cannot know before reading how long it is. For the series: on every
     # study, which the fetch threads read at once.
     pattern = "^/changes$" if where == "changes" else "^/studies/[^/]+/series$"
     front.rules.append(Rule(pattern, pad_bytes=100 * MB, declare_length=False))
-    process, peak = _client(args, "initial")
+    process, peak = _client(args)
     _, err = process.communicate(timeout=300)
     # At most one answer, up to its bound, held at a time; before: 236 MB for
     # /changes, 1.1 GB for the series.
@@ -237,12 +239,14 @@ def test_a_huge_orthanc_answer_is_refused_and_memory_stays_bounded(
 def test_an_orthanc_that_trickles_ends_the_run_after_a_bounded_number_of_reads(
     orthanc, front, service, tmp_path
 ):
-    studies = _upload_studies(orthanc, 40)
     args = _through(front, tmp_path, service.url, **SHORT)
-    # Each study's own answer, a byte every 0.2 s: minutes for each.
+    assert main(["-q", *args]) == EXIT_OK  # the queue, its cursor at the log's end
+    studies = _upload_studies(orthanc, 40)
+    # Each study's own answer (a tick reads each new study on its own), a
+    # byte every 0.2 s: minutes for each.
     study_path = r"^/studies/[^/]+$"
     front.rules.append(Rule(study_path, trickle_seconds=0.2))
-    process = client_process(args, "initial", "-q")
+    process = client_process(args, "-q")
     _, err = process.communicate(timeout=120)  # a safety net: it never ended before
     assert process.returncode == EXIT_DATABASE, err
     [line] = err.splitlines()
@@ -260,12 +264,13 @@ def test_an_orthanc_that_trickles_ends_the_run_after_a_bounded_number_of_reads(
 
 @needs_orthanc
 def test_sigterm_ends_a_run_blocked_on_a_trickling_orthanc(orthanc, front, service, tmp_path):
-    studies = _upload_studies(orthanc, 3)
     # A deadline of an hour: only SIGTERM can end these reads in time.
     args = _through(front, tmp_path, service.url, read_timeout_seconds=3600)
+    assert main(["-q", *args]) == EXIT_OK  # the queue, its cursor at the log's end
+    studies = _upload_studies(orthanc, 3)
     study_path = r"^/studies/[^/]+$"
     front.rules.append(Rule(study_path, trickle_seconds=1.0))
-    process = client_process(args, "initial", "-q")
+    process = client_process(args, "-q")  # a tick reads each new study on its own
     wait_until(lambda: front.count(study_path) >= 1, seconds=60)
     time.sleep(0.5)  # its answer's head is in: the client is blocked on the body
     process.send_signal(signal.SIGTERM)

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
-import json
 import logging
 import logging.handlers
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..database import Database
 from ..engines import SQLiteEngine
-from ..errors import EXIT_DATABASE, EXIT_TERMINATED, IndexerError
-from ..http import HttpClient, RunEnding, _urllib3_classes, safe_url, split_credentials
 from ..reconciliation import ReconcileReport, needs_resend
 from ..run import RateCap, _progress_bar
 from ..study_service import CURSOR_ROW_PK, RECONCILE_ROW_PK, SQLITE_NOW
-from ..values import _arclight_datetime, _person_name_as_2x
+from ..values import _arclight_datetime, _person_name_as_2x, dicom_text
+from .orthanc_client import (
+    ORTHANC_BODY_BYTES,
+    ORTHANC_FETCH_THREADS,
+    OrthancClient,
+)
+from .orthanc_pages import (
+    OrthancError,
+    PageListing,
+    PageStore,
+    UnreadableStudy,
+    checked_study,
+    orthanc_pk,
+    series_ok,
+    study_row,
+)
 
 if TYPE_CHECKING:
-    from ..config import OrthancSettings, Settings
+    from ..config import Settings
     from ..errors import DatabaseError
     from ..run import Stop
     from ..study_service import StudyServiceQueue
@@ -40,10 +52,7 @@ log = logging.getLogger("dicom_indexer")
 # to live in, is a SQLite file (SQLiteEngine), with the same table.
 # --------------------------------------------------------------------------
 
-ORTHANC_MINIMUM_VERSION = (1, 10)
 ORTHANC_CHANGES_PAGE = 1000  # change log rows per request
-ORTHANC_LIST_PAGE = 1000  # study IDs per /studies request
-ORTHANC_FETCH_THREADS = 8  # studies read at once (each: two GETs)
 # Orthanc calls a study stable StableAge seconds (60 by default) after its
 # last image; it keeps that in memory only, so a study stored just before a
 # restart never gets a StableStudy. A study quiet for this long counts as
@@ -55,20 +64,9 @@ ORTHANC_STUDY_CHANGES = frozenset(
 )
 
 
-class OrthancError(IndexerError):
-    """Orthanc is unreachable, refused the credentials, or is too old."""
-
-    exit_code = EXIT_DATABASE
-
-
 class ChangeFeedError(OrthancError):
     """The change log answered what Orthanc never does: a page that does not
     advance (a caching proxy repeating one page), or goes backwards."""
-
-
-class UnreadableStudy(Exception):
-    """One study's answers were not a study's (malformed or truncated JSON,
-    wrong types, no StudyInstanceUID, an error status): that study's alone."""
 
 
 # What reading one study can raise when Orthanc (or a proxy in front of it)
@@ -82,128 +80,6 @@ RESOURCE_PATHS = {
     "Series": "series",
     "Instance": "instances",
 }
-
-
-def orthanc_pk(orthanc_id: str) -> int:
-    """A study's (or patient's) pk, as the central index stores dcm4chee's:
-    a JSON integer, from the first 13 hex digits of its Orthanc ID (itself
-    a SHA-1 of PatientID and StudyInstanceUID): 52 bits, below 2**53, the
-    same on a rebuilt queue or another host. Two studies of an archive share
-    one with a chance of n**2 / 2**53: about 1 in 9,000 for a million."""
-    return int(orthanc_id.replace("-", "")[:13], 16) or 1
-
-
-# The largest answer an Orthanc read takes. Orthanc's largest answer to this
-# client is a study's expanded series list, about 63 bytes per instance
-# (5,000 instances: about 320 KB; 1.10.1, measured); the others are pages of
-# 1,000 changes or IDs (under 250 KB). 64 MB is a study of a million
-# instances, far past any real one, and bounds what one hostile answer (a
-# proxy padding it, a fault) makes this client hold: such an answer is that
-# request's error, never read further. Past 1 MB, answers are read one at a
-# time (HttpClient's one_large_body_at_a_time): the fetch threads never hold
-# one each.
-ORTHANC_BODY_BYTES = 64 * 1024 * 1024
-# urllib3 retries a GET (safe to repeat) that met a connection Orthanc had
-# closed (it closes idle ones after about a second); the deadline bounds the
-# GET as a whole, its retries included.
-ORTHANC_RETRIES = 2
-
-
-class OrthancClient:
-    """GETs of JSON from Orthanc's REST API, through the one HTTP layer
-    (HttpClient): keep-alive connections, a deadline on each GET as a whole
-    (connect_timeout_seconds + read_timeout_seconds), answers bounded by
-    ORTHANC_BODY_BYTES, redirects never followed, credentials (orthanc.user
-    and orthanc.password, or written in orthanc.url) in an Authorization
-    header and never in a message. Orthanc letting STALLED_DEADLINES
-    deadlines expire in a row, or SIGTERM, ends the run (RunEnding, never
-    one study's error)."""
-
-    def __init__(self, orthanc: OrthancSettings) -> None:
-        self.http = HttpClient(
-            orthanc.url,
-            peer=f"Orthanc at {safe_url(split_credentials(orthanc.url)[0])}",
-            connect_timeout=orthanc.connect_timeout_seconds,
-            read_timeout=orthanc.read_timeout_seconds,
-            retries=_urllib3_classes()["retry"](
-                total=ORTHANC_RETRIES,
-                connect=ORTHANC_RETRIES,
-                read=ORTHANC_RETRIES,
-                status=0,
-                redirect=0,
-                backoff_factor=0.1,
-                raise_on_redirect=False,
-                raise_on_status=False,
-            ),
-            max_connections=ORTHANC_FETCH_THREADS + 2,
-            ca_bundle=orthanc.ca_bundle,
-            headers={"Accept": "application/json"},
-            secrets=orthanc.secrets,
-            user=orthanc.user,
-            password=orthanc.password,
-            environment_proxy=False,  # Orthanc is the site's own: never through its proxy
-            deadline_per_attempt=False,
-            one_large_body_at_a_time=True,
-        )
-        self.base = self.http.where  # as messages show it: never with credentials
-        self.http.error_prefix = f"{self.http.peer}: "
-
-    def get(self, path: str, missing_ok: bool = False) -> Any:
-        """The JSON at `path`; None for a 404 when `missing_ok` (a resource
-        deleted between the change log and its read: nothing to retry)."""
-        if self.http.stalled is not None:
-            raise RunEnding(self.http.stalled, EXIT_DATABASE)
-        answer = self.http.exchange("GET", path, bound=ORTHANC_BODY_BYTES)
-        what = f"GET {path.split('?')[0]}"
-        if answer.terminated:
-            raise RunEnding(
-                f"terminated (SIGTERM) while waiting for Orthanc's answer to {what}; what was"
-                " acknowledged is recorded, the rest stays pending",
-                EXIT_TERMINATED,
-            )
-        if answer.stalled is not None:
-            raise RunEnding(answer.stalled, EXIT_DATABASE)
-        status = answer.status
-        if status is None:
-            raise OrthancError(f"{answer.error} ({what})")
-        if status == 404 and missing_ok:
-            return None
-        if status in (401, 403):
-            raise OrthancError(
-                f"Orthanc at {self.base} refused the credentials (HTTP {status}):"
-                " check orthanc.user and orthanc.password in config.json"
-            )
-        if status != 200:
-            raise OrthancError(f"Orthanc at {self.base} answered HTTP {status} to {what}")
-        if answer.too_large:
-            raise OrthancError(
-                f"Orthanc at {self.base} answered {what} with more than"
-                f" {ORTHANC_BODY_BYTES // (1024 * 1024)} MB: not read (a proxy or a fault"
-                " padding its answers?)"
-            )
-        if not answer.complete:
-            raise OrthancError(
-                f"Orthanc at {self.base}: no complete answer within"
-                f" {self.http.deadline_seconds:g} s to {what}"
-            )
-        try:
-            return json.loads(answer.data)
-        except ValueError:
-            raise OrthancError(f"Orthanc at {self.base} answered {what} with no JSON") from None
-
-    def version(self) -> str:
-        """Orthanc's version; refuses one older than 1.10 (its REST API)."""
-        version = str(self.get("/system").get("Version", "?"))
-        numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
-        if version.lower() != "mainline" and numbers < ORTHANC_MINIMUM_VERSION:
-            raise OrthancError(
-                f"Orthanc at {self.base} is version {version}: this client reads Orthanc"
-                " 1.10 and later; upgrade Orthanc"
-            )
-        return version
-
-    def close(self) -> None:
-        self.http.close()
 
 
 class OrthancStatements:
@@ -265,10 +141,10 @@ class Orthanc:
     """Orthanc's studies as the document's fields:
 
     - patient_pk and study_pk: orthanc_pk() of the Orthanc IDs.
-    - patient_id, patient_name: PatientMainDicomTags (the name without its
-      trailing empty components, as 2.x sends it).
-    - study_datetime: StudyDate and StudyTime, as arc-light's; description,
-      UID: MainDicomTags.
+    - patient_id, patient_name: PatientMainDicomTags; study_datetime,
+      description, UID: MainDicomTags; each under values.py's rules (empty
+      trailing components and groups dropped, padding trimmed, empty as
+      absent, ACR-NEMA dates read).
     - study_modality: the distinct modalities of its series, in alphabetical
       order; study_series and study_instances: its series, and their images.
     - A study is sent once stable: IsStable, or quiet for
@@ -288,7 +164,9 @@ class Orthanc:
     def fields(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = dict(row)
         fields["pat_name"] = _person_name_as_2x(row["pat_name"])
-        fields["study_desc"] = row["study_desc"] or None
+        # values.py's rules: padding trimmed, empty the same as absent.
+        fields["pat_id"] = dicom_text(row["pat_id"])
+        fields["study_desc"] = dicom_text(row["study_desc"])
         fields["study_datetime"] = _arclight_datetime(row["study_date"], row["study_time"])
         return fields
 
@@ -324,34 +202,10 @@ def _one_line(exc: BaseException, ident: str | None = None) -> str:
 
 def _checked_study(ident: str, study: Any, series: Any) -> tuple[dict, dict]:
     """The study's MainDicomTags and PatientMainDicomTags, once its answers
-    are a study's: never a document made from a partial or wrong read."""
-    where = f"Orthanc's answer to GET /studies/{ident}"
-    if not isinstance(study, dict):
-        raise UnreadableStudy(f"{where} is not a study")
-    tags, patient = study.get("MainDicomTags"), study.get("PatientMainDicomTags")
-    if not isinstance(tags, dict):
-        raise UnreadableStudy(f"{where} has no MainDicomTags")
-    if not isinstance(patient, dict):
-        raise UnreadableStudy(f"{where} has no PatientMainDicomTags")
-    uid = tags.get("StudyInstanceUID")
-    if not isinstance(uid, str) or not uid.strip():
-        raise UnreadableStudy(f"{where} has no StudyInstanceUID")
-    if study.get("ID") != ident or not isinstance(study.get("ParentPatient"), str):
-        raise UnreadableStudy(f"{where} is not that study's (its ID or ParentPatient)")
-    for names, values in (
-        (("StudyDate", "StudyTime", "StudyDescription"), tags),
-        (("PatientID", "PatientName"), patient),
-    ):
-        for name in names:
-            if not isinstance(values.get(name, ""), str):
-                raise UnreadableStudy(f"{where} has a {name} that is not text")
-    if not isinstance(series, list) or not all(
-        isinstance(s, dict)
-        and isinstance(s.get("MainDicomTags"), dict)
-        and isinstance(s["MainDicomTags"].get("Modality", ""), str)
-        and isinstance(s.get("Instances"), list)
-        for s in series
-    ):
+    (GET /studies/{id} and /studies/{id}/series) are a study's: never a
+    document made from a partial or wrong read."""
+    tags, patient = checked_study(ident, study, f"Orthanc's answer to GET /studies/{ident}")
+    if not isinstance(series, list) or not all(series_ok(s) for s in series):
         raise UnreadableStudy(
             f"Orthanc's answer to GET /studies/{ident}/series is not a list of series"
         )
@@ -378,6 +232,8 @@ class OrthancSource:
         self.client = client
         self.schema = schema
         self.page_size = db.settings.page_size
+        self.pages = PageStore(db)  # what this run's pages read (initial, reconcile)
+        self.listing: PageListing | None = None  # initial's listing of studies
 
     # -- what changed --------------------------------------------------------
     #
@@ -421,6 +277,7 @@ class OrthancSource:
         row = self.db.query(self.sql.SELECT_ANCHOR)[0]
         cursor, anchor = int(row["position"] or 0), row["anchor"]
         since, newest, enqueued, first = max(cursor - 1, 0), None, 0, True
+        series_study: dict[str, str | None] = {}  # the series looked up in this tick
         while True:
             changes, newest, done = self._changes_page(since, cursor, newest)
             if first and cursor > 0:
@@ -433,7 +290,7 @@ class OrthancSource:
                     changes = changes[1:]  # the anchor itself, read at the last tick
             first = False
             if changes:
-                studies = self._studies_of(changes)
+                studies = self._studies_of(changes, series_study)
                 cursor, anchor = int(changes[-1]["Seq"]), _anchor_of(changes[-1])
                 self._enqueue(studies, cursor, anchor)
                 enqueued += len(studies)
@@ -533,74 +390,144 @@ class OrthancSource:
         )
         # The newest change before the listing: what changes during it is after it.
         newest, anchor = self._newest_change()
-        count, offset = 0, 0
-        while True:
-            ids = self._study_ids(offset, ORTHANC_LIST_PAGE)
-            if not ids:
-                break
+        count = 0
+        for ids in self._listing("studies", expand=False).pages():
+            if not all(isinstance(i, str) for i in ids):
+                raise OrthancError(
+                    f"Orthanc at {self.client.base} answered GET /studies with something that"
+                    " is not a list of study IDs"
+                )
             self._enqueue(ids, None, None)
-            count, offset = count + len(ids), offset + len(ids)
+            count += len(ids)
         self.db.query(self.sql.SET_CURSOR_AND_ANCHOR, (newest, anchor))
         return count
 
-    def _studies_of(self, changes: list[dict]) -> list[str]:
-        """The studies the changes are about, in order, once each (a series
-        or an instance is looked up: its study is not in the entry). A lookup
-        that fails while Orthanc answers is skipped: the study's StableStudy,
-        logged after any new image, names it without a lookup."""
+    def _studies_of(self, changes: list[dict], series_study: dict[str, str | None]) -> list[str]:
+        """The studies the changes are about, in order, once each. A series'
+        or an instance's study is not in its entry: it is looked up, a series
+        once per tick (`series_study`). An instance is looked up only when no
+        series read here lists it: a series of 1,000 new images costs one
+        instance's lookup and its series', not 1,000 (_series_of_instances).
+        A lookup that fails while Orthanc answers is skipped: the study's
+        StableStudy, logged after any new image, names it without a lookup."""
         wanted = [c for c in changes if c.get("ChangeType") in ORTHANC_STUDY_CHANGES]
-        series_study: dict[str, str | None] = {}
-
-        def lookup(change: dict) -> str | None:
-            kind, ident = change["ResourceType"], change["ID"]
-            if kind == "Study":
-                return ident
-            if kind == "Instance":
-                instance = self.client.get(f"/instances/{ident}", missing_ok=True)
-                ident = instance["ParentSeries"] if instance else None
-            if kind in ("Series", "Instance") and ident is not None:
-                if ident not in series_study:
-                    series = self.client.get(f"/series/{ident}", missing_ok=True)
-                    series_study[ident] = series["ParentStudy"] if series else None
-                return series_study[ident]
-            return None  # a patient's change: its studies log their own
+        instances = [c["ID"] for c in wanted if c["ResourceType"] == "Instance"]
+        instance_series = self._series_of_instances(instances, series_study)
+        series = {c["ID"] for c in wanted if c["ResourceType"] == "Series"}
+        self._look_up_series([i for i in series if i not in series_study], series_study)
 
         def study_of(change: dict) -> str | None:
-            try:
-                study = lookup(change)
-                if study is not None and not isinstance(study, str):
-                    raise TypeError
-                return study
-            except STUDY_READ_ERRORS as exc:
-                self._check_orthanc_answers()
-                log.debug("change %s skipped: %s", change["Seq"], _one_line(exc))
-                return None
+            kind, ident = change["ResourceType"], change["ID"]
+            if kind == "Study":
+                return str(ident)
+            if kind == "Instance":
+                ident = instance_series.get(ident)
+            if kind in ("Series", "Instance") and ident is not None:
+                return series_study.get(ident)
+            return None  # a patient's change: its studies log their own
 
+        return list(dict.fromkeys(ident for ident in map(study_of, wanted) if ident))
+
+    def _series_of_instances(
+        self, instances: list[str], series_study: dict[str, str | None]
+    ) -> dict[str, str | None]:
+        """Each new instance's series. A few instances are looked up at once
+        (one at first, twice as many while each finds a series of its own);
+        each series found is read, and every instance it lists is answered
+        by it without a lookup of its own."""
         import concurrent.futures
 
+        found: dict[str, str | None] = {}
+        unresolved = list(dict.fromkeys(instances))
+        wave = 1
         with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as pool:
-            found = list(pool.map(study_of, wanted))
-        return list(dict.fromkeys(ident for ident in found if ident))
+            while unresolved:
+                asked, unresolved = unresolved[:wave], unresolved[wave:]
+                parents = list(pool.map(self._parent_series, asked))
+                found.update(zip(asked, parents))
+                new = [p for p in dict.fromkeys(parents) if p is not None]
+                listed = self._look_up_series(new, series_study, pool)
+                still = []
+                for ident in unresolved:
+                    if ident in listed:
+                        found[ident] = listed[ident]
+                    else:
+                        still.append(ident)
+                unresolved = still
+                distinct = len(new) == len(asked)
+                wave = min(wave * 2, ORTHANC_FETCH_THREADS) if distinct else 1
+        return found
+
+    def _parent_series(self, instance: str) -> str | None:
+        try:
+            answer = self.client.get(f"/instances/{instance}", missing_ok=True)
+            if answer is None:
+                return None  # deleted since: nothing to send for it
+            parent = answer["ParentSeries"]
+            if not isinstance(parent, str):
+                raise TypeError
+            return parent
+        except STUDY_READ_ERRORS as exc:
+            self._check_orthanc_answers()
+            log.debug("instance %s skipped: %s", instance, _one_line(exc))
+            return None
+
+    def _look_up_series(
+        self, series: list[str], series_study: dict[str, str | None], pool: Any = None
+    ) -> dict[str, str]:
+        """Reads each series (GET /series/{id}) into `series_study`; returns
+        which series each instance they list belongs to."""
+        import concurrent.futures
+
+        def read(ident: str) -> tuple[str | None, list]:
+            try:
+                answer = self.client.get(f"/series/{ident}", missing_ok=True)
+                if answer is None:
+                    return None, []
+                study, listed = answer["ParentStudy"], answer.get("Instances", [])
+                if not isinstance(study, str) or not isinstance(listed, list):
+                    raise TypeError
+                return study, listed
+            except STUDY_READ_ERRORS as exc:
+                self._check_orthanc_answers()
+                log.debug("series %s skipped: %s", ident, _one_line(exc))
+                return None, []
+
+        if not series:
+            return {}
+        if pool is None:
+            with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as own:
+                answers = list(own.map(read, series))
+        else:
+            answers = list(pool.map(read, series))
+        listed: dict[str, str] = {}
+        for ident, (study, instances) in zip(series, answers):
+            series_study[ident] = study
+            listed.update((i, ident) for i in instances if isinstance(i, str))
+        return listed
 
     def _enqueue(self, studies: list[str], cursor: int | None, anchor: str | None) -> None:
         rows = [(orthanc_pk(ident), ident) for ident in studies]
 
         def work() -> None:
             self.db.execute_batch(self.sql.ENQUEUE_CHANGE, rows)
+            # Changed since its page was read (initial): read again on its own.
+            self.pages.forget([pk for pk, _ in rows])
             if cursor is not None:
                 self.db.query(self.sql.SET_CURSOR_AND_ANCHOR, (cursor, anchor))
 
         self.db.in_transaction(work)
 
-    def _study_ids(self, offset: int, limit: int) -> list[str]:
-        """A page of Orthanc's study IDs (by offset, in no order)."""
-        ids = self.client.get(f"/studies?since={offset}&limit={limit}")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise OrthancError(
-                f"Orthanc at {self.client.base} answered GET /studies with something that is"
-                " not a list of study IDs"
-            )
-        return ids
+    def _listing(self, resource: str, expand: bool = True) -> PageListing:
+        """Orthanc's studies (overlapping pages: none skipped) or series."""
+        return PageListing(
+            self.client.get_sized,
+            f"Orthanc at {self.client.base}",
+            resource,
+            expand=expand,
+            overlapping=resource == "studies",
+            body_bytes=ORTHANC_BODY_BYTES,
+        )
 
     def _check_orthanc_answers(self) -> None:
         """After one study's read failed: raises if Orthanc itself does not
@@ -617,15 +544,38 @@ class OrthancSource:
             return 0
 
     def initial_page(self, offset: int) -> tuple[list[tuple], int]:
-        """The initial load's next page of Orthanc's studies (by offset: it
-        lists them in no order, so an interrupted load starts over; a study
-        added meanwhile is in the change log anyway), as ENQUEUE_FOR_INITIAL
-        takes them."""
-        ids = self._study_ids(offset, ORTHANC_LIST_PAGE)
-        return [(orthanc_pk(ident), ident) for ident in ids], offset + len(ids)
+        """The initial load's next page of Orthanc's studies, expanded, as
+        ENQUEUE_FOR_INITIAL takes them; what they say is kept (PageStore) so
+        that delivery need not ask again. Orthanc lists them by offset, in no
+        guaranteed order: an interrupted load starts over (offset 0); a
+        study added meanwhile is in the change log anyway."""
+        if offset == 0 or self.listing is None:
+            self.pages.reset()
+            self.listing = self._listing("studies")
+        while True:
+            entries = self.listing.next_page()
+            if entries is None:
+                return [], self.listing.position
+            rows = self.pages.add_studies(entries)
+            if rows:
+                return rows, self.listing.position
 
     def initial_enqueued(self, queue: StudyServiceQueue, position: int) -> None:
-        """The change log's cursor was set when the queue was made."""
+        """Every study listed: then every series (for each study's
+        modalities and images), and the change log once more, from the
+        cursor set before the first page: a study stored or changed while
+        the pages were read is enqueued and read again on its own."""
+        if self.listing is None:
+            return
+        self.listing = None
+        for entries in self._listing("series").pages():
+            self.pages.add_series(entries)
+        if self.pages.nameless:
+            log.warning(
+                "Orthanc listed %d studies without an ID: they cannot be read or sent",
+                self.pages.nameless,
+            )
+        self.enqueue_changes()
 
     def new_studies(
         self, frontier: Callable[[int], int | None] | None = None
@@ -649,15 +599,23 @@ class OrthancSource:
                 page = self.db.query(sql, (after, self.page_size))
                 if not page:
                     return
-                yield from pool.map(self._with_fields, page)
+                wanted = {row["queued_pk"]: row["source_id"] for row in page if row["source_id"]}
+                joined = self.pages.joined(wanted)
+                if len(joined) == len(page):  # all read in this run's pages
+                    yield from ({**row, **joined[row["queued_pk"]]} for row in page)
+                else:
+                    yield from pool.map(functools.partial(self._with_fields, joined=joined), page)
                 after = page[-1]["queued_pk"]
 
-    def _with_fields(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A queue row with its study's fields, read from Orthanc (two GETs):
-        see study_fields."""
+    def _with_fields(
+        self, row: dict[str, Any], joined: Mapping[int, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A queue row with its study's fields: those this run's pages read,
+        or else read from Orthanc (two GETs, see study_fields)."""
         if row["source_id"] is None:
             return {**row, "study_pk": None}
-        return {**row, **self.study_fields(row["source_id"])}
+        fields = joined.get(row["queued_pk"])
+        return {**row, **(fields or self.study_fields(row["source_id"]))}
 
     def study_fields(self, ident: str, study: dict | None = None) -> dict[str, Any]:
         """The study's fields, from GET /studies/{id} and /studies/{id}/series.
@@ -687,23 +645,9 @@ class OrthancSource:
                 f"Orthanc answered HTTP 404 to GET /studies/{ident}/series but has the study"
             )
         tags, patient = _checked_study(ident, study, series)
-        modalities = {s["MainDicomTags"].get("Modality") for s in series} - {None, ""}
-        return {
-            "study_pk": orthanc_pk(study["ID"]),
-            "study_iuid": tags.get("StudyInstanceUID"),
-            "study_date": tags.get("StudyDate"),
-            "study_time": tags.get("StudyTime"),
-            "study_desc": tags.get("StudyDescription"),
-            "updated_time": None,
-            "mods_in_study": "\\".join(sorted(modalities)) or None,
-            "num_series": len(series),
-            "num_instances": sum(len(s["Instances"]) for s in series),
-            "patient_pk": orthanc_pk(study["ParentPatient"]),
-            "pat_id": patient.get("PatientID"),
-            "pat_name": patient.get("PatientName"),
-            "is_stable": bool(study.get("IsStable")),
-            "last_update": study.get("LastUpdate"),
-        }
+        modalities = {s["MainDicomTags"].get("Modality") for s in series}
+        images = sum(len(s["Instances"]) for s in series)
+        return study_row(study, tags, patient, modalities, len(series), images)
 
     def _study_or_gone(self, ident: str) -> Any:
         """GET /studies/{id}; None once a 404 is read twice in a row."""
@@ -726,41 +670,78 @@ class OrthancSource:
     def reconcile(
         self, queue: StudyServiceQueue, settings: Settings, max_studies: int | None, stop: Stop
     ) -> ReconcileReport:
-        """Lists every study of Orthanc, enqueueing those whose document is
-        not what the service holds; then, once the sweep is whole, the
-        studies it did not find, each checked gone, as deleted (Orthanc
-        logs no deletion: this is how they are followed)."""
+        """Lists every study of Orthanc in pages, then every series, and
+        enqueues the studies whose document is not what the service holds;
+        then, once the sweep is whole, the studies it did not find, each
+        checked gone, as deleted (Orthanc logs no deletion: this is how they
+        are followed). With max_studies, the sweep pauses after about that
+        many and the next reconcile carries on."""
         report = ReconcileReport()
-        offset = queue.reconcile_position()
+        listing = self._listing("studies")
+        listing.position = queue.reconcile_position()
         sweep = queue.bookkeeping(RECONCILE_ROW_PK)
         assert sweep is not None  # reconcile_position() started it
-        started = sweep["started"]
         bar = _progress_bar(self.count_studies, "reconciling")
         cap = RateCap(settings.reconcile_rows_per_second)
+        self.pages.reset()
         try:
-            while (max_studies is None or report.checked < max_studies) and not stop.requested():
-                ids = self._study_ids(offset, self.page_size)
-                if not ids:
-                    report.gone = self._mark_unseen_gone(queue, started)
-                    report.finished = True
-                    queue.finish_reconcile()
+            listed, ended = 0, False
+            while (max_studies is None or listed < max_studies) and not stop.requested():
+                entries = listing.next_page()
+                if entries is None:
+                    ended = True
                     break
-                offset += len(ids)
-                self._reconcile_page(queue, ids, offset, settings.center, report)
-                bar.update(len(ids))
-                cap.passed(len(ids))
+                count = len(self.pages.add_studies(entries))
+                listed += count
+                bar.update(count)
+                cap.passed(count)
+            for entries in self._listing("series").pages() if listed else ():
+                if stop.requested():
+                    break
+                self.pages.add_series(entries)
+            self._compare(queue, settings.center, report, stop)
+            if stop.requested():
+                return report  # the next reconcile lists these pages again
+            if not ended:
+                self.db.query(queue.sql.SET_CURSOR, (listing.position, RECONCILE_ROW_PK))
+                return report
+            report.gone = self._mark_unseen_gone(queue, sweep["started"])
+            report.finished = True
+            queue.finish_reconcile()
         finally:
             bar.close()
             report.seconds = time.monotonic() - cap.started
         return report
 
-    def _reconcile_page(
-        self, queue: StudyServiceQueue, ids: list[str], offset: int, center: str, report: Any
+    def _compare(
+        self, queue: StudyServiceQueue, center: str, report: ReconcileReport, stop: Stop
     ) -> None:
+        """The studies the pages listed, by pk, a batch at a time, against
+        the queue; a study the pages did not read whole is read on its own."""
         import concurrent.futures
 
+        after = 0
         with concurrent.futures.ThreadPoolExecutor(ORTHANC_FETCH_THREADS) as pool:
-            fields = list(pool.map(self.study_fields, ids))
+            while not stop.requested():
+                batch = self.pages.studies_after(after, self.page_size)
+                if not batch:
+                    return
+                after = batch[-1]["study_pk"]
+                joined = self.pages.joined({row["study_pk"]: row["ident"] for row in batch})
+                ids = [row["ident"] for row in batch]
+                read = [ident for ident in ids if orthanc_pk(ident) not in joined]
+                alone = dict(zip(read, pool.map(self.study_fields, read)))
+                fields = [joined.get(orthanc_pk(i)) or alone[i] for i in ids]
+                self._reconcile_page(queue, ids, fields, center, report)
+
+    def _reconcile_page(
+        self,
+        queue: StudyServiceQueue,
+        ids: list[str],
+        fields: list[dict[str, Any]],
+        center: str,
+        report: ReconcileReport,
+    ) -> None:
         pks = [orthanc_pk(ident) for ident in ids]
         placeholders = "(" + ", ".join(["?"] * len(pks)) + ")"  # placeholders, never values
         rows = self.db.query(self.sql.QUEUE_STATE + placeholders, pks)
@@ -782,7 +763,6 @@ class OrthancSource:
             self.db.execute_batch(self.sql.ENQUEUE_UNTRACKED, untracked)
             self.db.execute_batch(queue.sql.ENQUEUE_CHANGED, [(pk,) for pk in changed])
             self.db.execute_batch(self.sql.MARK_RECONCILED, [(pk,) for pk in pks])
-            self.db.query(queue.sql.SET_CURSOR, (offset, RECONCILE_ROW_PK))
 
         self.db.in_transaction(work)
 
