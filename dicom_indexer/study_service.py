@@ -52,6 +52,10 @@ SCHEMA_PROBES = (
     ("study", "num_instances"),  # dcm4chee 2.x: the counts are columns of study
     ("study_query_attrs", "view_id"),  # arc-light 5
     ("person_name", "alphabetic_name"),  # arc-light 5.23 and later
+    # A name's other groups, which the indexer's user may not see (granted
+    # since 2.5): without them names are sent with their alphabetic group.
+    ("person_name", "ideographic_name"),
+    ("person_name", "phonetic_name"),
     ("patient_id", "patient_fk"),  # arc-light 5.31 and later: 1..n IDs per patient
 )
 # SCHEMA_PROBES as the list of an SQL `(table, column) IN (...)`, the same on both engines.

@@ -51,7 +51,7 @@ SET @indexer_sql = CONCAT('GRANT SELECT (pk, study_fk, view_id, num_series, num_
 PREPARE indexer_stmt FROM @indexer_sql;
 EXECUTE indexer_stmt;
 
-SET @indexer_sql = CONCAT('GRANT SELECT (pk, alphabetic_name) ON person_name TO ', @indexer_account);
+SET @indexer_sql = CONCAT('GRANT SELECT (pk, alphabetic_name, ideographic_name, phonetic_name) ON person_name TO ', @indexer_account);
 PREPARE indexer_stmt FROM @indexer_sql;
 EXECUTE indexer_stmt;
 

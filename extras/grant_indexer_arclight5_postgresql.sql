@@ -42,7 +42,7 @@ SELECT format('GRANT SELECT (pk, patient_fk, study_iuid, study_date, study_time,
               :'indexer_role') \gexec
 SELECT format('GRANT SELECT (pk, study_fk, view_id, num_series, num_instances, mods_in_study)'
               ' ON study_query_attrs TO %I', :'indexer_role') \gexec
-SELECT format('GRANT SELECT (pk, alphabetic_name) ON person_name TO %I', :'indexer_role') \gexec
+SELECT format('GRANT SELECT (pk, alphabetic_name, ideographic_name, phonetic_name) ON person_name TO %I', :'indexer_role') \gexec
 -- 5.31 and later: a patient has one or more patient_id rows (patient_fk);
 -- before, patient.patient_id_fk names its one row.
 SELECT format('GRANT SELECT (pk, pat_name_fk) ON patient TO %I', :'indexer_role') \gexec

@@ -533,17 +533,22 @@ class ArcDb(PacsDb):
         return "LOCALTIMESTAMP" if self.postgresql else "NOW(6)"
 
     def add_patient(  # type: ignore[override]
-        self, name: str | None = "PEREZ^JUAN^^^^", *ids: str
+        self,
+        name: str | None = "PEREZ^JUAN^^^^",
+        *ids: str,
+        ideographic: str = "^^^^^",
+        phonetic: str = "^^^^^",
     ) -> int:
-        """A patient; `name` as person_name stores it (five components and a
-        sentinel caret); its patient_id rows in `ids` order (the first is the
-        primary ID)."""
+        """A patient; `name` (its alphabetic group) and its other groups as
+        person_name stores them (five components and a sentinel caret; an
+        absent group '^^^^^'); its patient_id rows in `ids` order (the first
+        is the primary ID)."""
         name_pk = None
         if name is not None:
             name_pk = self._insert(
                 "INSERT INTO person_name (alphabetic_name, ideographic_name, phonetic_name)"
-                " VALUES (%s, '^^^^^', '^^^^^')",
-                (name,),
+                " VALUES (%s, %s, %s)",
+                (name, ideographic, phonetic),
             )
         patient = self._insert(
             "INSERT INTO patient (created_time, updated_time, version, pat_name_fk, num_studies)"

@@ -116,6 +116,45 @@ def test_patient_without_a_name_sends_null(arc, service, args):
     assert service.documents[0]["patient_name"] is None
 
 
+def test_a_name_is_sent_with_its_groups_as_the_other_sources_send_it(arc, service, args):
+    """values.person_name's one rule: every group that has something, empty
+    trailing components and groups dropped (Orthanc, DICOMweb and DIMSE
+    send this same name the same way)."""
+    for name, ideographic, phonetic in (
+        ("Wang^XiaoDong^^^^", "王^小東^^^^", "^^^^^"),
+        ("Yamada^Tarou^^^^", "山田^太郎^^^^", "やまだ^たろう^^^^"),
+        ("PEREZ^JUAN^^^^", "^^^^^", "^^^^^"),
+    ):
+        arc.settle(arc.add_study(arc.add_patient(name, ideographic=ideographic, phonetic=phonetic)))
+    assert main(["initial", *args]) == 0
+    assert sorted(d["patient_name"] for d in service.documents) == [
+        "PEREZ^JUAN",
+        "Wang^XiaoDong=王^小東",
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+    ]
+
+
+def test_a_user_granted_before_2_5_sends_the_alphabetic_group_and_check_says_how(
+    arc, service, args, capsys
+):
+    """The grant scripts before 2.5 gave no right on a name's other groups:
+    such a site keeps working, sending what it sent, and check says what to
+    run to send every group."""
+    arc.settle(arc.add_study(arc.add_patient("Wang^XiaoDong^^^^", ideographic="王^小東^^^^")))
+    grantee = conftest.INDEXER_USER if arc.postgresql else f"'{conftest.INDEXER_USER}'@'%'"
+    arc.execute(f"REVOKE SELECT (ideographic_name, phonetic_name) ON person_name FROM {grantee}")
+    try:
+        assert main(["initial", *args]) == 0
+        assert [d["patient_name"] for d in service.documents] == ["Wang^XiaoDong"]
+        capsys.readouterr()
+        assert main(["check", *args]) == 0
+        out = capsys.readouterr().out
+        assert "names are sent with their alphabetic group only" in out
+        assert "extras/grant_indexer_arclight5_" in out
+    finally:
+        conftest.grant_indexer_user(arc.name)
+
+
 def test_study_stored_in_several_associations_is_sent_once_it_has_settled(arc, service, args):
     patient = arc.add_patient()
     study = arc.add_study(patient)  # first association: the study is hot

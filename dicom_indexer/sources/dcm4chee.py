@@ -229,8 +229,13 @@ class ArcLight5SQL(Dcm4cheeSQL):
         " s.pk AS study_pk, s.study_iuid, s.study_date, s.study_time, s.study_desc,"
         " s.updated_time, s.study_size, s.rejection_state,"
         " a.pk AS counts_pk, a.mods_in_study, a.num_series, a.num_instances,"
-        " p.pk AS patient_pk, {PATIENT_ID} AS pat_id, n.alphabetic_name AS pat_name"
+        " p.pk AS patient_pk, {PATIENT_ID} AS pat_id, {PAT_NAME} AS pat_name"
     )
+    # The patient's name: its alphabetic group (a user granted before 2.5
+    # sees no other), or all three groups, '='-joined, for values.person_name
+    # (arc-light stores an absent group as '^^^^^', never NULL; COALESCE
+    # anyway: MySQL's CONCAT is NULL if any part is).
+    PAT_NAME = "n.alphabetic_name"
     # The counts of the query/retrieve view (a bound parameter, first).
     STUDY_JOINS = (
         " LEFT JOIN study_query_attrs a ON a.study_fk = s.pk AND a.view_id = ?"
@@ -253,7 +258,7 @@ class ArcLight5SQL(Dcm4cheeSQL):
         (
             "SELECT on the columns of patient, patient_id and person_name it reads",
             (
-                "SELECT p.pk, {PATIENT_ID}, n.alphabetic_name FROM patient p"
+                "SELECT p.pk, {PATIENT_ID}, {PAT_NAME} FROM patient p"
                 " LEFT JOIN person_name n ON n.pk = p.pat_name_fk LIMIT 0",
             ),
         ),
@@ -308,10 +313,33 @@ class ArcLight523PostgreSQL(ArcLight5PostgreSQL):
     PATIENT_ID = PATIENT_ID_BEFORE_5_31
 
 
+NAME_GROUPS = (
+    "CONCAT(COALESCE(n.alphabetic_name, ''), '=', COALESCE(n.ideographic_name, ''), '=',"
+    " COALESCE(n.phonetic_name, ''))"
+)
+
+
+class ArcLight5GroupsMySQL(ArcLight5MySQL):
+    PAT_NAME = NAME_GROUPS
+
+
+class ArcLight5GroupsPostgreSQL(ArcLight5PostgreSQL):
+    PAT_NAME = NAME_GROUPS
+
+
+class ArcLight523GroupsMySQL(ArcLight523MySQL):
+    PAT_NAME = NAME_GROUPS
+
+
+class ArcLight523GroupsPostgreSQL(ArcLight523PostgreSQL):
+    PAT_NAME = NAME_GROUPS
+
+
 class Dcm4chee2:
     """dcm4chee 2.x: the document's fields are columns of study and patient."""
 
     name = "dcm4chee 2.x"
+    name_groups = True  # 2.x stores a name whole, its groups included
     STATEMENTS: Mapping[str, Any] = {"mysql": Dcm4chee2MySQL, "postgresql": Dcm4chee2PostgreSQL}
     UNSETTLED = "the archive has not computed its counts yet (arc-light: study_query_attrs)"
     SCRIPTS = {
@@ -370,9 +398,11 @@ class ArcLight5(Dcm4chee2):
     - patient_id: the patient's primary ID, the lowest patient_id.pk of the
       patient (arc-light inserts PatientID before the Other Patient IDs it
       trusts); before 5.31, the one row patient.patient_id_fk names.
-    - patient_name: person_name.alphabetic_name, stored as five components
-      and a sentinel caret ('PEREZ^JUAN^^^^'), sent as 2.x sent it, trailing
-      empty components dropped ('PEREZ^JUAN').
+    - patient_name: person_name's three groups, '='-joined, under
+      values.person_name's rule (trailing empty components and groups
+      dropped: 'PEREZ^JUAN^^^^', '^^^^^', '^^^^^' is 'PEREZ^JUAN', as 2.x
+      sends it; 'Wang^XiaoDong=王^小東', as Orthanc, DICOMweb and DIMSE do).
+      A user granted before 2.5 sees only the alphabetic group: that one.
     - study_datetime from study_date 'YYYYMMDD' and study_time 'HHMMSS.fff';
       '*' (absent) gives null, or midnight when only the time is absent.
     - '*' descriptions as null; counts and modalities from study_query_attrs
@@ -394,16 +424,22 @@ class ArcLight5(Dcm4chee2):
         ),
     }
 
-    def __init__(self, patient_id_rows: bool, view: str) -> None:
+    def __init__(self, patient_id_rows: bool, view: str, name_groups: bool = True) -> None:
         self.view = view
-        # What the indexer's own user can see tells these two apart (a
-        # column it has no right on is invisible to it).
+        # What the indexer's own user can see tells these apart (a column it
+        # has no right on is invisible to it): the generation, and whether it
+        # may read a name's ideographic and phonetic groups.
         self.name = "dcm4chee-arc-light " + ("5.31 or later" if patient_id_rows else "5.23 to 5.30")
-        self.STATEMENTS = (
-            {"mysql": ArcLight5MySQL, "postgresql": ArcLight5PostgreSQL}
-            if patient_id_rows
-            else {"mysql": ArcLight523MySQL, "postgresql": ArcLight523PostgreSQL}
-        )
+        self.name_groups = name_groups
+        self.STATEMENTS = {
+            (True, True): {"mysql": ArcLight5GroupsMySQL, "postgresql": ArcLight5GroupsPostgreSQL},
+            (True, False): {"mysql": ArcLight5MySQL, "postgresql": ArcLight5PostgreSQL},
+            (False, True): {
+                "mysql": ArcLight523GroupsMySQL,
+                "postgresql": ArcLight523GroupsPostgreSQL,
+            },
+            (False, False): {"mysql": ArcLight523MySQL, "postgresql": ArcLight523PostgreSQL},
+        }[(patient_id_rows, name_groups)]
 
     def join_args(self) -> tuple[Any, ...]:
         return (self.view,)
@@ -450,7 +486,8 @@ def detect_schema(columns: set[tuple[str, str]], view: str) -> Dcm4chee2:
             "this is a dcm4chee-arc-light database older than 5.23 (person_name has no"
             " alphabetic_name column): this client reads 5.23 to 5.35; upgrade the archive"
         )
-    return ArcLight5(("patient_id", "patient_fk") in columns, view)
+    groups = {("person_name", "ideographic_name"), ("person_name", "phonetic_name")} <= columns
+    return ArcLight5(("patient_id", "patient_fk") in columns, view, groups)
 
 
 class PacsDatabase(Database):
@@ -507,6 +544,16 @@ class PacsDatabase(Database):
         if not problems:
             user = self.settings.db_user
             results.append(("ok", f"privileges: {user} may do what a run does", 0))
+        if not self.schema.name_groups:
+            results.append(
+                (
+                    "warning",
+                    "names are sent with their alphabetic group only: this user may not read"
+                    " person_name's ideographic_name and phonetic_name (granted since 2.5);"
+                    f" to send every group, as the other sources do, run {self.grant_script}",
+                    0,
+                )
+            )
         return results
 
 
