@@ -87,6 +87,7 @@ class DicomwebSettings:
     token: str = field(repr=False)
     ca_bundle: str | None
     result_cap: int | None  # the PACS's known result cap, if the site knows it
+    change_feed: str  # "none", or the vendor's change feed read instead of windows ("azure")
     connect_timeout_seconds: float
     read_timeout_seconds: float
     secrets: Secrets
@@ -639,6 +640,7 @@ def _dicomweb_fields(web: _Fields, tuning: dict[str, Any]) -> DicomwebSettings:
         token=token if auth == "bearer" else "",
         ca_bundle=_existing_file(web, "ca_bundle"),
         result_cap=_result_cap(web),
+        change_feed=web.choice("change_feed", default="none", choices=("none", "azure")),
         connect_timeout_seconds=tuning["connect_timeout_seconds"],
         read_timeout_seconds=tuning["read_timeout_seconds"],
         secrets=Secrets(),

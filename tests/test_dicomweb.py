@@ -123,6 +123,7 @@ def _settings(
         token=token,
         ca_bundle=None,
         result_cap=result_cap,
+        change_feed="none",
         connect_timeout_seconds=timeouts[0],
         read_timeout_seconds=timeouts[1],
         secrets=Secrets(password, token),

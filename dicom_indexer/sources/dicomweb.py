@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import EXIT_DATABASE, EXIT_TERMINATED
 from ..http import Answer, HttpClient, RunEnding, _urllib3_classes, safe_url
-from .finding import FindResult, FoundSeries, FoundStudy, PacsUnavailable, StudyQuery
+from .finding import ChangeFeed, FindResult, FoundSeries, FoundStudy, PacsUnavailable, StudyQuery
 from .harvest import HarvestPacs
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class DicomwebFinder:
         )
         self.server: str | None = None  # the Server header, once an answer carried one
         self.probed: tuple[FindResult, list[Any]] | None = None
+        self.feed: ChangeFeed | None = None
 
     # -- the queries ---------------------------------------------------------
 
@@ -201,15 +202,14 @@ class DicomwebFinder:
             return FindResult(studies, complete=False, problem=problem), entries
         return FindResult(studies, complete=True), entries
 
-    def _get(self, path: str) -> Answer:
-        """One GET; the run ends on a stalled server or SIGTERM, and a server
-        that cannot be asked at all (unreachable, the credentials refused, no
-        QIDO-RS service at the URL, a redirect) is PacsUnavailable."""
+    def _get(self, path: str, bound: int = DICOMWEB_BODY_BYTES) -> Answer:
+        """One GET, its body read up to `bound`; the run ends on a stalled
+        server or SIGTERM, and a server that cannot be asked at all
+        (unreachable, the credentials refused, no QIDO-RS service at the
+        URL, a redirect) is PacsUnavailable."""
         if self.http.stalled is not None:
             raise RunEnding(self.http.stalled, EXIT_DATABASE)
-        answer = self.http.exchange(
-            "GET", path, bound=DICOMWEB_BODY_BYTES, error_bound=DICOMWEB_ERROR_BYTES
-        )
+        answer = self.http.exchange("GET", path, bound=bound, error_bound=DICOMWEB_ERROR_BYTES)
         server = answer.headers.get("Server")
         if server:
             self.server = _short(server, SERVER_CHARS)
@@ -290,6 +290,17 @@ class DicomwebFinder:
             include = "&".join(f"includefield={tag}" for tag in STUDY_INCLUDE)
             self.probed = self._studies(f"{include}&limit=1")
         return self.probed
+
+    def change_feed(self) -> ChangeFeed | None:
+        """The vendor's change feed (dicomweb.change_feed), over this
+        finder's own client; None when config.json asks for none."""
+        if self.settings.change_feed != "azure":
+            return None
+        if self.feed is None:
+            from .azure_feed import AzureChangeFeed
+
+            self.feed = AzureChangeFeed(self)
+        return self.feed
 
     def version(self) -> str:
         """The PACS as check's first line names it; asks the probe query

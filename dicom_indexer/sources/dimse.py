@@ -524,6 +524,10 @@ class DimseFinder:
 
     # -- check ------------------------------------------------------------------
 
+    def change_feed(self) -> None:
+        """DIMSE has no change feed: the harvest's windows find what changed."""
+        return None
+
     def version(self) -> str:
         if self.assoc is None:
             try:

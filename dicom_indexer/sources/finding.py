@@ -111,6 +111,37 @@ class FindResult:
     problem: str = ""
 
 
+@dataclass(frozen=True)
+class FeedChange:
+    """One entry of a vendor's change feed, as the harvest needs it: its
+    position, the study it is about, and what happened to it."""
+
+    sequence: int
+    study_iuid: str
+    action: str  # "create", "update" or "delete"
+
+
+class ChangeFeedError(IndexerError):
+    """A change feed that answers what a feed never does: a page that does
+    not advance, or goes backwards. The run stops; the cursor stays."""
+
+    exit_code = EXIT_DATABASE
+
+
+class ChangeFeed(Protocol):
+    """A vendor's change feed (Azure's /changefeed): what changed, in order,
+    from a cursor the harvest keeps."""
+
+    def latest(self) -> int:
+        """The sequence of the newest change (0: none yet)."""
+
+    def changes_after(self, sequence: int) -> tuple[list[FeedChange], int]:
+        """The changes after `sequence`, a page of them, in order, and the
+        sequence the next page starts after (past the page's last change,
+        or past a stretch with none). Raises ChangeFeedError for a page that
+        is not a feed's (not after `sequence`, not rising)."""
+
+
 class Finder(Protocol):
     """Asks one PACS about its studies, over one protocol."""
 
@@ -133,5 +164,8 @@ class Finder(Protocol):
 
     def version(self) -> str:
         """The PACS as check's first line names it."""
+
+    def change_feed(self) -> ChangeFeed | None:
+        """The vendor's change feed, when config.json asks for one."""
 
     def close(self) -> None: ...

@@ -47,7 +47,7 @@ from ..engines import SQLiteEngine
 from ..reconciliation import ReconcileReport
 from ..run import RateCap
 from ..study_service import CURSOR_ROW_PK, SQLITE_NOW
-from .finding import Finder, FindResult, FoundStudy, StudyQuery
+from .finding import ChangeFeed, ChangeFeedError, Finder, FindResult, FoundStudy, StudyQuery
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -205,6 +205,7 @@ class HarvestStatements:
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     )
     FORGET = "DELETE FROM harvest_study WHERE study_pk = ?"
+    KNOWN_UIDS = "SELECT study_pk, study_iuid FROM harvest_study WHERE study_pk IN "
     # The members of a trusted slice, to find who is missing from it.
     MEMBERS_DATED = (
         "SELECT study_pk, study_iuid FROM harvest_study WHERE study_date >= ? AND study_date <= ?"
@@ -545,10 +546,16 @@ class HarvestSource:
         what is new or changed, and marks what is gone."""
         before = self._pending_marker()
         today = self.today()
+        feed = self.finder.change_feed()
+        if feed is not None and self._state("feed_cursor") is None:
+            # Set before anything is listed: what changes meanwhile is after it.
+            self._set_state("feed_cursor", feed.latest())
         if not self._state("archive_listed"):
             initial = self.db.queue.initial_state()
             if initial is None or initial["status"] != "initial":  # `initial` lists it anyway
                 return self._list_archive(today)
+        if feed is not None:
+            return self._follow_feed(feed, today)
         hot = Walk(
             [
                 StudyQuery(
@@ -583,22 +590,89 @@ class HarvestSource:
             )
         return self._pending_marker() - before
 
-    def _list_archive(self, today: datetime.date) -> int:
+    def _list_archive(self, today: datetime.date, warned: bool = False) -> int:
         """A tick on a queue that holds no listing of the archive (its file
         lost or replaced, or no `initial` yet): the whole archive is listed
         once, what is new or changed enqueued; one warning says so."""
-        log.warning(
-            "the queue %s holds no listing of %s (a new queue, or its file was lost or"
-            " replaced): the whole archive is asked once; what the queue does not hold is sent",
-            self.db.where,
-            self.finder.where,
-        )
+        if not warned:
+            log.warning(
+                "the queue %s holds no listing of %s (a new queue, or its file was lost or"
+                " replaced): the whole archive is asked once; what the queue does not hold is"
+                " sent",
+                self.db.where,
+                self.finder.where,
+            )
         before = self._pending_marker()
         walk = Walk([ALL_STUDIES])
         while walk.stack:
             self._walk(walk, len(walk.stack), self._absorb_slice)
         self._set_state("archive_listed", today.isoformat())
         return self._pending_marker() - before
+
+    def _follow_feed(self, feed: ChangeFeed, today: datetime.date) -> int:
+        """A tick on a PACS with a change feed (Azure's): the studies its
+        changes name since the cursor, asked for by UID, instead of the
+        windows. A feed whose newest change is below the cursor was reset:
+        one warning, and the archive listed once."""
+        before = self._pending_marker()
+        cursor = int(self._state("feed_cursor") or 0)
+        latest = feed.latest()
+        if latest < cursor:
+            log.warning(
+                "the change feed of %s no longer goes back to where this indexer left it"
+                " (sequence %d; newest now %d): the whole archive is asked once; only what"
+                " changed is sent",
+                self.finder.where,
+                cursor,
+                latest,
+            )
+            self._set_state("feed_cursor", latest)
+            self._set_state("archive_listed", None)
+            return self._list_archive(today, warned=True)
+        while cursor < latest:
+            changes, after = feed.changes_after(cursor)
+            if after <= cursor:
+                raise ChangeFeedError(
+                    f"the change feed of {self.finder.where} does not advance: asked for the"
+                    f" changes after sequence {cursor}, its page ends at {after}; the cursor"
+                    f" stays at {cursor}"
+                )
+            if not self._refresh(list(dict.fromkeys(c.study_iuid for c in changes))):
+                break  # not answered whole: asked again next tick, from the same cursor
+            cursor = after
+            self._set_state("feed_cursor", cursor)
+        return self._pending_marker() - before
+
+    def _refresh(self, uids: list[str]) -> bool:
+        """The studies a feed named, asked for by UID: recorded if found,
+        checked gone if not. False if the PACS did not answer whole."""
+        size = max(1, self.finder.max_uids_per_query)
+        for start in range(0, len(uids), size):
+            batch = tuple(uids[start : start + size])
+            result = self.finder.find_studies(StudyQuery(study_uids=batch))
+            if not result.complete:
+                log.warning(
+                    "%s did not answer whole for %d studies its change feed names (%s);"
+                    " asked again next tick",
+                    self.finder.where,
+                    len(batch),
+                    result.problem,
+                )
+                return False
+            found = {s.study_iuid for s in self._in_batch(result.studies, batch)}
+            self._absorb_found(self._in_batch(result.studies, batch))
+            missing = [uid for uid in batch if uid not in found]
+            if missing:
+                pks = [uid_pk(uid) for uid in missing]
+                known = self.db.query(self.sql.KNOWN_UIDS + _in(len(pks)), pks)
+                if known:
+                    self._confirm_gone(known)
+        return True
+
+    @staticmethod
+    def _in_batch(studies: list[FoundStudy], batch: tuple[str, ...]) -> list[FoundStudy]:
+        wanted = set(batch)
+        return [study for study in studies if study.study_iuid in wanted]
 
     def _pending_marker(self) -> int:
         return self.db.queue.count_pending()
@@ -792,6 +866,13 @@ class HarvestSource:
     # -- for check and adopt ---------------------------------------------------
 
     def time_index(self) -> tuple[bool, str]:
+        if self.finder.change_feed() is not None:
+            cursor = self._state("feed_cursor")
+            return True, (
+                f"the change feed of {self.finder.where}: each tick reads only the changes"
+                f" after sequence {cursor if cursor is not None else '(not started yet)'}"
+                " and asks for the studies they name"
+            )
         cycles = self._state("cold_cycles") or 0
         listed = self._state("archive_listed")
         sweep = (
