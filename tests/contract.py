@@ -16,6 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from azure_feed_stub import AzureFeedStub
 from conftest import (
     API_KEY,
     CENTER,
@@ -508,3 +509,52 @@ class DicomwebUnderTest(HarvestUnderTest):
 
     def __init__(self, directory: Path, service: CentralService) -> None:
         super().__init__(directory, service, "dicomweb")
+
+
+class AzureFeedUnderTest(HarvestUnderTest):
+    """The harvest through QIDO-RS with Azure's change feed read instead of
+    windows ("change_feed": "azure"): a stand-in for Azure's service
+    (dev/azure_feed_stub.py) serving its documented feed, in front of a real
+    Orthanc's QIDO-RS. Each store and deletion is written to the feed, as
+    Azure does (one entry per instance)."""
+
+    HISTORY_LOSSES = ("queue file deleted", "feed reset")
+    FEED_STALLS = ("a page repeated whatever the offset",)
+
+    def __init__(self, directory: Path, service: CentralService) -> None:
+        super().__init__(directory, service, "dicomweb", section_extra={"change_feed": "azure"})
+        self.name = "Orthanc through DICOMweb, with Azure's change feed"
+        self.feed = AzureFeedStub(self.orthanc.url)
+        self.set_section(url=self.feed.root)
+
+    def add_studies(
+        self, count: int, days_ago: int = 0, study_date: str | None = "", patient_id: str = ""
+    ) -> list[int]:
+        pks = super().add_studies(count, days_ago, study_date, patient_id)
+        for pk in pks:
+            self.feed.create(self.uids[pk], sop=new_uid())
+        return pks
+
+    def change(self, pk: int) -> None:
+        super().change(pk)
+        self.feed.create(self.uids[pk], sop=new_uid())
+
+    def delete(self, pk: int) -> None:
+        super().delete(pk)
+        self.feed.delete(self.uids[pk], sop=new_uid())
+
+    def lose_history(self, how: str) -> None:
+        if how == "feed reset":
+            self.feed.reset()
+        else:
+            super().lose_history(how)
+
+    def stall_feed(self, how: str) -> None:
+        self.feed.repeat_from = 0
+
+    def feed_requests(self) -> int:
+        return self.feed.count("/changefeed")
+
+    def close(self) -> None:
+        self.feed.stop()
+        super().close()

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from contract import (
     ArcLightUnderTest,
+    AzureFeedUnderTest,
     Dcm4cheeUnderTest,
     DicomwebUnderTest,
     HarvestUnderTest,
@@ -249,5 +250,16 @@ class TestDimse(SourceContract):
     def source(self, service, tmp_path):
         pytest.importorskip("pynetdicom")
         under_test = HarvestUnderTest(tmp_path, service, "dimse")
+        yield under_test
+        under_test.close()
+
+
+@pytest.mark.skipif(not os.path.exists(DICOMWEB_PLUGIN), reason="needs Debian's orthanc-dicomweb")
+class TestAzureChangeFeed(SourceContract):
+    UNDER_TEST = AzureFeedUnderTest
+
+    @pytest.fixture
+    def source(self, service, tmp_path):
+        under_test = AzureFeedUnderTest(tmp_path, service)
         yield under_test
         under_test.close()
