@@ -16,6 +16,11 @@ schema's and engine's script, starts the central-service stand-in
     longest of those updates is reported, split into statement and commit,
     beside the same probe run alone first (the machine's own floor)
 
+With --source orthanc, dicomweb or dimse: a real Orthanc fed DICOM files,
+read through its REST API, QIDO-RS (its DICOMweb plugin) or C-FIND (its
+DICOM port), each with the requests or queries it received, beside a bare
+loop of the same queries and POSTs (dev/BENCHMARK.md, section 9).
+
 With --scene, the scenes of adaptive delivery instead: a WAN (50 ms per
 answer), a service at its capacity, ten centers loading at once, and a
 service failing one request in four (flaky); --scene adaptive runs them all.
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
@@ -56,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -1423,6 +1430,617 @@ def _requests_cell(requests_seen: dict[str, Any]) -> str:
     return f"{requests_seen['total']:,} ({kinds})" if kinds else "0"
 
 
+# --------------------------------------------------------------------------
+# DICOMweb and DIMSE (--source dicomweb, --source dimse): a real Orthanc with
+# its DICOMweb plugin and its DICOM port, read by queries (sources/harvest.py)
+# --------------------------------------------------------------------------
+
+HARVEST_UPLOAD_THREADS = 8
+HARVEST_UNDATED_SHARE = 0.002  # 20 undated studies in 10,000
+HARVEST_TWO_SERIES_SHARE = 0.1  # studies of two series (two images); the rest one
+HARVEST_BUSY_STUDIES = 20  # arrive today before the busy tick
+HARVEST_MODALITIES = ("CT", "CT", "CR", "CR", "CR", "DX", "MR", "US", "US", "MG", "PT", "NM")
+HARVEST_INDEXER_AE, HARVEST_PACS_AE = "DICOM_INDEXER", "ORTHANC"
+# Every pending C-FIND status (pynetdicom's own constants are not imported
+# here: the recorder runs inside the client's process).
+CFIND_PENDING = (0xFF00, 0xFF01)
+# Runs client.py in its own process with pynetdicom's send_c_find wrapped:
+# each C-FIND's keys, answers, final status and seconds are appended to the
+# file $BENCH_CFIND_LOG (one JSON line each), nothing else changed. That is
+# what a counting front is to QIDO: the queries the client asked, for the
+# bare loop to ask the same.
+CFIND_RECORDER = r"""
+import json, os, runpy, sys, time
+from pynetdicom.association import Association
+
+_send = Association.send_c_find
+_log = open(os.environ["BENCH_CFIND_LOG"], "a")
+
+
+def send_c_find(self, dataset, *args, **kwargs):
+    uids = dataset.get("StudyInstanceUID") or ""
+    uids = [str(u) for u in uids] if not isinstance(uids, str) else ([uids] if uids else [])
+    record = {
+        "level": str(dataset.QueryRetrieveLevel),
+        "StudyDate": str(dataset.get("StudyDate") or ""),
+        "PatientID": str(dataset.get("PatientID") or ""),
+        "uids": len(uids),
+        "answers": 0,
+        "final": None,
+    }
+    started = time.monotonic()
+    try:
+        for status, identifier in _send(self, dataset, *args, **kwargs):
+            if status is not None and "Status" in status:
+                if int(status.Status) in (0xFF00, 0xFF01):
+                    record["answers"] += 1
+                else:
+                    record["final"] = int(status.Status)
+            yield status, identifier
+    finally:
+        record["seconds"] = round(time.monotonic() - started, 4)
+        _log.write(json.dumps(record) + "\n")
+        _log.flush()
+
+
+Association.send_c_find = send_c_find
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class QidoCountingProxy(CountingProxy):
+    """The Orthanc scene's counting proxy, also recording each QIDO study
+    query: its path, how many studies it answered, its bytes and seconds."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.queries: list[dict[str, Any]] = []
+
+    def _forward(self, handler: Any, body: bytes) -> tuple[int, bytes]:
+        started = time.monotonic()
+        status, data = super()._forward(handler, body)
+        record = {
+            "path": handler.path,
+            "status": status,
+            "answers": data.count(b'"0020000D"'),
+            "bytes": len(data),
+            "seconds": round(time.monotonic() - started, 4),
+        }
+        with self.front.lock:
+            self.queries.append(record)
+        return status, data
+
+    def mark(self) -> int:
+        with self.front.lock:
+            return len(self.queries)
+
+    def queries_since(self, mark: int) -> list[dict[str, Any]]:
+        with self.front.lock:
+            return list(self.queries[mark:])
+
+
+def _harvest_orthanc(directory: Path) -> tuple[Any, int]:
+    """A real Orthanc as tests/contract.py's HarvestUnderTest sets it up: the
+    DICOMweb plugin, its DICOM port (our AE registered, C-FIND allowed to it
+    only), no result cap; started with TCP_NODELAY=1 (OrthancServer). Its
+    DICOM port."""
+    from testkit import OrthancServer, dicomweb_orthanc_settings, free_port
+
+    dicom_port = free_port()
+    orthanc = OrthancServer(
+        directory,
+        stable_age_seconds=1,
+        **dicomweb_orthanc_settings(
+            DicomServerEnabled=True,
+            DicomPort=dicom_port,
+            DicomAet=HARVEST_PACS_AE,
+            DicomCheckCalledAet=True,
+            DicomAlwaysAllowFind=False,
+            DicomModalities={"indexer": [HARVEST_INDEXER_AE, "127.0.0.1", free_port()]},
+        ),
+    )
+    return orthanc, dicom_port
+
+
+def _rut(rng: random.Random) -> str:
+    """A Chilean RUT as a PatientID: its number spread as a real archive's
+    (mostly 10 to 25 million: first characters 1 and 2 hold most of it),
+    and its check digit, K included."""
+    number = rng.randint(3_000_000, 26_000_000)
+    return f"{number}-{rng.choice('0123456789K')}"
+
+
+def _harvest_study_files(rng: random.Random, study_date: str | None, today: bool) -> list[bytes]:
+    """One study's DICOM files: one series of one image, or (one in ten)
+    two series; dated over ten years, or today, or undated."""
+    from testkit import dicom_instance, dicom_instance_with, new_uid
+
+    patient = (_rut(rng), f"APELLIDO{rng.randint(0, 999)}^NOMBRE")
+    study_uid = new_uid()
+    time_of_day = f"{rng.randint(7, 21):02d}{rng.randint(0, 59):02d}00"
+    description = rng.choice(("TC DE CEREBRO", "RX DE TORAX", "ECOGRAFIA ABDOMINAL", None))
+    files = []
+    series = 2 if rng.random() < HARVEST_TWO_SERIES_SHARE else 1
+    for _ in range(series):
+        modality = rng.choice(HARVEST_MODALITIES)
+        common = {
+            "patient_id": patient[0],
+            "study_uid": study_uid,
+            "series_uid": new_uid(),
+            "modality": modality,
+            "study_time": time_of_day,
+            "study_description": description,
+        }
+        if study_date is None:
+            files.append(
+                dicom_instance_with(
+                    patient_name=patient[1],
+                    charset=None,
+                    absent=("StudyDate", "StudyTime"),
+                    **common,
+                )
+            )
+        else:
+            files.append(dicom_instance(patient_name=patient[1], study_date=study_date, **common))
+    return files
+
+
+def _harvest_archive(orthanc: Any, studies: int, seed: int = 32) -> int:
+    """`studies` studies uploaded through POST /instances: dated over
+    ARCHIVE_YEARS (a few today), HARVEST_UNDATED_SHARE undated (at least
+    one), modalities mixed, PatientIDs RUTs. How many are undated."""
+    import concurrent.futures
+    import datetime
+
+    rng = random.Random(seed)
+    today = datetime.date.today()
+    undated = max(1, round(studies * HARVEST_UNDATED_SHARE))
+    dates: list[str | None] = [None] * undated
+    for _ in range(studies - undated):
+        day = today - datetime.timedelta(days=rng.randint(0, ARCHIVE_YEARS * 365))
+        dates.append(day.strftime("%Y%m%d"))
+    plans = [(random.Random(rng.random()), d) for d in dates]
+
+    def upload(plan: tuple[random.Random, str | None]) -> None:
+        for dicom in _harvest_study_files(plan[0], plan[1], False):
+            orthanc.upload(dicom)
+
+    with concurrent.futures.ThreadPoolExecutor(HARVEST_UPLOAD_THREADS) as pool:
+        list(pool.map(upload, plans))
+    return undated
+
+
+def _write_harvest_config(
+    config_dir: Path, source: str, orthanc: Any, dicom_port: int, front_url: str, url: str
+) -> None:
+    """config.json for the source, as a site writes it, and stable_age_seconds
+    0 (the busy tick's studies of today go at once, as tests/contract.py)."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    section: dict[str, Any]
+    if source == "dicomweb":
+        section = {
+            "url": front_url + "/dicom-web",
+            "user": orthanc.USER,
+            "password": orthanc.PASSWORD,
+        }
+    else:
+        section = {
+            "host": "127.0.0.1",
+            "port": dicom_port,
+            "pacs_ae": HARVEST_PACS_AE,
+            "indexer_ae": HARVEST_INDEXER_AE,
+        }
+    config = {
+        source: section,
+        "key": "bench-key",
+        "webservice_url": url,
+        "stable_age_seconds": 0,
+    }
+    for file_name, data in (("config.json", config), ("server.json", {"server": "BENCH"})):
+        (config_dir / file_name).write_text(json.dumps(data))
+        (config_dir / file_name).chmod(0o600)
+
+
+class HarvestScene:
+    """One source's client runs, each with the queries the PACS received:
+    QIDO requests at the counting proxy, C-FINDs recorded in the client."""
+
+    def __init__(
+        self, source: str, config_dir: Path, receiver: Receiver, proxy: QidoCountingProxy
+    ) -> None:
+        self.source, self.config_dir, self.receiver, self.proxy = (
+            source,
+            config_dir,
+            receiver,
+            proxy,
+        )
+        self.cfind_log = config_dir / "cfind.jsonl"
+
+    def _cfind_records(self) -> list[dict[str, Any]]:
+        if not self.cfind_log.exists():
+            return []
+        return [json.loads(line) for line in self.cfind_log.read_text().splitlines()]
+
+    def run(self, *command: str) -> dict[str, Any]:
+        """One client.py run: wall time, peak RSS, CPU, exit code, POSTs, and
+        the queries (how many, of which kind, how many answers)."""
+        mark, cfinds = self.proxy.mark(), len(self._cfind_records())
+        posts = self.receiver.stats()["posts"]
+        started = time.monotonic()
+        if self.source == "dimse":
+            process = subprocess.Popen(
+                [sys.executable, "-c", CFIND_RECORDER, str(CLIENT), *command, "-q"]
+                + ["--config", str(self.config_dir / "config.json")]
+                + ["--server", str(self.config_dir / "server.json")],
+                env={**os.environ, "BENCH_CFIND_LOG": str(self.cfind_log)},
+            )
+        else:
+            process = _start_client(self.config_dir, *command)
+        code, rss, cpu = _wait_client(process)
+        wall = time.monotonic() - started
+        if self.source == "dimse":
+            queries = self._cfind_records()[cfinds:]
+            kinds = collections.Counter(_cfind_kind(q) for q in queries)
+        else:
+            queries = [q for q in self.proxy.queries_since(mark) if "/dicom-web/" in q["path"]]
+            kinds = collections.Counter(_qido_kind(q["path"]) for q in queries)
+        return {
+            "exit_code": code,
+            "seconds": round(wall, 3),
+            "peak_rss_mb": round(rss, 1),
+            "cpu_seconds": round(cpu, 2),
+            "posts": self.receiver.stats()["posts"] - posts,
+            "queries": len(queries),
+            "kinds": dict(kinds.most_common()),
+            "answers": sum(q["answers"] for q in queries),
+            "query_seconds": round(sum(q["seconds"] for q in queries), 2),
+            "log": queries,
+        }
+
+    def state(self, name: str) -> Any:
+        """One of the harvest's states, read from the queue file."""
+        import sqlite3
+
+        path = self.config_dir / "dicom_indexer_queue.sqlite3"
+        with contextlib.closing(sqlite3.connect(str(path))) as conn:
+            row = conn.execute("SELECT value FROM harvest_state WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row and row[0] is not None else None
+
+
+def _qido_kind(path: str) -> str:
+    query = urllib.parse.parse_qs(path.partition("?")[2])
+    if "StudyInstanceUID" in query:
+        return "by UID list"
+    if "/series" in path.partition("?")[0]:
+        return "series"
+    keys = [k for k in ("StudyDate", "PatientID") if k in query]
+    return " + ".join(keys) if keys else "no keys"
+
+
+def _cfind_kind(record: dict[str, Any]) -> str:
+    if record["level"] != "STUDY":
+        return record["level"].lower()
+    if record["uids"] > 1 or (record["uids"] == 1 and not record["StudyDate"]):
+        return "by UID list"
+    keys = [k for k in ("StudyDate", "PatientID") if record[k]]
+    return " + ".join(keys) if keys else "no keys"
+
+
+def _bare_document(
+    uid: str,
+    patient_id: str | None,
+    name: str | None,
+    date: str | None,
+    description: str | None,
+    modalities: list[str],
+    series: int | None,
+    images: int | None,
+) -> dict[str, Any]:
+    """The document of a found study, built as simply as it can be."""
+    import hashlib
+
+    def pk(text: str) -> int:
+        return int(hashlib.sha1(text.encode()).hexdigest()[:13], 16)
+
+    return {
+        "patient_pk": pk(f"patient:{patient_id}"),
+        "patient_id": patient_id,
+        "patient_name": name,
+        "study_pk": pk(uid),
+        "study_iuid": uid,
+        "study_datetime": date,
+        "study_description": description,
+        "study_modality": "\\".join(sorted(modalities)),
+        "study_series": series,
+        "study_instances": images,
+        "center": "BENCH",
+    }
+
+
+def qido_bare_loop(
+    proxy: QidoCountingProxy, orthanc: Any, queries: list[dict[str, Any]], url: str
+) -> tuple[float, int]:
+    """One thread, one requests.Session: the client's QIDO queries, the same
+    paths in the same order, each study POSTed once as it is first found.
+    (Studies/s, studies)."""
+
+    def first(entry: dict, tag: str) -> Any:
+        values = entry.get(tag, {}).get("Value") or [None]
+        return values[0]
+
+    posted: set[str] = set()
+    headers = {"X-Api-Key": "bench-key"}
+    with requests.Session() as session:
+        session.auth = (orthanc.USER, orthanc.PASSWORD)
+        started = time.monotonic()
+        for query in queries:
+            answer = session.get(proxy.url + query["path"], timeout=300)
+            answer.raise_for_status()
+            for entry in answer.json() if answer.status_code == 200 else []:
+                uid = first(entry, "0020000D")
+                if uid in posted:
+                    continue
+                name = first(entry, "00100010")
+                document = _bare_document(
+                    uid,
+                    first(entry, "00100020"),
+                    name.get("Alphabetic") if name else None,
+                    first(entry, "00080020"),
+                    first(entry, "00081030"),
+                    entry.get("00080061", {}).get("Value") or [],
+                    first(entry, "00201206"),
+                    first(entry, "00201208"),
+                )
+                session.post(url, json=document, headers=headers, timeout=30).raise_for_status()
+                posted.add(uid)
+        return len(posted) / (time.monotonic() - started), len(posted)
+
+
+def cfind_bare_loop(dicom_port: int, queries: list[dict[str, Any]], url: str) -> tuple[float, int]:
+    """One thread: the client's C-FINDs (the same keys, in the same order),
+    on one association with TCP_NODELAY (another where the client's was
+    aborted: an answer cut past its limit), reading as many answers as the
+    client read; each study POSTed once, after its query, with one
+    requests.Session. (Studies/s, studies)."""
+    import socket
+
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+
+    from dicom_indexer.sources.dimse import STUDY_KEYS, STUDY_ROOT_FIND
+
+    def nodelay(event: Any) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE(ae_title=HARVEST_INDEXER_AE)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    posted: set[str] = set()
+    headers = {"X-Api-Key": "bench-key"}
+    assoc = None
+    with requests.Session() as session:
+        started = time.monotonic()
+        for query in queries:
+            if assoc is None or not assoc.is_established:
+                assoc = ae.associate(
+                    "127.0.0.1",
+                    dicom_port,
+                    ae_title=HARVEST_PACS_AE,
+                    evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)],
+                )
+            ds = Dataset()
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.QueryRetrieveLevel = "STUDY"
+            for keyword in STUDY_KEYS:
+                setattr(ds, keyword, "")
+            ds.StudyDate, ds.PatientID = query["StudyDate"], query["PatientID"]
+            found = []
+            for status, answer in assoc.send_c_find(ds, STUDY_ROOT_FIND):
+                if "Status" not in status or int(status.Status) not in CFIND_PENDING:
+                    break
+                found.append(answer)
+                if query["final"] is None and len(found) == query["answers"]:
+                    assoc.abort()  # where the client stopped reading
+                    break
+            for answer in found:
+                uid = str(answer.StudyInstanceUID)
+                if uid in posted:
+                    continue
+                document = _bare_document(
+                    uid,
+                    str(answer.PatientID),
+                    str(answer.PatientName),
+                    str(answer.StudyDate) or None,
+                    str(answer.StudyDescription) or None,
+                    list(answer.ModalitiesInStudy or []),
+                    _int_or_none(answer.NumberOfStudyRelatedSeries),
+                    _int_or_none(answer.NumberOfStudyRelatedInstances),
+                )
+                session.post(url, json=document, headers=headers, timeout=30).raise_for_status()
+                posted.add(uid)
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+        return len(posted) / (time.monotonic() - started), len(posted)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _idle_tick_formula() -> dict[str, Any]:
+    """An idle tick's queries by the documented formula (docs/cosecha.md):
+    today and yesterday in one query, one warm day, and the cold sweep's
+    share: about COLD_ANSWERS_PER_TICK answers, in one query sized to them
+    (in its undated sweep, up to COLD_MAX_QUERIES_PER_TICK, most of them
+    finding nothing). None depends on the archive's size while a day holds
+    fewer studies than the result cap (else that day's split adds queries)."""
+    from dicom_indexer.sources import harvest
+
+    return {
+        "hot": 1,
+        "warm": 1,
+        "cold": harvest.COLD_MAX_QUERIES_PER_TICK,
+        "cold_answers": harvest.COLD_ANSWERS_PER_TICK,
+        "total": 2 + harvest.COLD_MAX_QUERIES_PER_TICK,
+    }
+
+
+def benchmark_harvest(args: argparse.Namespace) -> dict[str, Any]:
+    """--source dicomweb or dimse: `client.py initial` beside a bare loop of
+    the same queries and POSTs, idle ticks, a busy tick (new studies today),
+    `client.py reconcile`, and (--cold-ticks) ticks until the cold sweep has
+    covered the archive once. Each with the queries the PACS received."""
+    import datetime
+
+    source = args.source
+    results: dict[str, Any] = {"source": source, "studies": args.studies, "machine": _machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        orthanc, dicom_port = _harvest_orthanc(Path(tmp) / "orthanc")
+        receiver = Receiver(args.latency_ms)
+        proxy = QidoCountingProxy(orthanc.url)
+        try:
+            print(f"uploading {args.studies:,} studies to Orthanc ...", file=sys.stderr)
+            started = time.monotonic()
+            results["undated"] = _harvest_archive(orthanc, args.studies)
+            results["upload_seconds"] = round(time.monotonic() - started, 1)
+            results["orthanc_version"] = orthanc.get("/system")["Version"]
+            config_dir = Path(tmp) / "client"
+            _write_harvest_config(config_dir, source, orthanc, dicom_port, proxy.url, receiver.url)
+            scene = HarvestScene(source, config_dir, receiver, proxy)
+            print("client.py initial ...", file=sys.stderr)
+            run = scene.run("initial")
+            stats = receiver.stats()
+            run["unique_studies"] = stats["unique_studies"]
+            run["studies_per_second"] = round(stats["unique_studies"] / run["seconds"], 1)
+            run["cpu_seconds_per_1000"] = round(run["cpu_seconds"] * 1000 / args.studies, 3)
+            initial_log = run.pop("log")
+            results["initial"] = run
+            print("bare loop: the same queries and POSTs ...", file=sys.stderr)
+            if source == "dimse":
+                rate, posted = cfind_bare_loop(dicom_port, initial_log, receiver.url)
+            else:
+                rate, posted = qido_bare_loop(proxy, orthanc, initial_log, receiver.url)
+            results["bare_loop"] = {"studies_per_second": round(rate, 1), "studies": posted}
+            results["ratio"] = round(run["studies_per_second"] / rate, 2)
+            ticks = [scene.run() for _ in range(NOOP_REPEATS)]
+            for tick in ticks:
+                tick.pop("log")
+            results["idle_ticks"] = ticks
+            results["idle_tick_seconds"] = round(statistics.median(t["seconds"] for t in ticks), 3)
+            results["idle_tick_max_seconds"] = round(max(t["seconds"] for t in ticks), 3)
+            results["idle_tick_queries"] = max(t["queries"] for t in ticks)
+            results["idle_tick_posts"] = sum(t["posts"] for t in ticks)
+            results["idle_tick_formula"] = _idle_tick_formula()
+            print(f"busy tick: {HARVEST_BUSY_STUDIES} new studies today ...", file=sys.stderr)
+            rng = random.Random(3232)
+            day = datetime.date.today().strftime("%Y%m%d")
+            for _ in range(HARVEST_BUSY_STUDIES):
+                for dicom in _harvest_study_files(rng, day, True):
+                    orthanc.upload(dicom)
+            busy = scene.run()
+            busy.pop("log")
+            results["busy_tick"] = busy
+            print("client.py reconcile ...", file=sys.stderr)
+            reconcile = scene.run("reconcile")
+            reconcile.pop("log")
+            results["reconcile"] = reconcile
+            results["cold_cycle"] = _cold_cycle(scene, args.cold_ticks)
+        finally:
+            proxy.stop()
+            receiver.stop()
+            orthanc.stop()
+    return results
+
+
+def _cold_cycle(scene: HarvestScene, most_ticks: int) -> dict[str, Any] | None:
+    """The ticks of one whole cold cycle (from one start of the undated
+    sweep, where the cycle count grows, to the next): how many, their
+    queries and answers (None when not asked for). The ticks up to the
+    first start are run, not counted."""
+    if most_ticks <= 0:
+        return None
+    ticks: list[dict[str, Any]] = []
+    cycles = scene.state("cold_cycles") or 0
+    for counted in (False, True):
+        ticks = []
+        while len(ticks) < most_ticks and (scene.state("cold_cycles") or 0) == cycles:
+            tick = scene.run()
+            tick.pop("log")
+            ticks.append(tick)
+        if not counted:
+            cycles = scene.state("cold_cycles") or 0
+    return {
+        "finished": (scene.state("cold_cycles") or 0) > cycles,
+        "ticks": len(ticks),
+        "queries": sum(t["queries"] for t in ticks),
+        "answers": sum(t["answers"] for t in ticks),
+        "max_tick_queries": max(t["queries"] for t in ticks),
+        "max_tick_seconds": max(t["seconds"] for t in ticks),
+        "median_tick_seconds": round(statistics.median(t["seconds"] for t in ticks), 3),
+        "posts": sum(t["posts"] for t in ticks),
+    }
+
+
+def _kinds_cell(run: dict[str, Any]) -> str:
+    kinds = ", ".join(f"{count:,} {kind}" for kind, count in run["kinds"].items())
+    return f"{run['queries']:,} ({kinds}; {run['answers']:,} answers)" if kinds else "0"
+
+
+def print_harvest(results: dict[str, Any]) -> None:
+    run, busy, reconcile = results["initial"], results["busy_tick"], results["reconcile"]
+    formula, bare = results["idle_tick_formula"], results["bare_loop"]
+    protocol = "QIDO-RS" if results["source"] == "dicomweb" else "C-FIND"
+    rows = [
+        (
+            "studies (undated)",
+            f"{results['studies']:,} ({results['undated']}), Orthanc {results['orthanc_version']}",
+        ),
+        ("initial: studies/s", f"{run['studies_per_second']:,.0f} ({run['seconds']} s)"),
+        (f"initial: {protocol} queries", _kinds_cell(run)),
+        ("initial: seconds in queries", f"{run['query_seconds']} s"),
+        (
+            "bare loop, same queries: studies/s",
+            f"{bare['studies_per_second']:,.0f} ({bare['studies']:,} studies)",
+        ),
+        ("ratio client / bare loop", f"{results['ratio']:.2f}"),
+        ("initial: peak RSS", f"{run['peak_rss_mb']} MB"),
+        ("initial: CPU per 1,000 studies", f"{run['cpu_seconds_per_1000']} s"),
+        ("initial: delivered (posts / unique)", f"{run['posts']:,} / {run['unique_studies']:,}"),
+        (
+            "idle tick: wall (median of 5)",
+            f"{results['idle_tick_seconds']} s (max {results['idle_tick_max_seconds']} s)",
+        ),
+        (
+            "idle tick: queries (most of 5)",
+            f"{results['idle_tick_queries']} (by the formula, at any size:"
+            f" {formula['hot']} hot + {formula['warm']} warm + cold: about"
+            f" {formula['cold_answers']} answers, in 1 to {formula['cold']} queries)",
+        ),
+        ("idle tick: posts", str(results["idle_tick_posts"])),
+        (
+            f"busy tick ({HARVEST_BUSY_STUDIES} new today): wall, posts",
+            f"{busy['seconds']} s, {busy['posts']}",
+        ),
+        ("busy tick: queries", _kinds_cell(busy)),
+        ("reconcile: wall, peak RSS", f"{reconcile['seconds']} s, {reconcile['peak_rss_mb']} MB"),
+        ("reconcile: queries", _kinds_cell(reconcile)),
+    ]
+    cold = results.get("cold_cycle")
+    if cold:
+        rows.append(
+            (
+                "cold sweep, one cycle: ticks, queries",
+                f"{cold['ticks']}{'' if cold['finished'] else ' (not finished)'},"
+                f" {cold['queries']:,} ({cold['answers']:,} answers); a tick at most"
+                f" {cold['max_tick_queries']} queries, {cold['max_tick_seconds']} s",
+            )
+        )
+    print("| measure | value |\n| ------- | ----- |")
+    for label, value in rows:
+        print(f"| {label} | {value} |")
+    print(f"\nmachine: {results['machine']}")
+
+
 def print_scenes(results: dict[str, Any]) -> None:
     if "wan" in results:
         print(f"\nScene 1: WAN, {WAN_LATENCY_MS:g} ms per answer (`--scene wan`)\n")
@@ -1597,10 +2215,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--source",
-        choices=("dcm4chee", "orthanc"),
+        choices=("dcm4chee", "orthanc", "dicomweb", "dimse"),
         default="dcm4chee",
         help="the PACS: a dcm4chee database (default), or a real Orthanc fed DICOM files"
-        " (Debian's orthanc package; --studies, default 100000, is worth lowering)",
+        " (Debian's orthanc package; --studies, default 100000, is worth lowering) read by"
+        " its REST API (orthanc), QIDO-RS (dicomweb, its plugin) or C-FIND (dimse)",
+    )
+    parser.add_argument(
+        "--cold-ticks",
+        type=int,
+        default=300,
+        help="dicomweb, dimse: at most this many ticks to see the cold sweep cover the"
+        " archive once (default 300; 0: skip)",
     )
     parser.add_argument(
         "--scene",
@@ -1679,6 +2305,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == "orthanc":
         results = benchmark_orthanc(args)
         print_orthanc(results)
+    elif args.source in ("dicomweb", "dimse"):
+        results = benchmark_harvest(args)
+        print_harvest(results)
     elif args.scene == "loopback":
         results = benchmark(args)
         print_table(results)

@@ -87,3 +87,30 @@ def test_orthanc_benchmark_runs_and_loses_nothing(tmp_path):
     assert report["initial"]["exit_code"] == 0
     assert report["initial"]["unique_studies"] == report["initial"]["posts"] == 20
     assert report["idle_tick_posts"] == 0
+
+
+@pytest.mark.skipif(not Path(ORTHANC_BINARY).exists(), reason="needs Debian's orthanc package")
+@pytest.mark.parametrize("source", ["dicomweb", "dimse"])
+def test_harvest_benchmark_runs_and_loses_nothing(tmp_path, source):
+    """--source dicomweb and dimse at 200 studies (one undated, found only by
+    the PatientID sweep): every study arrives once, the bare loop asks the
+    same queries and posts as many, and each figure is reported."""
+    stdout, report = run_benchmark(
+        tmp_path, "--source", source, "--studies", "200", "--cold-ticks", "0", timeout=300
+    )
+    initial = report["initial"]
+    assert initial["exit_code"] == 0
+    assert initial["unique_studies"] == initial["posts"] == 200
+    assert report["undated"] == 1
+    assert initial["kinds"]["PatientID"] > 0  # the undated study's sweep ran
+    assert report["bare_loop"]["studies"] == 200
+    assert report["ratio"] > 0 and initial["peak_rss_mb"] > 0
+    assert report["idle_tick_posts"] == 0
+    assert 0 < report["idle_tick_queries"] <= report["idle_tick_formula"]["total"]
+    busy = report["busy_tick"]
+    assert (busy["exit_code"], busy["posts"]) == (0, benchmark.HARVEST_BUSY_STUDIES)
+    reconcile = report["reconcile"]
+    assert (reconcile["exit_code"], reconcile["posts"]) == (0, 0)
+    assert reconcile["queries"] > 0
+    for label in ("ratio client / bare loop", "idle tick: queries", "reconcile: queries"):
+        assert f"| {label}" in stdout

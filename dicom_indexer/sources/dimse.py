@@ -53,7 +53,7 @@ MAX_UIDS_PER_QUERY = 50  # a UID-list query: 50 answered in 0.12 s by Orthanc
 # cap of its own would otherwise answer its whole archive to a broad query,
 # and this client hold it. Past it, the association is aborted (C-CANCEL is
 # only a request) and the query counts as not whole: the harvest splits it.
-MAX_ANSWERS = 5000
+MAX_ANSWERS = 1000
 # Asked in every query: the answers are then UTF-8 where the PACS can (Orthanc
 # answers in its DefaultEncoding whatever we ask, measured).
 QUERY_CHARACTER_SET = "ISO_IR 192"

@@ -59,9 +59,17 @@ log = logging.getLogger("dicom_indexer")
 
 HOT_DAYS = 2  # today and yesterday: every tick
 WARM_DAYS = 5  # the days before them: one a tick
-COLD_QUERIES_PER_TICK = 3  # the cold sweep's share of a tick
-COLD_FIRST_SPAN_DAYS = 32  # the cold sweep's first slice; grows and shrinks with the archive
-COLD_MAX_SPAN_DAYS = 3660
+# The cold sweep's share of a tick: about this many answers (each costs the
+# PACS and this client 0.5 to 1 ms), whatever the archive's size: its slices
+# (days, or PatientID prefixes) are sized to it from what the queue knows.
+# A larger archive takes more ticks per cycle, not more time per tick.
+COLD_ANSWERS_PER_TICK = 400
+# And at most this many queries: those that find nothing (a PatientID
+# prefix no study has) cost a few milliseconds each.
+COLD_MAX_QUERIES_PER_TICK = 20
+# The undated sweep reads the whole archive again (no query matches only
+# the undated): one cold cycle in this many includes it.
+UNDATED_EVERY_CYCLES = 4
 LANE_MAX_QUERIES = 200  # a hot or warm lane that needs more is cut short (and says so)
 # Result caps seen in the field (and Orthanc's QIDO, which answers cap + 1):
 # a count at one of them is never trusted.
@@ -95,6 +103,9 @@ def patient_pk(patient_id: str | None, study_uid: str) -> int:
 # --------------------------------------------------------------------------
 
 ALL_STUDIES = StudyQuery()
+# Where a walk reaches it, the undated sweep: PatientID prefixes sized from
+# what the queue knows by then (see HarvestSource._undated_sweep).
+UNDATED_SWEEP = StudyQuery(patient_id_prefix="\x00")
 
 
 def _split(query: StudyQuery, today: datetime.date) -> list[StudyQuery]:
@@ -103,11 +114,11 @@ def _split(query: StudyQuery, today: datetime.date) -> list[StudyQuery]:
     prefix = query.patient_id_prefix
     if not query.dated and prefix is None:
         # Everything: the dated studies by date, the undated by PatientID.
-        dated = [
+        return [
             StudyQuery(date_to=datetime.date(1989, 12, 31), dated=True),
             StudyQuery(date_from=datetime.date(1990, 1, 1), dated=True),
+            UNDATED_SWEEP,
         ]
-        return dated + [StudyQuery(patient_id_prefix=c) for c in PREFIX_ALPHABET]
     start, end = query.date_from, query.date_to
     if query.dated and (start is None or end is None or start < end):
         if start is None:  # older than `end`: ten years at a time
@@ -179,6 +190,11 @@ def _found_json(found: FoundStudy) -> str:
     return json.dumps(asdict(found), sort_keys=True, ensure_ascii=False)
 
 
+def _day(text: str | None) -> datetime.date | None:
+    """A queue's 'YYYYMMDD' as a date."""
+    return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8])) if text else None
+
+
 def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
@@ -192,6 +208,7 @@ class HarvestStatements:
         " study_date TEXT, patient_id TEXT, found TEXT NOT NULL, found_hash TEXT NOT NULL,"
         " counts TEXT, counts_since TEXT)",
         "CREATE INDEX IF NOT EXISTS harvest_study_date ON harvest_study (study_date)",
+        "CREATE INDEX IF NOT EXISTS harvest_study_patient ON harvest_study (patient_id)",
         "CREATE TABLE IF NOT EXISTS harvest_state (name TEXT NOT NULL PRIMARY KEY, value TEXT)",
     )
     GET_STATE = "SELECT value FROM harvest_state WHERE name = ?"
@@ -216,6 +233,15 @@ class HarvestStatements:
     )
     MEMBERS_ALL = "SELECT study_pk, study_iuid FROM harvest_study"
     OLDEST_DATE = "SELECT MIN(study_date) AS d FROM harvest_study"
+    # The date COLD_ANSWERS_PER_TICK studies back from a day (the index on study_date).
+    DATE_BACK = (
+        "SELECT study_date AS d FROM harvest_study WHERE study_date <= ?"
+        " ORDER BY study_date DESC LIMIT 1 OFFSET ?"
+    )
+    # The studies known under a PatientID prefix (the index on patient_id).
+    COUNT_PREFIX = (
+        "SELECT COUNT(*) AS n FROM harvest_study WHERE patient_id >= ? AND patient_id < ?"
+    )
     # A study found new or changed: pending (the Study Instance UID as its source_id).
     ENQUEUE = (
         "INSERT OR IGNORE INTO study_service (study_pk, status, attempts, enqueued_at, source_id)"
@@ -331,7 +357,7 @@ class Walk:
 
     stack: list[StudyQuery]
     queries: int = 0
-    splits: int = 0
+    answers: int = 0  # read, whether trusted or not
     found: int = 0
     unsplittable: list[str] = field(default_factory=list)
 
@@ -409,15 +435,20 @@ class HarvestSource:
             )
         self._set_state("incomplete_count", count)
 
-    def _walk(self, walk: Walk, budget: int, absorb: Absorb) -> None:
+    def _walk(self, walk: Walk, budget: int, absorb: Absorb, answers: int | None = None) -> None:
         """Asks the walk's slices, splitting what is not trusted, until the
-        stack is empty or `budget` queries were made."""
+        stack is empty, `budget` queries were made, or (if given) `answers`
+        answers read."""
         spent = 0
-        while walk.stack and spent < budget:
+        while walk.stack and spent < budget and (answers is None or walk.answers < answers):
             query = walk.stack.pop(0)
+            if query == UNDATED_SWEEP:
+                walk.stack[:0] = self._undated_sweep()
+                continue
             result = self.finder.find_studies(query)
             spent += 1
             walk.queries += 1
+            walk.answers += len(result.studies)
             if self._trusted(query, result):
                 absorb(query, result.studies, True)
                 walk.found += len(result.studies)
@@ -431,7 +462,6 @@ class HarvestSource:
                     len(parts),
                 )
                 walk.stack[:0] = parts
-                walk.splits += 1
             else:
                 # Nothing smaller to ask: what it did answer is kept (never
                 # taken as all: no deletion follows), and the slice is asked
@@ -678,22 +708,15 @@ class HarvestSource:
         return self.db.queue.count_pending()
 
     def _cold_step(self, today: datetime.date) -> None:
-        """COLD_QUERIES_PER_TICK queries of the cold sweep, where it stands."""
-        stack = [_slice_of(s) for s in self._state("cold_stack") or []]
-        walk = Walk(stack, splits=int(self._state("cold_splits") or 0))
-        while walk.queries < COLD_QUERIES_PER_TICK:
+        """The cold sweep's share of a tick (COLD_ANSWERS_PER_TICK answers, at
+        most COLD_MAX_QUERIES_PER_TICK queries), from where it stands."""
+        walk = Walk([_slice_of(s) for s in self._state("cold_stack") or []])
+        while walk.queries < COLD_MAX_QUERIES_PER_TICK and walk.answers < COLD_ANSWERS_PER_TICK:
             if not walk.stack:
-                walk.stack, walk.splits = self._next_cold_slices(today), 0
-            dated = walk.stack[0].dated and walk.stack[0].patient_id_prefix is None
-            self._walk(walk, COLD_QUERIES_PER_TICK - walk.queries, self._absorb_slice)
-            if dated and not walk.stack:
-                # The next slice as long as this archive allows: twice as
-                # long after one answered whole at once, half after a split.
-                span = int(self._state("cold_span") or COLD_FIRST_SPAN_DAYS)
-                span = max(1, span // 2) if walk.splits else min(COLD_MAX_SPAN_DAYS, span * 2)
-                self._set_state("cold_span", span)
+                walk.stack = self._next_cold_slices(today)
+            budget = COLD_MAX_QUERIES_PER_TICK - walk.queries
+            self._walk(walk, budget, self._absorb_slice, COLD_ANSWERS_PER_TICK)
         self._set_state("cold_stack", [_slice_json(q) for q in walk.stack])
-        self._set_state("cold_splits", walk.splits)
         for slice_problem in walk.unsplittable:
             log.warning(
                 "%s could not answer %s whole; asked again next cycle",
@@ -703,27 +726,47 @@ class HarvestSource:
 
     def _next_cold_slices(self, today: datetime.date) -> list[StudyQuery]:
         """The cold sweep's next slice: back in time from before the warm
-        days, then what is older than any study seen, then the undated."""
+        days, as many days as hold about COLD_ANSWERS_PER_TICK known
+        studies; then what is older than any study seen; then, one cycle in
+        UNDATED_EVERY_CYCLES, the undated sweep; then again."""
         newest = today - datetime.timedelta(days=HOT_DAYS + WARM_DAYS)
         end_text = self._state("cold_to")
         end = datetime.date.fromisoformat(end_text) if end_text else newest
-        span = int(self._state("cold_span") or COLD_FIRST_SPAN_DAYS)
-        oldest_text = self.db.query(self.sql.OLDEST_DATE)[0]["d"]
-        oldest = (
-            datetime.date(int(oldest_text[:4]), int(oldest_text[4:6]), int(oldest_text[6:]))
-            if oldest_text
-            else newest
-        )
-        if end == datetime.date.min:  # after the old ones: the undated sweep, then again
+        if end == datetime.date.min:  # the cycle's end
+            cycles = int(self._state("cold_cycles") or 0)
             self._set_state("cold_to", newest.isoformat())
-            self._set_state("cold_cycles", int(self._state("cold_cycles") or 0) + 1)
-            return [StudyQuery(patient_id_prefix=c) for c in PREFIX_ALPHABET]
+            self._set_state("cold_cycles", cycles + 1)
+            if cycles % UNDATED_EVERY_CYCLES == 0:
+                return [UNDATED_SWEEP]
+            end = newest
+        oldest = _day(self.db.query(self.sql.OLDEST_DATE)[0]["d"]) or newest
         if end < oldest:
             self._set_state("cold_to", datetime.date.min.isoformat())
             return [StudyQuery(date_to=end, dated=True)]
-        start = max(end - datetime.timedelta(days=span - 1), oldest)
+        back = self.db.query(
+            self.sql.DATE_BACK, (end.strftime("%Y%m%d"), COLD_ANSWERS_PER_TICK - 1)
+        )
+        found = _day(back[0]["d"]) if back else None
+        start = min(end, found) if found else oldest
         self._set_state("cold_to", (start - datetime.timedelta(days=1)).isoformat())
         return [StudyQuery(date_from=start, date_to=end, dated=True)]
+
+    def _undated_sweep(self) -> list[StudyQuery]:
+        """PatientID prefixes with no StudyDate key (the only keys that match
+        an undated study), each holding about COLD_ANSWERS_PER_TICK of the
+        studies the queue knows: a prefix that holds more is asked by its
+        longer prefixes instead. A prefix the queue knows nothing under is
+        asked too: an undated study may be there."""
+        prefixes: list[str] = []
+        pending = list(PREFIX_ALPHABET)
+        while pending:
+            prefix = pending.pop(0)
+            known = self.db.query(self.sql.COUNT_PREFIX, (prefix, prefix + "\U0010ffff"))[0]["n"]
+            if known > COLD_ANSWERS_PER_TICK and len(prefix) < MAX_PREFIX_LENGTH:
+                pending[:0] = [prefix + c for c in PREFIX_ALPHABET]
+            else:
+                prefixes.append(prefix)
+        return [StudyQuery(patient_id_prefix=prefix) for prefix in prefixes]
 
     # -- initial ---------------------------------------------------------------
 
@@ -882,7 +925,7 @@ class HarvestSource:
         )
         return True, (
             f"queries by StudyDate: today and yesterday every tick, one of the {WARM_DAYS} days"
-            f" before, and {COLD_QUERIES_PER_TICK} queries of the cold sweep ({sweep})"
+            f" before, and about {COLD_ANSWERS_PER_TICK} studies of the cold sweep ({sweep})"
         )
 
     def delivered_iuids(self, iuids: list[str | None]) -> set[str]:
