@@ -24,7 +24,8 @@ EXIT_CODE_HELP = (
     (EXIT_INTERNAL, "internal error (a bug): one line, -v for the traceback; nothing is lost"),
     (EXIT_USAGE, "wrong command line"),
     (EXIT_CONFIG, "configuration: a file or field is missing or wrong"),
-    (EXIT_DATABASE, "database: unreachable, refused the login, or indexer not installed"),
+    (EXIT_DATABASE, "the PACS (its database, Orthanc, DICOMweb or DIMSE): unreachable,"
+     " refused us, or indexer not installed"),
     (EXIT_DELIVERY, "delivery failed: the service is down or failing; studies stay pending"),
     (EXIT_REJECTED, "the service refused studies (4xx): marked failed, or pending if it"
      " refused every one"),
