@@ -48,6 +48,16 @@ from ..reconciliation import ReconcileReport
 from ..run import RateCap
 from ..study_service import CURSOR_ROW_PK, SQLITE_NOW
 from .finding import ChangeFeed, ChangeFeedError, Finder, FindResult, FoundStudy, StudyQuery
+from .slices import (
+    ALL_STUDIES,
+    MAX_PREFIX_LENGTH,
+    PREFIX_ALPHABET,
+    UNDATED_SWEEP,
+    USUAL_CAPS,
+    slice_json,
+    slice_of,
+    split,
+)
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -71,16 +81,6 @@ COLD_MAX_QUERIES_PER_TICK = 20
 # the undated): one cold cycle in this many includes it.
 UNDATED_EVERY_CYCLES = 4
 LANE_MAX_QUERIES = 200  # a hot or warm lane that needs more is cut short (and says so)
-# Result caps seen in the field (and Orthanc's QIDO, which answers cap + 1):
-# a count at one of them is never trusted.
-USUAL_CAPS = frozenset({100, 101, 200, 500, 501, 1000, 1001, 2000, 5000, 5001, 10000, 10001})
-# A PatientID prefix sweep: the characters a PatientID usually starts with.
-# DICOM matching cannot say "none of these", so an undated study whose
-# PatientID starts with another character (or is empty) is found only by a
-# query with no keys that the PACS answers whole (README: harvesting costs).
-PREFIX_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-MAX_PREFIX_LENGTH = 16  # LO: up to 64; past this the rest waits for a cap the PACS lifts
-SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
 
 
 def uid_pk(uid: str) -> int:
@@ -96,76 +96,6 @@ def patient_pk(patient_id: str | None, study_uid: str) -> int:
     study with no PatientID is a patient of its own."""
     key = f"patient:{patient_id}" if patient_id else f"study-patient:{study_uid}"
     return uid_pk(key)
-
-
-# --------------------------------------------------------------------------
-# Slices: a StudyQuery and how to split it
-# --------------------------------------------------------------------------
-
-ALL_STUDIES = StudyQuery()
-# Where a walk reaches it, the undated sweep: PatientID prefixes sized from
-# what the queue knows by then (see HarvestSource._undated_sweep).
-UNDATED_SWEEP = StudyQuery(patient_id_prefix="\x00")
-
-
-def _split(query: StudyQuery, today: datetime.date) -> list[StudyQuery]:
-    """A slice the PACS did not answer whole, as smaller slices that together
-    match the same studies; [] when it cannot be split further."""
-    prefix = query.patient_id_prefix
-    if not query.dated and prefix is None:
-        # Everything: the dated studies by date, the undated by PatientID.
-        return [
-            StudyQuery(date_to=datetime.date(1989, 12, 31), dated=True),
-            StudyQuery(date_from=datetime.date(1990, 1, 1), dated=True),
-            UNDATED_SWEEP,
-        ]
-    start, end = query.date_from, query.date_to
-    if query.dated and (start is None or end is None or start < end):
-        if start is None:  # older than `end`: ten years at a time
-            assert end is not None
-            cut = end - datetime.timedelta(days=3652)
-            return [
-                StudyQuery(date_to=cut, dated=True),
-                StudyQuery(date_from=cut + datetime.timedelta(days=1), date_to=end, dated=True),
-            ]
-        if end is None:  # from `start` on: up to tomorrow, then the future
-            horizon = max(start, today + datetime.timedelta(days=1))
-            later = StudyQuery(date_from=horizon + datetime.timedelta(days=1), dated=True)
-            return [StudyQuery(date_from=start, date_to=horizon, dated=True), later]
-        middle = start + (end - start) // 2
-        return [
-            StudyQuery(date_from=start, date_to=middle, dated=True),
-            StudyQuery(date_from=middle + datetime.timedelta(days=1), date_to=end, dated=True),
-        ]
-    # One day (or no date): by PatientID prefix.
-    prefix = prefix or ""
-    if len(prefix) >= MAX_PREFIX_LENGTH:
-        return []
-    return [
-        StudyQuery(date_from=start, date_to=end, dated=query.dated, patient_id_prefix=prefix + c)
-        for c in PREFIX_ALPHABET
-    ]
-
-
-def _slice_json(query: StudyQuery) -> dict[str, Any]:
-    return {
-        "from": query.date_from.isoformat() if query.date_from else None,
-        "to": query.date_to.isoformat() if query.date_to else None,
-        "dated": query.dated,
-        "prefix": query.patient_id_prefix,
-    }
-
-
-def _slice_of(data: Mapping[str, Any]) -> StudyQuery:
-    def day(value: Any) -> datetime.date | None:
-        return datetime.date.fromisoformat(value) if value else None
-
-    return StudyQuery(
-        date_from=day(data.get("from")),
-        date_to=day(data.get("to")),
-        dated=bool(data.get("dated")),
-        patient_id_prefix=data.get("prefix"),
-    )
 
 
 # --------------------------------------------------------------------------
@@ -453,7 +383,7 @@ class HarvestSource:
                 absorb(query, result.studies, True)
                 walk.found += len(result.studies)
                 continue
-            parts = _split(query, self.today())
+            parts = split(query, self.today())
             if parts:
                 log.debug(
                     "slice %s not whole (%s): split in %d",
@@ -710,13 +640,13 @@ class HarvestSource:
     def _cold_step(self, today: datetime.date) -> None:
         """The cold sweep's share of a tick (COLD_ANSWERS_PER_TICK answers, at
         most COLD_MAX_QUERIES_PER_TICK queries), from where it stands."""
-        walk = Walk([_slice_of(s) for s in self._state("cold_stack") or []])
+        walk = Walk([slice_of(s) for s in self._state("cold_stack") or []])
         while walk.queries < COLD_MAX_QUERIES_PER_TICK and walk.answers < COLD_ANSWERS_PER_TICK:
             if not walk.stack:
                 walk.stack = self._next_cold_slices(today)
             budget = COLD_MAX_QUERIES_PER_TICK - walk.queries
             self._walk(walk, budget, self._absorb_slice, COLD_ANSWERS_PER_TICK)
-        self._set_state("cold_stack", [_slice_json(q) for q in walk.stack])
+        self._set_state("cold_stack", [slice_json(q) for q in walk.stack])
         for slice_problem in walk.unsplittable:
             log.warning(
                 "%s could not answer %s whole; asked again next cycle",
