@@ -79,7 +79,9 @@ def _nodelay(event: Any) -> None:
 class ScriptedScp:
     """The SCP, listening on 127.0.0.1:`port` as AE `ae_title` until stop()."""
 
-    def __init__(self, record: list[RecordStudy], ae_title: str = "SCRIPTED") -> None:
+    def __init__(
+        self, record: list[RecordStudy], ae_title: str = "SCRIPTED", ssl_context: Any = None
+    ) -> None:
         from pynetdicom import AE, evt
 
         self.record = list(record)
@@ -93,7 +95,10 @@ class ScriptedScp:
         self.ae.network_timeout = 30
         self.ae.dimse_timeout = 30
         handlers = [(evt.EVT_C_FIND, self._on_find), (evt.EVT_CONN_OPEN, _nodelay)]
-        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        # ssl_context: DICOM over TLS (PS3.15 B.1), as a PACS that requires it.
+        self.server = self.ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
         self.port = self.server.server_address[1]
 
     def set_script(self, **behaviour: Any) -> None:

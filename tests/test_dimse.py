@@ -6,6 +6,7 @@ time zone, an abort mid-answer, a trickling PACS, character sets."""
 from __future__ import annotations
 
 import datetime
+import shutil
 import socket
 import subprocess
 import sys
@@ -412,6 +413,58 @@ def test_a_pacs_answering_more_than_a_query_may_bring_is_not_read_further(
         assert (again.complete, [s.study_iuid for s in again.studies]) == (True, ["1.2.826.0.2.1"])
     finally:
         finder.close()
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1 (a PACS's), made
+    with openssl; and a CA that signed nothing here."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")  # fmt: skip
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", "pacs.key", "-out", "pacs.csr")  # fmt: skip
+    run("x509", "-req", "-in", "pacs.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "pacs.pem")  # fmt: skip
+    return {name: directory / name for name in ("ca.pem", "other-ca.pem", "pacs.pem", "pacs.key")}
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command")
+def test_dicom_over_tls_checks_the_pacs_certificate(tmp_path: Path) -> None:
+    """dimse.tls_ca_bundle: the PACS's certificate checked against that CA
+    (a query answered); signed by another, one line and no query."""
+    import ssl
+
+    files = _certificates(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files["pacs.pem"], files["pacs.key"])
+    scp = ScriptedScp(SCP_RECORD, ae_title="TLSPACS", ssl_context=context)
+    try:
+        finder = DimseFinder(
+            dimse_settings(scp.port, "TLSPACS", tls_ca_bundle=str(files["ca.pem"]))
+        )
+        try:
+            result = finder.find_studies(StudyQuery(study_uids=("1.2.826.0.2.1",)))
+            assert [s.study_iuid for s in result.studies] == ["1.2.826.0.2.1"]
+            assert ", TLS)" in finder.describe()[0][1]
+        finally:
+            finder.close()
+        stranger = DimseFinder(
+            dimse_settings(scp.port, "TLSPACS", tls_ca_bundle=str(files["other-ca.pem"]))
+        )
+        try:
+            with pytest.raises(PacsUnavailable) as refused:
+                stranger.find_studies(StudyQuery())
+            assert "TLS failed" in str(refused.value)
+            assert "\n" not in str(refused.value)
+        finally:
+            stranger.close()
+    finally:
+        scp.stop()
 
 
 def test_missing_counts_and_modalities_are_none(scp: ScriptedScp, scp_finder: Any) -> None:
