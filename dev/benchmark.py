@@ -37,6 +37,7 @@ client, not the build's aftermath.
     python dev/benchmark.py --json results.json
     python dev/benchmark.py --studies 1000000 --keep       # keep the archive
     python dev/benchmark.py --database dicom_indexer_bench_1a2b3c4d   # reuse it
+    python dev/benchmark.py --source dimse --studies 10000 --site-venv   # as a site runs it
 
 Needs a database server where it may create and drop a database (default
 root@127.0.0.1:3306 or postgres@127.0.0.1:5432, or
@@ -90,6 +91,14 @@ INDEXER_SQL = {
 }
 CLIENT = ROOT / "client.py"
 METRICS_FILE = "indexer.prom"
+# What a site installs (README): the client's venv holds these and nothing
+# else. This machine's system Python also has numpy, which pydicom imports
+# when present (about 11 MB of the DIMSE client's peak): --site-venv runs the
+# client in a venv of only these files, as a site has it.
+SITE_REQUIREMENTS = ("requirements.txt", "requirements-postgresql.txt", "requirements-dimse.txt")
+SITE_VENV_CACHE = Path.home() / ".cache" / "dicom-indexer-bench"
+# The interpreter that runs client.py: this one, or the site venv's.
+client_python = sys.executable
 
 SERVER_ROWS_PER_STATEMENT = 50_000  # one INSERT ... SELECT, one transaction
 PROBE_INTERVAL_SECONDS = 0.005
@@ -619,7 +628,7 @@ def server_activity(args: argparse.Namespace, name: str) -> dict[str, int]:
 def _start_client(config_dir: Path, *command: str) -> subprocess.Popen:
     """client.py as cron runs it (-q), with the files of `config_dir`."""
     return subprocess.Popen(
-        [sys.executable, str(CLIENT), *command, "-q"]
+        [client_python, str(CLIENT), *command, "-q"]
         + ["--config", str(config_dir / "config.json"), "--server", str(config_dir / "server.json")]
     )
 
@@ -721,10 +730,33 @@ def reference_loop(url: str, count: int) -> float:
 
 
 def _machine() -> str:
+    client = "" if client_python == sys.executable else f"; client in the site venv {client_python}"
     return (
         f"{platform.node()}: {os.cpu_count()} cores,"
         f" {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+        f"{client}"
     )
+
+
+def site_venv() -> str:
+    """The python of a venv holding only SITE_REQUIREMENTS (built once, then
+    reused: its name carries a hash of those files and of this Python)."""
+    import hashlib
+    import venv
+
+    digest = hashlib.sha256(platform.python_version().encode())
+    for name in SITE_REQUIREMENTS:
+        digest.update((ROOT / name).read_bytes())
+    directory = SITE_VENV_CACHE / f"site-{digest.hexdigest()[:12]}"
+    python = directory / "bin" / "python"
+    if not (directory / "ready").exists():
+        print(f"building the site venv {directory} ...", file=sys.stderr)
+        shutil.rmtree(directory, ignore_errors=True)
+        venv.EnvBuilder(with_pip=True).create(directory)
+        requirements = [arg for name in SITE_REQUIREMENTS for arg in ("-r", str(ROOT / name))]
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *requirements], check=True)
+        (directory / "ready").write_text("")
+    return str(python)
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -1670,7 +1702,7 @@ class HarvestScene:
         started = time.monotonic()
         if self.source == "dimse":
             process = subprocess.Popen(
-                [sys.executable, "-c", CFIND_RECORDER, str(CLIENT), *command, "-q"]
+                [client_python, "-c", CFIND_RECORDER, str(CLIENT), *command, "-q"]
                 + ["--config", str(self.config_dir / "config.json")]
                 + ["--server", str(self.config_dir / "server.json")],
                 env={**os.environ, "BENCH_CFIND_LOG": str(self.cfind_log)},
@@ -1952,28 +1984,34 @@ def benchmark_harvest(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _cold_cycle(scene: HarvestScene, most_ticks: int) -> dict[str, Any] | None:
-    """The ticks of one whole cold cycle (from one start of the undated
-    sweep, where the cycle count grows, to the next): how many, their
-    queries and answers (None when not asked for). The ticks up to the
-    first start are run, not counted."""
-    if most_ticks <= 0:
+def _undated_tick(tick: dict[str, Any]) -> bool:
+    """A tick of the undated sweep: it asked by PatientID with no StudyDate."""
+    return "PatientID" in tick["kinds"]
+
+
+def _tick_stats(ticks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not ticks:
         return None
-    ticks: list[dict[str, Any]] = []
-    cycles = scene.state("cold_cycles") or 0
-    for counted in (False, True):
-        ticks = []
-        while len(ticks) < most_ticks and (scene.state("cold_cycles") or 0) == cycles:
-            tick = scene.run()
-            tick.pop("log")
-            ticks.append(tick)
-        if not counted:
-            cycles = scene.state("cold_cycles") or 0
     return {
-        "finished": (scene.state("cold_cycles") or 0) > cycles,
         "ticks": len(ticks),
+        "median_seconds": round(statistics.median(t["seconds"] for t in ticks), 3),
+        "max_seconds": round(max(t["seconds"] for t in ticks), 3),
+        "median_queries": statistics.median(t["queries"] for t in ticks),
+        "max_queries": max(t["queries"] for t in ticks),
+        "median_answers": statistics.median(t["answers"] for t in ticks),
+        "max_answers": max(t["answers"] for t in ticks),
+        "max_peak_rss_mb": max(t["peak_rss_mb"] for t in ticks),
+    }
+
+
+def _cycle_totals(ticks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "ticks": len(ticks),
+        "undated_ticks": sum(1 for t in ticks if _undated_tick(t)),
         "queries": sum(t["queries"] for t in ticks),
         "answers": sum(t["answers"] for t in ticks),
+        "undated_queries": sum(t["queries"] for t in ticks if _undated_tick(t)),
+        "undated_answers": sum(t["answers"] for t in ticks if _undated_tick(t)),
         "max_tick_queries": max(t["queries"] for t in ticks),
         "max_tick_seconds": max(t["seconds"] for t in ticks),
         "median_tick_seconds": round(statistics.median(t["seconds"] for t in ticks), 3),
@@ -1981,9 +2019,79 @@ def _cold_cycle(scene: HarvestScene, most_ticks: int) -> dict[str, Any] | None:
     }
 
 
+def _cold_cycle(scene: HarvestScene, most_ticks: int) -> dict[str, Any] | None:
+    """Idle ticks until the cold sweep has run one whole cycle without the
+    undated sweep and one with it (UNDATED_EVERY_CYCLES: one in four), or
+    `most_ticks` ticks: each cycle from one growth of the cycle count to the
+    next (the ticks before the first growth are run, not counted as a
+    cycle); and every tick run, split into the dated phase and the undated
+    sweep (a tick that asked by PatientID). None when not asked for."""
+    if most_ticks <= 0:
+        return None
+    every: list[dict[str, Any]] = []
+    cycles: dict[str, dict[str, Any]] = {}
+    current: list[dict[str, Any]] | None = None
+    count = scene.state("cold_cycles") or 0
+    while len(every) < most_ticks and not ("dated" in cycles and "with_undated" in cycles):
+        tick = scene.run()
+        tick.pop("log")
+        every.append(tick)
+        if current is not None:
+            current.append(tick)
+        now = scene.state("cold_cycles") or 0
+        if now != count:
+            count = now
+            if current:
+                kind = "with_undated" if any(_undated_tick(t) for t in current) else "dated"
+                cycles.setdefault(kind, _cycle_totals(current))
+            current = []
+    return {
+        "ticks_run": len(every),
+        "cycles": cycles,
+        "dated_phase": _tick_stats([t for t in every if not _undated_tick(t)]),
+        "undated_phase": _tick_stats([t for t in every if _undated_tick(t)]),
+        "posts": sum(t["posts"] for t in every),
+    }
+
+
 def _kinds_cell(run: dict[str, Any]) -> str:
     kinds = ", ".join(f"{count:,} {kind}" for kind, count in run["kinds"].items())
     return f"{run['queries']:,} ({kinds}; {run['answers']:,} answers)" if kinds else "0"
+
+
+def _cold_rows(cold: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The idle ticks of the cold cycles, by phase, and each cycle's totals."""
+    if not cold:
+        return []
+    rows = []
+    for phase, label in (("dated_phase", "dated phase"), ("undated_phase", "undated sweep")):
+        stats = cold[phase]
+        if stats:
+            rows.append(
+                (
+                    f"idle ticks, {label}: wall; queries; answers",
+                    f"median {stats['median_seconds']} s, max {stats['max_seconds']} s;"
+                    f" median {stats['median_queries']:g}, max {stats['max_queries']};"
+                    f" median {stats['median_answers']:g}, max {stats['max_answers']}"
+                    f" ({stats['ticks']} ticks; peak RSS at most {stats['max_peak_rss_mb']} MB)",
+                )
+            )
+    for kind, label in (("dated", "without"), ("with_undated", "with")):
+        cycle = cold["cycles"].get(kind)
+        if cycle:
+            rows.append(
+                (
+                    f"cold cycle {label} the undated sweep: ticks (hours at 5 min), queries",
+                    f"{cycle['ticks']} ({cycle['ticks'] * 5 / 60:.1f} h; undated sweep"
+                    f" {cycle['undated_ticks']} ticks), {cycle['queries']:,}"
+                    f" ({cycle['answers']:,} answers; undated sweep {cycle['undated_queries']:,}"
+                    f" queries, {cycle['undated_answers']:,} answers)",
+                )
+            )
+        else:
+            rows.append((f"cold cycle {label} the undated sweep", "not seen"))
+    rows.append(("cold ticks run (posts)", f"{cold['ticks_run']} ({cold['posts']})"))
+    return rows
 
 
 def print_harvest(results: dict[str, Any]) -> None:
@@ -2025,16 +2133,7 @@ def print_harvest(results: dict[str, Any]) -> None:
         ("reconcile: wall, peak RSS", f"{reconcile['seconds']} s, {reconcile['peak_rss_mb']} MB"),
         ("reconcile: queries", _kinds_cell(reconcile)),
     ]
-    cold = results.get("cold_cycle")
-    if cold:
-        rows.append(
-            (
-                "cold sweep, one cycle: ticks, queries",
-                f"{cold['ticks']}{'' if cold['finished'] else ' (not finished)'},"
-                f" {cold['queries']:,} ({cold['answers']:,} answers); a tick at most"
-                f" {cold['max_tick_queries']} queries, {cold['max_tick_seconds']} s",
-            )
-        )
+    rows += _cold_rows(results.get("cold_cycle"))
     print("| measure | value |\n| ------- | ----- |")
     for label, value in rows:
         print(f"| {label} | {value} |")
@@ -2290,7 +2389,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="default 3306 or 5432, by engine")
     parser.add_argument("--user", help="an administrator (default root or postgres)")
     parser.add_argument("--password")
+    parser.add_argument(
+        "--site-venv",
+        action="store_true",
+        help="run client.py in a venv holding only requirements.txt, -postgresql and -dimse,"
+        f" as a site has it (built once under {SITE_VENV_CACHE})",
+    )
     args = parser.parse_args(argv)
+    global client_python
+    client_python = site_venv() if args.site_venv else sys.executable
     prefix = "DICOM_INDEXER_TEST_PG_" if args.engine == "postgresql" else "DICOM_INDEXER_TEST_DB_"
     defaults = {
         "host": "127.0.0.1",

@@ -73,10 +73,10 @@ WARM_DAYS = 5  # the days before them: one a tick
 # PACS and this client 0.5 to 1 ms), whatever the archive's size: its slices
 # (days, or PatientID prefixes) are sized to it from what the queue knows.
 # A larger archive takes more ticks per cycle, not more time per tick.
-COLD_ANSWERS_PER_TICK = 400
-# And at most this many queries: those that find nothing (a PatientID
-# prefix no study has) cost a few milliseconds each.
-COLD_MAX_QUERIES_PER_TICK = 20
+COLD_ANSWERS_PER_TICK = 300
+# And at most this many queries (the undated sweep's prefixes that find
+# nothing cost a query each, however cheap).
+COLD_MAX_QUERIES_PER_TICK = 5
 # The undated sweep reads the whole archive again (no query matches only
 # the undated): one cold cycle in this many includes it.
 UNDATED_EVERY_CYCLES = 4
@@ -171,6 +171,11 @@ class HarvestStatements:
     # The studies known under a PatientID prefix (the index on patient_id).
     COUNT_PREFIX = (
         "SELECT COUNT(*) AS n FROM harvest_study WHERE patient_id >= ? AND patient_id < ?"
+    )
+    # The characters that follow a prefix in the PatientIDs the queue knows.
+    NEXT_CHARACTERS = (
+        "SELECT DISTINCT substr(patient_id, ?, 1) AS c FROM harvest_study"
+        " WHERE patient_id >= ? AND patient_id < ? ORDER BY c"
     )
     # A study found new or changed: pending (the Study Instance UID as its source_id).
     ENQUEUE = (
@@ -286,6 +291,9 @@ class Walk:
     """Slices still to ask, in order (a stack: a split slice's parts first)."""
 
     stack: list[StudyQuery]
+    # How many known studies an undated sweep's prefix should hold: a tick's
+    # share for the cold sweep, a larger bite for initial and reconcile.
+    undated_target: int = 400
     queries: int = 0
     answers: int = 0  # read, whether trusted or not
     found: int = 0
@@ -373,7 +381,7 @@ class HarvestSource:
         while walk.stack and spent < budget and (answers is None or walk.answers < answers):
             query = walk.stack.pop(0)
             if query == UNDATED_SWEEP:
-                walk.stack[:0] = self._undated_sweep()
+                walk.stack[:0] = self._undated_sweep(walk.undated_target)
                 continue
             result = self.finder.find_studies(query)
             spent += 1
@@ -640,9 +648,15 @@ class HarvestSource:
     def _cold_step(self, today: datetime.date) -> None:
         """The cold sweep's share of a tick (COLD_ANSWERS_PER_TICK answers, at
         most COLD_MAX_QUERIES_PER_TICK queries), from where it stands."""
-        walk = Walk([slice_of(s) for s in self._state("cold_stack") or []])
+        walk = Walk(
+            [slice_of(s) for s in self._state("cold_stack") or []],
+            undated_target=COLD_ANSWERS_PER_TICK,
+        )
+        cycles = self._state("cold_cycles")
         while walk.queries < COLD_MAX_QUERIES_PER_TICK and walk.answers < COLD_ANSWERS_PER_TICK:
             if not walk.stack:
+                if self._state("cold_cycles") != cycles:
+                    break  # a cycle ended in this tick: the next one starts next tick
                 walk.stack = self._next_cold_slices(today)
             budget = COLD_MAX_QUERIES_PER_TICK - walk.queries
             self._walk(walk, budget, self._absorb_slice, COLD_ANSWERS_PER_TICK)
@@ -681,20 +695,29 @@ class HarvestSource:
         self._set_state("cold_to", (start - datetime.timedelta(days=1)).isoformat())
         return [StudyQuery(date_from=start, date_to=end, dated=True)]
 
-    def _undated_sweep(self) -> list[StudyQuery]:
+    def _undated_sweep(self, target: int) -> list[StudyQuery]:
         """PatientID prefixes with no StudyDate key (the only keys that match
-        an undated study), each holding about COLD_ANSWERS_PER_TICK of the
-        studies the queue knows: a prefix that holds more is asked by its
-        longer prefixes instead. A prefix the queue knows nothing under is
-        asked too: an undated study may be there."""
+        an undated study), each holding about `target` of the studies the
+        queue knows. Every first character is asked (an undated study may be
+        under one the queue knows nothing of); a prefix that holds more is
+        asked by the longer prefixes the queue's PatientIDs have there, not
+        by every character: blind, a busy first digit would cost 62 queries,
+        most finding nothing. An undated study whose PatientID shares no
+        such longer prefix with a study of the archive is found only by a
+        query the PACS answers whole (docs/cosecha.md)."""
         prefixes: list[str] = []
         pending = list(PREFIX_ALPHABET)
         while pending:
             prefix = pending.pop(0)
-            known = self.db.query(self.sql.COUNT_PREFIX, (prefix, prefix + "\U0010ffff"))[0]["n"]
-            if known > COLD_ANSWERS_PER_TICK and len(prefix) < MAX_PREFIX_LENGTH:
-                pending[:0] = [prefix + c for c in PREFIX_ALPHABET]
-            else:
+            upper = prefix + "\U0010ffff"
+            known = self.db.query(self.sql.COUNT_PREFIX, (prefix, upper))[0]["n"]
+            if known <= target or len(prefix) >= MAX_PREFIX_LENGTH:
+                prefixes.append(prefix)
+                continue
+            rows = self.db.query(self.sql.NEXT_CHARACTERS, (len(prefix) + 1, prefix, upper))
+            longer = [prefix + row["c"] for row in rows if row["c"]]
+            pending[:0] = longer
+            if len(longer) < len(rows):  # a PatientID that is the prefix itself
                 prefixes.append(prefix)
         return [StudyQuery(patient_id_prefix=prefix) for prefix in prefixes]
 
