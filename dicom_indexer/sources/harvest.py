@@ -76,7 +76,7 @@ WARM_DAYS = 5  # the days before them: one a tick
 COLD_ANSWERS_PER_TICK = 300
 # And at most this many queries (the undated sweep's prefixes that find
 # nothing cost a query each, however cheap).
-COLD_MAX_QUERIES_PER_TICK = 5
+COLD_MAX_QUERIES_PER_TICK = 3
 # The undated sweep reads the whole archive again (no query matches only
 # the undated): one cold cycle in this many includes it.
 UNDATED_EVERY_CYCLES = 4
