@@ -378,6 +378,23 @@ def credential_problem(value: str) -> str | None:
     return None
 
 
+def get_retries(times: int) -> Any:
+    """urllib3's retries for GETs (safe to repeat) to a PACS: a connection
+    its server had closed, or a read that failed, tried again `times` times;
+    never a status, never a redirect (reported, not followed). The deadline
+    bounds a GET as a whole, its retries included."""
+    return _urllib3_classes()["retry"](
+        total=times,
+        connect=times,
+        read=times,
+        status=0,
+        redirect=0,
+        backoff_factor=0.1,
+        raise_on_redirect=False,
+        raise_on_status=False,
+    )
+
+
 def basic_authorization(user: str, password: str, secrets: Secrets) -> str:
     """The Authorization header's value; the password and the token join
     `secrets`, hidden from every line from now on."""

@@ -17,7 +17,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import EXIT_DATABASE, EXIT_TERMINATED
-from ..http import Answer, HttpClient, RunEnding, _urllib3_classes, safe_url
+from ..http import Answer, HttpClient, RunEnding, get_retries, safe_url
 from .finding import ChangeFeed, FindResult, FoundSeries, FoundStudy, PacsUnavailable, StudyQuery
 from .harvest import HarvestPacs
 
@@ -116,16 +116,7 @@ class DicomwebFinder:
             peer=self.where,
             connect_timeout=settings.connect_timeout_seconds,
             read_timeout=settings.read_timeout_seconds,
-            retries=_urllib3_classes()["retry"](
-                total=DICOMWEB_RETRIES,
-                connect=DICOMWEB_RETRIES,
-                read=DICOMWEB_RETRIES,
-                status=0,
-                redirect=0,
-                backoff_factor=0.1,
-                raise_on_redirect=False,
-                raise_on_status=False,
-            ),
+            retries=get_retries(DICOMWEB_RETRIES),
             max_connections=2,
             ca_bundle=settings.ca_bundle,
             headers=headers,

@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_DATABASE, EXIT_TERMINATED
-from ..http import HttpClient, RunEnding, _urllib3_classes, safe_url, split_credentials
+from ..http import HttpClient, RunEnding, get_retries, safe_url, split_credentials
 from .orthanc_pages import AnswerTooLarge, OrthancError
 
 if TYPE_CHECKING:
@@ -51,16 +51,7 @@ class OrthancClient:
             peer=f"Orthanc at {safe_url(split_credentials(orthanc.url)[0])}",
             connect_timeout=orthanc.connect_timeout_seconds,
             read_timeout=orthanc.read_timeout_seconds,
-            retries=_urllib3_classes()["retry"](
-                total=ORTHANC_RETRIES,
-                connect=ORTHANC_RETRIES,
-                read=ORTHANC_RETRIES,
-                status=0,
-                redirect=0,
-                backoff_factor=0.1,
-                raise_on_redirect=False,
-                raise_on_status=False,
-            ),
+            retries=get_retries(ORTHANC_RETRIES),
             max_connections=ORTHANC_FETCH_THREADS + 2,
             ca_bundle=orthanc.ca_bundle,
             headers={"Accept": "application/json"},
