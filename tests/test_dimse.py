@@ -625,3 +625,22 @@ def test_imported_without_pynetdicom() -> None:
         "ConfigError config.json: source 'dimse' needs pynetdicom; install:"
         " python3 -m pip install -r requirements-dimse.txt"
     )
+
+
+def test_pydicom_is_imported_without_its_downloader_dependencies() -> None:
+    """pydicom's test-data downloader would bring requests and tqdm into
+    every DIMSE run (5 MB): they stay out while pydicom is imported, and the
+    client can still import them afterwards (proxies, progress bars)."""
+    code = (
+        "import sys\n"
+        "from dicom_indexer.sources.dimse import _pynetdicom\n"
+        "_pynetdicom()\n"
+        "print(sorted(m for m in ('requests', 'tqdm', 'urllib3') if m in sys.modules))\n"
+        "import requests, tqdm\n"
+        "print(requests.utils.select_proxy('http://pacs', {}) is None, callable(tqdm.tqdm))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "True True"]

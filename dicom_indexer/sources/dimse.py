@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import gc
 import logging
 import socket
+import sys
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -56,6 +59,12 @@ MAX_UIDS_PER_QUERY = 50  # a UID-list query: 50 answered in 0.12 s by Orthanc
 # aborted (C-CANCEL is only a request) and the query counts as not whole:
 # the harvest splits it.
 MAX_ANSWERS = 500
+# The cold sweep's share of an idle tick, in answers. Over C-FIND an answer
+# costs pynetdicom and the PACS about 1 ms (QIDO-RS: 0.4), and every tick
+# first spends some 0.2 s starting Python and importing pynetdicom and
+# pydicom: 100 answers keep an idle tick near 0.4 s (150: 0.45 to 0.53 s,
+# measured at 10,000 studies; dev/BENCHMARK.md, section 9.3).
+COLD_ANSWERS_PER_TICK = 100
 # Asked in every query: the answers are then UTF-8 where the PACS can (Orthanc
 # answers in its DefaultEncoding whatever we ask, measured).
 QUERY_CHARACTER_SET = "ISO_IR 192"
@@ -100,11 +109,35 @@ def _status_problem(status: int) -> str:
     return f"ended with status 0x{status:04X}"
 
 
+# pydicom imports its test-data downloader at once, and the downloader
+# imports requests and tqdm when they are installed (they are: the client's
+# requirements): 5 MB and 45 ms of every DIMSE run, measured, for a download
+# this client never asks for. Hidden while pydicom is imported, the
+# downloader falls back on urllib; the client imports them later as usual.
+PYDICOM_DOWNLOADER_MODULES = ("requests", "tqdm")
+
+
+@contextlib.contextmanager
+def _hidden(modules: tuple[str, ...]) -> Iterator[None]:
+    """Makes `import` of these modules fail (ImportError) for a while, unless
+    they are already imported (then there is nothing to save)."""
+    hidden = [name for name in modules if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def _pynetdicom() -> Any:
     """pynetdicom, imported when a DIMSE PACS is first opened; its logging of
     identifiers (patient names at INFO) turned off once."""
     try:
-        import pydicom  # noqa: F401 (pynetdicom's own dependency: named if missing)
+        with _hidden(PYDICOM_DOWNLOADER_MODULES):
+            import pydicom  # noqa: F401 (pynetdicom's own dependency: named if missing)
         import pynetdicom
         from pynetdicom import _config
     except ImportError as exc:
@@ -190,6 +223,7 @@ class DimseFinder:
     sources/finding.py)."""
 
     max_uids_per_query = MAX_UIDS_PER_QUERY
+    cold_answers_per_tick = COLD_ANSWERS_PER_TICK
 
     def __init__(self, settings: DimseSettings) -> None:
         self.net = _pynetdicom()
@@ -263,10 +297,16 @@ class DimseFinder:
         )
 
     def _drop(self) -> None:
-        """Forgets an association that can no longer be used."""
+        """Forgets an association that can no longer be used (aborted).
+
+        pynetdicom's association is a web of cycles (its threads, providers
+        and buffers): dropped, it waits for a full collection while the next
+        one allocates anew. Collected at once (6 ms), `initial`'s peak, with
+        its dozens of aborted associations, was 2.3 MB lower (measured)."""
         if self.assoc is not None and self.assoc.is_established:
             self.assoc.abort()
         self.assoc = None
+        gc.collect()
 
     def close(self) -> None:
         """Releases the tick's association (A-RELEASE), or aborts it when the
@@ -463,13 +503,14 @@ class DimseFinder:
                 return
             try:
                 with _decoding() as failed:
-                    modality = _text(answer, "Modality")
-                    count = _count(answer, "NumberOfSeriesRelatedInstances")
+                    read = _Answer(answer)
+                    modality = read.text("Modality")
+                    count = read.count("NumberOfSeriesRelatedInstances")
             except Exception as exc:  # one value of the wrong kind: this study's
                 problems.append(f"a series answer unreadable ({type(exc).__name__})")
                 return
             if failed:
-                problems.append(f"a series answer undecodable in {_charset(answer)!r}")
+                problems.append(f"a series answer undecodable in {read.charset!r}")
                 return
             series.append(FoundSeries(modality or None, count))
 
@@ -485,18 +526,20 @@ class DimseFinder:
         if answer is None:
             return "an answer pynetdicom could not decode"
         try:
-            uid = str(answer.get("StudyInstanceUID") or "").strip("\x00 ")
+            with _decoding() as failed:
+                read = _Answer(answer)
+                uid = str(read.value("StudyInstanceUID") or "").strip("\x00 ")
         except Exception as exc:
             return f"its StudyInstanceUID unreadable ({type(exc).__name__})"
         if not uid:
             return "an answer without a StudyInstanceUID"
-        charset = _charset(answer)
+        charset = read.charset
         self.character_sets.add(charset)
         keyword = "StudyInstanceUID"
         try:
-            with _decoding() as failed:
+            with _decoding() as failed_values:
                 keyword = "PatientID"
-                values: dict[str, Any] = {"patient_id": _text(answer, keyword)}
+                values: dict[str, Any] = {"patient_id": read.text(keyword)}
                 for keyword, name in (
                     ("PatientName", "patient_name"),
                     ("StudyDate", "study_date"),
@@ -504,18 +547,18 @@ class DimseFinder:
                     ("TimezoneOffsetFromUTC", "timezone_offset"),
                     ("StudyDescription", "study_description"),
                 ):
-                    values[name] = _text(answer, keyword)
+                    values[name] = read.text(keyword)
                 keyword = "ModalitiesInStudy"
-                values["modalities"] = _multiple(answer, keyword)
+                values["modalities"] = read.multiple(keyword)
                 keyword = "NumberOfStudyRelatedSeries"
-                values["series_count"] = _count(answer, keyword)
+                values["series_count"] = read.count(keyword)
                 keyword = "NumberOfStudyRelatedInstances"
-                values["instance_count"] = _count(answer, keyword)
+                values["instance_count"] = read.count(keyword)
         except Exception as exc:  # one value of the wrong kind: this study's alone
             return FoundStudy(
                 study_iuid=uid, problem=f"its {keyword} cannot be read ({type(exc).__name__})"
             )
-        if failed:
+        if failed or failed_values:
             return FoundStudy(
                 study_iuid=uid,
                 problem=f"its values cannot be decoded in its character set {charset!r}",
@@ -658,46 +701,96 @@ def _is_decoding(message: str) -> bool:
     )
 
 
-def _charset(answer: Any) -> str:
-    value = answer.get("SpecificCharacterSet")
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.strip()
-    return "\\".join(str(v).strip() for v in value)
+class _Answer:
+    """One C-FIND answer's values, each converted from its raw element by
+    pydicom's own converter (convert_value) in the answer's character set.
+    Read as Dataset attributes instead, an answer cost 180 µs, four times
+    as much (measured): pydicom stores each conversion back into the
+    Dataset, with its checks. Decoding warnings are pydicom's, caught by
+    _decoding() around the reading."""
+
+    def __init__(self, dataset: Any) -> None:
+        from pydicom.dataelem import RawDataElement
+        from pydicom.values import convert_value
+
+        self.raw_element, self.convert = RawDataElement, convert_value
+        self.dataset = dataset
+        charset = self._converted("SpecificCharacterSet", None)
+        if charset is None or charset == "":
+            self.charset = ""
+        elif _is_multiple(charset):
+            self.charset = "\\".join(str(v).strip() for v in charset)
+        else:
+            self.charset = str(charset).strip()
+        self.codecs, known = _codecs(self.charset)
+        if not known:
+            warnings.warn(f"unknown character set {self.charset!r}: cannot decode", stacklevel=1)
+
+    def _converted(self, keyword: str, codecs: list[str] | None) -> Any:
+        """The value as pydicom converts it; '' when empty; None when absent."""
+        tag, vr = _tag_and_vr(keyword)
+        element = self.dataset.get_item(tag)
+        if element is None:
+            return None
+        if not isinstance(element, self.raw_element):  # converted already
+            return "" if element.value is None else element.value
+        if not element.value:
+            return ""
+        return self.convert(vr, element, codecs)
+
+    def value(self, keyword: str) -> Any:
+        return self._converted(keyword, self.codecs)
+
+    def text(self, keyword: str) -> str | None:
+        """A value as answered and decoded: None if the key is missing, ''
+        if empty, several values joined by a backslash."""
+        value = self.value(keyword)
+        if value is None or value == "":
+            return value
+        if _is_multiple(value):
+            return "\\".join(str(v) for v in value)
+        return str(value)
+
+    def multiple(self, keyword: str) -> tuple[str, ...] | None:
+        """A multi-valued CS (ModalitiesInStudy); None when missing or empty."""
+        value = self.value(keyword)
+        if value is None or value == "":
+            return None
+        values = [str(v).strip() for v in value] if _is_multiple(value) else [str(value).strip()]
+        values = [v for v in values if v]
+        return tuple(values) or None
+
+    def count(self, keyword: str) -> int | None:
+        """An IS count; None when missing or empty."""
+        value = self.value(keyword)
+        if value is None or str(value).strip() == "":
+            return None
+        if _is_multiple(value):
+            raise ValueError("several values")
+        return int(str(value).strip())
 
 
-def _text(answer: Any, keyword: str) -> str | None:
-    """A value as answered and decoded: None if the key is missing, '' if
-    empty, several values joined by a backslash."""
-    if keyword not in answer:
-        return None
-    value = answer.get(keyword)
-    if value is None:
-        return ""
-    if _is_multiple(value):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+@functools.lru_cache(maxsize=None)
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    """A key's tag and VR, from pydicom's dictionary: the standard's VR,
+    whatever an explicit-VR answer says."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return tag, dictionary_VR(tag)
 
 
-def _multiple(answer: Any, keyword: str) -> tuple[str, ...] | None:
-    """A multi-valued CS (ModalitiesInStudy); None when missing or empty."""
-    value = answer.get(keyword) if keyword in answer else None
-    if value is None or value == "":
-        return None
-    values = [str(v).strip() for v in value] if _is_multiple(value) else [str(value).strip()]
-    values = [v for v in values if v]
-    return tuple(values) or None
+@functools.lru_cache(maxsize=32)
+def _codecs(charset: str) -> tuple[list[str], bool]:
+    """Python's codecs for a SpecificCharacterSet, and whether pydicom knew
+    every term of it (for one it does not, it warns and uses its default)."""
+    from pydicom.charset import convert_encodings
 
-
-def _count(answer: Any, keyword: str) -> int | None:
-    """An IS count; None when missing or empty."""
-    value = answer.get(keyword) if keyword in answer else None
-    if value is None or str(value).strip() == "":
-        return None
-    if _is_multiple(value):
-        raise ValueError("several values")
-    return int(str(value).strip())
+    with _decoding() as failed:
+        codecs = convert_encodings(charset.split("\\") if charset else None)
+    return list(codecs), not failed
 
 
 def _is_multiple(value: Any) -> bool:

@@ -147,6 +147,9 @@ class Finder(Protocol):
 
     where: str  # for messages: "DICOMweb at https://...", "PACS ORTHANC at host:port"
     max_uids_per_query: int  # how many StudyInstanceUIDs one UID-list query carries
+    # The cold sweep's share of a tick, in answers: what fits in an idle
+    # tick's time at what one answer costs over this protocol.
+    cold_answers_per_tick: int
 
     def find_studies(self, query: StudyQuery) -> FindResult:
         """The studies matching `query`. Raises PacsUnavailable when the PACS
