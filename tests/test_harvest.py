@@ -24,6 +24,7 @@ from testkit import DICOMWEB_PLUGIN, ORTHANC_BINARY, CentralService, OrthancServ
 
 from dicom_indexer.cli import main
 from dicom_indexer.errors import EXIT_DATABASE, EXIT_OK
+from dicom_indexer.sources.dicomweb import DicomwebFinder
 from dicom_indexer.sources.harvest import COLD_MAX_QUERIES_PER_TICK
 
 pytestmark = pytest.mark.skipif(
@@ -125,6 +126,31 @@ def test_an_idle_tick_asks_a_handful_of_queries(tmp_path, service):
             # the undated sweep) at most COLD_MAX_QUERIES_PER_TICK.
             assert 3 <= under_test.front.count("/studies$") - asked <= 2 + COLD_MAX_QUERIES_PER_TICK
         assert len(posted(service)) == 10
+    finally:
+        under_test.close()
+
+
+def test_a_cold_slice_the_queue_knows_at_a_usual_cap_is_asked_once(tmp_path, service, monkeypatch):
+    """A cold slice sized to the tick's share (100 here, as C-FIND's) that
+    holds exactly a usual cap's count (100: a PACS's silent cut) would be
+    split as if cut, at the cost of more queries and more ticks: sized from
+    the queue, it takes the next older studies' days too, and is asked once."""
+    monkeypatch.setattr(DicomwebFinder, "cold_answers_per_tick", 100)
+    under_test = HarvestUnderTest(tmp_path, service, "dicomweb")
+    try:
+        under_test.add_studies(100, study_date="20190311")
+        for day in ("20150620", "20120105", "20100101"):
+            under_test.add_studies(1, study_date=day)
+        assert main(["initial", *under_test.configs]) == EXIT_OK
+        assert under_test.front is not None
+        asked = len(under_test.front.seen)
+        assert main(under_test.configs) == EXIT_OK
+        dated = [seen.path for seen in under_test.front.seen[asked:] if "StudyDate=" in seen.path]
+        # Today and yesterday, one warm day, and one cold slice: 100 + 1 would
+        # both be usual caps; from 2012-01-05 it holds 102, trusted whole.
+        assert len(dated) == 3, dated
+        assert "StudyDate=20120105-" in dated[-1], dated
+        assert len(posted(service)) == 103
     finally:
         under_test.close()
 

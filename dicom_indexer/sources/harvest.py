@@ -170,6 +170,9 @@ class HarvestStatements:
         "SELECT study_date AS d FROM harvest_study WHERE study_date <= ?"
         " ORDER BY study_date DESC LIMIT 1 OFFSET ?"
     )
+    COUNT_DATED = (
+        "SELECT COUNT(*) AS n FROM harvest_study WHERE study_date >= ? AND study_date <= ?"
+    )
     # The studies known under a PatientID prefix (the index on patient_id).
     COUNT_PREFIX = (
         "SELECT COUNT(*) AS n FROM harvest_study WHERE patient_id >= ? AND patient_id < ?"
@@ -693,9 +696,20 @@ class HarvestSource:
         if end < oldest:
             self._set_state("cold_to", datetime.date.min.isoformat())
             return [StudyQuery(date_to=end, dated=True)]
-        back = self.db.query(self.sql.DATE_BACK, (end.strftime("%Y%m%d"), self.cold_answers - 1))
+        last = end.strftime("%Y%m%d")
+        back = self.db.query(self.sql.DATE_BACK, (last, self.cold_answers - 1))
         found = _day(back[0]["d"]) if back else None
         start = min(end, found) if found else oldest
+        # A slice answering a usual cap's count (100, 101, 200...) is taken as
+        # cut and split: one the queue knows to hold that many takes the next
+        # older study's day too (with a share of 100, every other slice split).
+        while found:
+            known = self.db.query(self.sql.COUNT_DATED, (start.strftime("%Y%m%d"), last))[0]["n"]
+            if known not in USUAL_CAPS:
+                break
+            back = self.db.query(self.sql.DATE_BACK, (last, known))
+            found = _day(back[0]["d"]) if back else None
+            start = min(end, found) if found else oldest
         self._set_state("cold_to", (start - datetime.timedelta(days=1)).isoformat())
         return [StudyQuery(date_from=start, date_to=end, dated=True)]
 
@@ -715,7 +729,9 @@ class HarvestSource:
             prefix = pending.pop(0)
             upper = prefix + "\U0010ffff"
             known = self.db.query(self.sql.COUNT_PREFIX, (prefix, upper))[0]["n"]
-            if known <= target or len(prefix) >= MAX_PREFIX_LENGTH:
+            # (A prefix holding a usual cap's count would be split when asked.)
+            fits = known <= target and known not in USUAL_CAPS
+            if fits or len(prefix) >= MAX_PREFIX_LENGTH:
                 prefixes.append(prefix)
                 continue
             rows = self.db.query(self.sql.NEXT_CHARACTERS, (len(prefix) + 1, prefix, upper))
