@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "2.5.0"
+__version__ = "2.5.1"
 
 
 # The install folder (client.py, config.json, the install scripts): the
