@@ -697,19 +697,19 @@ class HarvestSource:
             self._set_state("cold_to", datetime.date.min.isoformat())
             return [StudyQuery(date_to=end, dated=True)]
         last = end.strftime("%Y%m%d")
-        back = self.db.query(self.sql.DATE_BACK, (last, self.cold_answers - 1))
-        found = _day(back[0]["d"]) if back else None
-        start = min(end, found) if found else oldest
         # A slice answering a usual cap's count (100, 101, 200...) is taken as
         # cut and split: one the queue knows to hold that many takes the next
         # older study's day too (with a share of 100, every other slice split).
-        while found:
-            known = self.db.query(self.sql.COUNT_DATED, (start.strftime("%Y%m%d"), last))[0]["n"]
-            if known not in USUAL_CAPS:
-                break
-            back = self.db.query(self.sql.DATE_BACK, (last, known))
+        skipped = self.cold_answers - 1
+        while True:
+            back = self.db.query(self.sql.DATE_BACK, (last, skipped))
             found = _day(back[0]["d"]) if back else None
             start = min(end, found) if found else oldest
+            if not found:
+                break
+            skipped = self.db.query(self.sql.COUNT_DATED, (start.strftime("%Y%m%d"), last))[0]["n"]
+            if skipped not in USUAL_CAPS:
+                break
         self._set_state("cold_to", (start - datetime.timedelta(days=1)).isoformat())
         return [StudyQuery(date_from=start, date_to=end, dated=True)]
 
